@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models, synthetic tri-modal folders and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tfsdeploy.checkpoint import Configs
+from tfsdeploy.config import PRESETS, DataConfig, DiffusionConfig, ScheduleConfig, TrainConfig
+
+torch.set_num_threads(2)
+
+
+def smooth_image(rng: np.random.Generator, size: int, blobs: int = 6) -> np.ndarray:
+    """A smooth synthetic 'anatomy' in [0, 1]: a disc with Gaussian blobs."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.16).astype(np.float64) * 0.3
+    for _ in range(blobs):
+        cx, cy, s, a = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75), rng.uniform(0.03, 0.12), rng.uniform(0.2, 0.7)
+        img += a * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+    return np.clip(img, 0, 1)
+
+
+def write_folder(root: Path, names: list[str], size: int = 64, seed: int = 0, gt: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    for d in ("t1", "t2", "func") + (("gt",) if gt else ()):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for n in names:
+        for d in ("t1", "t2", "func"):
+            Image.fromarray((smooth_image(rng, size) * 255).astype(np.uint8)).save(root / d / f"{n}.png")
+        if gt:
+            rgb = np.stack([smooth_image(rng, size) for _ in range(3)], -1)
+            Image.fromarray((rgb * 255).astype(np.uint8)).save(root / "gt" / f"{n}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """A split synthetic dataset of 64x64 images."""
+    root = tmp_path_factory.mktemp("synth")
+    write_folder(root / "train", [f"s{i:02d}" for i in range(6)], seed=1)
+    write_folder(root / "val", ["v00", "v01"], seed=2)
+    write_folder(root / "test", ["e00", "e01"], seed=3)
+    return root
+
+
+def tiny_configs(steps: int = 4, prediction: str = "x0", target: str = "residual", T: int = 100,
+                 **train_kw) -> Configs:
+    model = dataclasses.replace(PRESETS["tiny"], image_size=64)
+    return Configs(
+        model=model,
+        schedule=ScheduleConfig(num_steps=T),
+        diffusion=DiffusionConfig(prediction=prediction, target=target),
+        data=DataConfig(scales=(2, 4, 8), crop=32),
+        train=TrainConfig(**{"steps": steps, "batch_size": 2, "val_every": 0, "ckpt_every": 2, "log_every": 1,
+                             "val_images": 2, "val_steps": 3, **train_kw}),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synth_dataset) -> Path:
+    """A tiny model trained for 4 steps on the synthetic data (a run folder)."""
+    from training.train import train
+
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    train(run, tiny_configs(), data_root=synth_dataset, show_progress=False, log=lambda s: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def spm_dataset(tmp_path_factory) -> Path:
+    """The real SPM dataset at 64x64 (built once per test session)."""
+    from training.data import build_spm_dataset
+
+    out = tmp_path_factory.mktemp("spm") / "ds"
+    build_spm_dataset(out, size=64)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFSDEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TFSDEPLOY_MODEL", raising=False)
+    yield
+    os.environ.pop("WORLD_SIZE", None)

@@ -1,0 +1,120 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tfsdeploy.config import PRESETS, ModelConfig, from_dict, to_dict
+from tfsdeploy.errors import UserError
+from tfsdeploy.model import TMFA, GroupNorm32, NoiseLevelEncoding, SelfAttention, build_model, count_parameters
+
+
+def test_paper_preset_has_about_98m_parameters():
+    n = count_parameters(build_model(PRESETS["paper"]))
+    assert 97.0e6 <= n <= 99.0e6, n
+
+
+def test_small_preset_is_at_most_8m_parameters():
+    assert count_parameters(build_model(PRESETS["small"])) <= 8_000_000
+
+
+@pytest.mark.parametrize("tmfa", ["paper", "all", "none"])
+def test_forward_shapes_for_every_tmfa_placement(tmfa):
+    cfg = dataclasses.replace(PRESETS["tiny"], tmfa=tmfa)
+    m = build_model(cfg).eval()
+    x, c, lvl = torch.randn(2, 3, 32, 48), torch.randn(2, 5, 32, 48), torch.rand(2)
+    y = m(x, c, lvl)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_tmfa_placements_differ_in_what_they_attend_to():
+    paper = build_model(dataclasses.replace(PRESETS["tiny"], tmfa="paper"))
+    allc = build_model(dataclasses.replace(PRESETS["tiny"], tmfa="all"))
+    none = build_model(dataclasses.replace(PRESETS["tiny"], tmfa="none"))
+    assert paper.tmfa.fc1.in_features == 5  # condition only
+    assert allc.tmfa.fc1.in_features == 8  # condition + noisy image (the authors' code)
+    assert allc.tmfa.fc1.out_features == 2  # reduction 4
+    assert none.tmfa is None
+
+
+def test_tmfa_is_squeeze_excitation():
+    se = TMFA(5, 4)
+    x = torch.randn(2, 5, 8, 8)
+    w = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3))))))
+    torch.testing.assert_close(se(x), x * w[:, :, None, None])
+
+
+def test_noise_level_changes_the_output():
+    m = build_model(PRESETS["tiny"]).eval()
+    x, c = torch.randn(1, 3, 16, 16), torch.randn(1, 5, 16, 16)
+    a = m(x, c, torch.tensor([0.2]))
+    b = m(x, c, torch.tensor([0.9]))
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_size_must_be_divisible():
+    m = build_model(PRESETS["tiny"]).eval()
+    with pytest.raises(RuntimeError):
+        m(torch.randn(1, 3, 30, 30), torch.randn(1, 5, 30, 30), torch.rand(1))
+
+
+def test_groupnorm_computes_in_fp32_for_half_inputs():
+    gn = GroupNorm32(2, 8).to(torch.bfloat16)
+    x = (torch.randn(2, 8, 4, 4) * 30 + 100).to(torch.bfloat16)
+    y = gn(x)
+    assert y.dtype == torch.bfloat16
+    ref = F.group_norm(x.float(), 2, gn.weight.float(), gn.bias.float()).to(torch.bfloat16)
+    assert torch.equal(y, ref)
+
+
+def test_attention_softmax_is_fp32_and_noise_encoding_is_fp32():
+    att = SelfAttention(8, 2)
+    x = torch.randn(1, 8, 4, 4)
+    ref = att(x)
+    y = att.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() < 0.1
+    enc = NoiseLevelEncoding(16, 1000.0)
+    assert enc(torch.tensor([0.5], dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_whole_model_runs_in_bfloat16():
+    m = build_model(PRESETS["tiny"]).eval()
+    x, c, lvl = torch.randn(1, 3, 16, 16), torch.randn(1, 5, 16, 16), torch.rand(1)
+    ref = m(x, c, lvl)
+    y = m.to(torch.bfloat16)(x.bfloat16(), c.bfloat16(), lvl)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_config_round_trip_and_validation():
+    cfg = PRESETS["paper"]
+    assert from_dict(ModelConfig, to_dict(cfg)) == cfg
+    with pytest.raises(UserError, match="unknown field"):
+        from_dict(ModelConfig, {**to_dict(cfg), "bogus": 1})
+    with pytest.raises(UserError, match="tmfa"):
+        dataclasses.replace(cfg, tmfa="sideways")
+    with pytest.raises(UserError, match="norm_groups"):
+        dataclasses.replace(cfg, inner_channels=20)
+
+
+@pytest.mark.slow
+def test_paper_preset_trains_one_step_and_denoises_at_256():
+    from tfsdeploy.config import DiffusionConfig, ScheduleConfig
+    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+
+    torch.manual_seed(0)
+    m = build_model(PRESETS["paper"])
+    diff = Diffusion(NoiseSchedule(ScheduleConfig()), DiffusionConfig())
+    opt = torch.optim.Adam(m.parameters(), lr=1e-4)
+    x0, cond = torch.rand(1, 3, 256, 256) * 2 - 1, torch.rand(1, 5, 256, 256) * 2 - 1
+    before = m.init_conv.weight.detach().clone()
+    losses = diff.training_losses(m, x0, cond, torch.Generator().manual_seed(0), psf_mse=1.0, psf_ssim=0.1)
+    losses["loss"].backward()
+    opt.step()
+    assert torch.isfinite(losses["loss"])
+    assert not torch.equal(before, m.init_conv.weight)
+    m.eval()
+    with torch.no_grad():
+        eps = m(torch.randn(1, 3, 256, 256), cond, torch.tensor([0.5]))
+    assert eps.shape == (1, 3, 256, 256) and torch.isfinite(eps).all()

@@ -1,0 +1,3 @@
+from tfsdeploy.cli import main
+
+main()

@@ -1,0 +1,257 @@
+"""Self-describing checkpoints: safetensors for tensors, JSON for everything else. No pickle anywhere.
+
+A checkpoint is a directory:
+
+    config.json            format tag, step, every config, sha256 of each tensor file
+    model.safetensors      EMA weights (what inference uses); its metadata repeats config.json,
+                           so the file alone is self-describing too
+    training.safetensors   (training checkpoints) online weights and optimizer tensors
+
+A training run directory holds several `ckpt-NNNNNNN/` checkpoints and a `latest` file naming
+the newest. Directories are written under a temporary name and renamed when complete, and
+`latest` is replaced atomically, so an interrupted save can never be mistaken for a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfsdeploy import __version__
+from tfsdeploy.config import DataConfig, DiffusionConfig, ModelConfig, ScheduleConfig, TrainConfig, from_dict, to_dict
+from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import atomic_path, current_umask
+
+FORMAT = "tfsdeploy-checkpoint"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+TRAINING_FILE = "training.safetensors"
+LATEST_FILE = "latest"
+
+
+@dataclass(frozen=True)
+class Configs:
+    model: ModelConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: to_dict(getattr(self, k)) for k in ("model", "schedule", "diffusion", "data", "train")}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "Configs":
+        if "model" not in d:
+            raise UserError("checkpoint config has no 'model' section")
+        return Configs(
+            model=from_dict(ModelConfig, d["model"]),
+            schedule=from_dict(ScheduleConfig, d.get("schedule", {})),
+            diffusion=from_dict(DiffusionConfig, d.get("diffusion", {})),
+            data=from_dict(DataConfig, d.get("data", {})),
+            train=from_dict(TrainConfig, d.get("train", {})),
+        )
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    configs: Configs
+    step: int
+    weights: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: dict[str, torch.Tensor],
+                    training_tensors: dict[str, torch.Tensor] | None = None,
+                    extra: dict[str, Any] | None = None, keep: int = 0, name: str | None = None) -> Path:
+    """Write `run_dir/ckpt-<step>/` atomically and point `run_dir/latest` at it.
+
+    keep > 0 removes all but the newest `keep` checkpoints afterwards.
+    """
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot create the directory ({e.strerror})") from None
+    name = name or f"ckpt-{step:07d}"
+    final = run_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=run_dir))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    try:
+        meta: dict[str, Any] = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tfsdeploy_version": __version__,
+            "step": step, **configs.to_json(), **(extra or {}),
+        }
+        header = {"tfsdeploy": json.dumps(meta, sort_keys=True)}
+        save_file(_contiguous(weights), str(tmp / MODEL_FILE), metadata=header)
+        files = {"model": {"file": MODEL_FILE, "sha256": sha256_file(tmp / MODEL_FILE)}}
+        if training_tensors is not None:
+            save_file(_contiguous(training_tensors), str(tmp / TRAINING_FILE))
+            files["training"] = {"file": TRAINING_FILE, "sha256": sha256_file(tmp / TRAINING_FILE)}
+        (tmp / CONFIG_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True))
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~current_umask())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with atomic_path(run_dir / LATEST_FILE) as t:
+        t.write_text(name + "\n")
+    _cleanup(run_dir, keep, current=name)
+    return final
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _cleanup(run_dir: Path, keep: int, current: str) -> None:
+    for stale in run_dir.glob(".ckpt-*.tmp"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return
+    ckpts = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir())
+    for old in ckpts[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, a run directory (its `latest`), or a lone model.safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    if path.is_file():
+        return path
+    if (path / CONFIG_FILE).is_file():
+        return path
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / CONFIG_FILE).is_file():
+            raise UserError(f"{path}: 'latest' points at {target.name}, which is not a complete checkpoint")
+        return target
+    raise UserError(f"{path}: not a checkpoint (no {CONFIG_FILE} and no {LATEST_FILE})")
+
+
+def read_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Read and validate a checkpoint's JSON; never touches tensors."""
+    path = resolve(path)
+    if path.is_file():
+        meta = _safetensors_meta(path)
+    else:
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path / CONFIG_FILE}: corrupted JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a tfsdeploy checkpoint (format tag missing)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {meta['format_version']} is newer than this tfsdeploy reads")
+    return path, meta
+
+
+def _safetensors_meta(file: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+    if "tfsdeploy" not in header:
+        raise UserError(f"{file}: safetensors file carries no tfsdeploy config")
+    try:
+        return json.loads(header["tfsdeploy"])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: corrupted embedded config ({e})") from None
+
+
+def _load_tensors(file: Path, sha: str | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise UserError(f"{file}: missing")
+    if sha is not None and sha256_file(file) != sha:
+        raise UserError(f"{file}: corrupted (sha256 does not match {CONFIG_FILE})")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_checkpoint(path: str | Path, training: bool = False) -> Checkpoint:
+    """Load configs and EMA weights (and, with training=True, the training tensors as meta['training'])."""
+    path, meta = read_meta(path)
+    configs = Configs.from_json(meta)
+    if path.is_file():
+        weights = _load_tensors(path, None)
+        root = path.parent
+        files: dict[str, Any] = {}
+    else:
+        files = meta.get("files", {})
+        if "model" not in files:
+            raise UserError(f"{path}: {CONFIG_FILE} lists no model weights")
+        weights = _load_tensors(path / files["model"]["file"], files["model"].get("sha256"))
+        root = path
+    ckpt = Checkpoint(path=path, configs=configs, step=int(meta.get("step", 0)), weights=weights, meta=meta)
+    if training:
+        if "training" not in files:
+            raise UserError(f"{path}: holds no training state to resume from")
+        ckpt.meta["training"] = _load_tensors(root / files["training"]["file"], files["training"].get("sha256"))
+    return ckpt
+
+
+def build_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+    """Checkpoint -> (eval-mode model, Checkpoint). The JSON alone decides the architecture."""
+    from tfsdeploy.model import build_model
+
+    ckpt = load_checkpoint(path)
+    model = build_model(ckpt.configs.model)
+    load_weights(model, ckpt.weights, ckpt.path)
+    return model.to(device).eval(), ckpt
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path | str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    bad = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if bad:
+            parts.append(f"{len(bad)} of the wrong shape (e.g. {bad[0]})")
+        raise UserError(f"{where}: weights do not match the model config: {'; '.join(parts)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})

@@ -1,0 +1,271 @@
+"""The `tfsdeploy` command line. Thin on purpose: it parses options into configs and calls the library."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tfsdeploy.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, compile and run TFS-Diff: tri-modal medical image fusion with super-resolution.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+
+def user_errors(fn):
+    """Turn every error a user can cause into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except MemoryError:
+            typer.echo("error: out of memory; try a smaller --size or --batch-size", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_scales(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise UserError(f"--scales takes numbers separated by commas, e.g. 2,4,8 (got {text!r})") from None
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("build")
+@user_errors
+def data_build(
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder (default: the user cache)."),
+    size: int = typer.Option(256, help="Side of the high-resolution images."),
+    combos: str = typer.Option(",".join(("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")),
+                               help="Tri-modal combinations, comma separated."),
+    force: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
+) -> None:
+    """Cut registered tri-modal slices from the installed SPM templates into ROOT/{train,val,test}/{t1,t2,func,gt}."""
+    from rich.progress import Progress
+
+    from training.data import build_spm_dataset, default_data_dir
+
+    out = out or default_data_dir()
+    if size % 8 or size < 32:
+        raise UserError("--size must be a multiple of 8 and at least 32")
+    with Progress(transient=True) as prog:
+        task = prog.add_task("cutting slices", total=None)
+        summary = build_spm_dataset(out, size=size, combos=[c for c in combos.split(",") if c], force=force,
+                                    progress=lambda d, t: prog.update(task, completed=d, total=t))
+    counts = summary["counts"]
+    typer.echo(f"dataset: {out}")
+    typer.echo(f"  {summary['size']}x{summary['size']}, combinations: {', '.join(summary['combos'])}")
+    for split in ("train", "val", "test"):
+        zs = summary["slices"][split]
+        typer.echo(f"  {split:5s}: {counts.get(split, 0):4d} triplets from {len(zs)} axial slices "
+                   f"(z in {_ranges(zs)})")
+    typer.echo(f"  ground truth: {summary['ground_truth']}")
+
+
+def _ranges(zs: list[int]) -> str:
+    parts, start = [], None
+    for i, z in enumerate(zs):
+        if start is None:
+            start = z
+        if i + 1 == len(zs) or zs[i + 1] != z + 1:
+            parts.append(f"{start}-{z}" if z != start else f"{z}")
+            start = None
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command()
+@user_errors
+def train(
+    out: Path = typer.Option(Path("runs/small"), "--out", "-o", help="Run folder; an existing run is resumed."),
+    preset: str = typer.Option("small", help="Model preset: paper, small or tiny."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the built SPM dataset, built if missing)."),
+    steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per process."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    crop: Optional[int] = typer.Option(None, help="Random crop side (0 = whole image)."),
+    scales: Optional[str] = typer.Option(None, help="Scales to train, e.g. 2,4,8."),
+    prediction: Optional[str] = typer.Option(None, help="Network output: eps (paper), x0 or v."),
+    target: Optional[str] = typer.Option(None, help="Diffused image: fused (paper) or residual over the baseline."),
+    tmfa: Optional[str] = typer.Option(None, help="TMFA placement: paper, all (authors' code) or none (ablation)."),
+    psf_mse: Optional[float] = typer.Option(None, help="PSF loss weight of MSE on x0_hat (lambda1)."),
+    psf_ssim: Optional[float] = typer.Option(None, help="PSF loss weight of 1-SSIM on x0_hat (lambda2); 0 and "
+                                             "--psf-mse 0 train without PSF."),
+    ema_decay: Optional[float] = typer.Option(None, help="EMA decay."),
+    timesteps: Optional[int] = typer.Option(None, help="Length T of the noise schedule."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Augment the training split."),
+    seed: Optional[int] = typer.Option(None, help="Seed for batches, noise and dropout."),
+    val_every: Optional[int] = typer.Option(None, help="Validate every N steps (0 = never)."),
+    ckpt_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    log_every: Optional[int] = typer.Option(None, help="Log every N steps."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train (or resume) a TFS-Diff model. Run under `torchrun --nproc_per_node N` for DDP."""
+    from tfsdeploy.config import model_preset
+    from training.data import build_spm_dataset, default_data_dir
+    from training.train import has_checkpoint, resolve_configs
+    from training.train import train as run_training
+
+    model = model_preset(preset)
+    overrides = {
+        "model": {"tmfa": tmfa},
+        "schedule": {"num_steps": timesteps},
+        "diffusion": {"prediction": prediction, "target": target},
+        "data": {"root": str(data) if data else None, "scales": _parse_scales(scales), "crop": crop,
+                 "augment": augment},
+        "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "psf_mse": psf_mse, "psf_ssim": psf_ssim,
+                  "ema_decay": ema_decay, "seed": seed, "val_every": val_every, "ckpt_every": ckpt_every,
+                  "log_every": log_every, "threads": threads},
+    }
+    configs = resolve_configs(out, model, overrides)
+    if has_checkpoint(out) and model != configs.model and _explicit("preset"):
+        raise UserError(f"{out} holds a different model than preset {preset!r}; use a new --out for a new run")
+    root = Path(configs.data.root) if configs.data.root else None
+    if root is None:
+        default = default_data_dir()
+        if not (default / "summary.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"building the SPM dataset in {default} (first use)")
+            build_spm_dataset(default)
+        _wait_for(default / "summary.json")
+        root = default
+    run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo)
+
+
+def _explicit(name: str) -> bool:
+    ctx = typer.get_current_context()
+    src = ctx.get_parameter_source(name)
+    return src is not None and src.name != "DEFAULT"
+
+
+def _wait_for(path: Path, timeout: float = 600.0) -> None:
+    """Other DDP ranks wait while rank 0 builds the dataset."""
+    import time
+
+    t0 = time.time()
+    while not path.is_file():
+        if time.time() - t0 > timeout:
+            raise UserError(f"timed out waiting for {path}")
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- fuse
+
+
+@app.command()
+@user_errors
+def fuse(
+    t1: Path = typer.Argument(..., help="MR-T1 image (PNG, JPEG or TIFF; 8 or 16 bit)."),
+    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT) image."),
+    func: Path = typer.Argument(..., help="SPECT or PET image; a grey one gets the built-in colour map."),
+    scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint or run folder."),
+    out: Path = typer.Option(Path("fused.png"), "--out", "-o", help="Output PNG."),
+    sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
+    steps: int = typer.Option(0, help="Denoiser calls; 0 = 50 for DDIM, all T for DDPM."),
+    spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
+    seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
+    size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Fuse three registered low-resolution images into one high-resolution colour image."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engines.torch_engine import TorchDenoiser
+    from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+    from tfsdeploy.imaging import check_writable, write_png
+    from tfsdeploy.pipeline import check_scale_size, fuse_triplet, read_triplet
+
+    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    check_writable(out)
+    trip = read_triplet(t1, t2, func)
+    if model is None:
+        model = _default_model()
+    if threads:
+        torch.set_num_threads(threads)
+    net, ckpt = build_from_checkpoint(model)
+    mc = ckpt.configs.model
+    if mc.cond_channels != 5 or mc.out_channels != 3:
+        raise UserError(f"{ckpt.path}: model takes {mc.cond_channels} condition channels and gives "
+                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+    size = size or mc.image_size
+    check_scale_size(scale, size, mc.size_multiple)
+    schedule = NoiseSchedule(ckpt.configs.schedule)
+    if sample.steps > schedule.num_steps:
+        raise UserError(f"--steps {sample.steps} exceeds the schedule's T = {schedule.num_steps}")
+    diffusion = Diffusion(schedule, ckpt.configs.diffusion)
+    denoiser = TorchDenoiser(net, "cuda" if torch.cuda.is_available() else "cpu")
+    with Progress(TextColumn(f"[bold]{sample.sampler}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not progress, transient=True) as prog:
+        task = prog.add_task("fuse", total=None)
+        img = fuse_triplet(denoiser, diffusion, trip, scale, size, mc.size_multiple, sample,
+                           progress=lambda i, n: prog.update(task, completed=i, total=n))
+    write_png(out, img)
+    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, x{scale}, {sample.sampler}"
+               f"{'-' + str(sample.steps) if sample.steps else ''}, model {ckpt.path})")
+
+
+def _default_model() -> Path:
+    env = os.environ.get("TFSDEPLOY_MODEL")
+    if env:
+        return Path(env)
+    raise UserError("no model given: pass --model RUN_OR_CHECKPOINT (train one with `tfsdeploy train`)")
+
+
+# --------------------------------------------------------------------------- info
+
+
+@app.command()
+@user_errors
+def info() -> None:
+    """Versions, devices and threads."""
+    import platform
+
+    import torch
+
+    from tfsdeploy import __version__
+    from training.data import default_data_dir
+
+    typer.echo(f"tfsdeploy {__version__}, python {platform.python_version()}, torch {torch.__version__}")
+    typer.echo(f"cpu threads (torch): {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            typer.echo(f"gpu {i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+    else:
+        typer.echo("gpu: none (torch.cuda.is_available() is False)")
+    d = default_data_dir()
+    typer.echo(f"SPM dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

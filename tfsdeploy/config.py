@@ -1,0 +1,207 @@
+"""Frozen configs, one per concept.
+
+Every config is a frozen dataclass that round-trips through JSON, so a checkpoint can
+store the exact configs it was trained with and rebuild everything from them
+(nanoGPT style). Field names map one-to-one onto CLI options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tfsdeploy.errors import UserError
+
+T = TypeVar("T")
+
+TMFA_MODES = ("paper", "all", "none")
+PREDICTIONS = ("eps", "x0", "v")
+TARGETS = ("fused", "residual")
+SCALES = (2, 4, 8)
+COMBOS = ("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """TMFA + SR3 U-Net denoiser.
+
+    `image_size` is the nominal training resolution. It only decides at which levels
+    self-attention sits (`attn_res` are feature-map sizes at that resolution); the
+    network itself runs on any size divisible by 2 ** (len(channel_mults) - 1).
+    """
+
+    cond_channels: int = 5  # T1 (1) + T2 (1) + functional RGB (3)
+    out_channels: int = 3  # fused RGB
+    inner_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 4, 8, 8)
+    res_blocks: int = 2
+    attn_res: tuple[int, ...] = (16,)
+    dropout: float = 0.2
+    norm_groups: int = 32
+    image_size: int = 256
+    tmfa: str = "paper"  # "paper": SE over the condition only; "all": SE over [cond, x_t]; "none"
+    tmfa_reduction: int = 4
+    noise_embed_scale: float = 1000.0  # sqrt(gamma) in [0, 1] is stretched before the sinusoids
+
+    def __post_init__(self) -> None:
+        _check(self.tmfa in TMFA_MODES, f"tmfa must be one of {TMFA_MODES}, got {self.tmfa!r}")
+        _check(self.inner_channels > 0 and self.res_blocks > 0, "inner_channels and res_blocks must be positive")
+        _check(len(self.channel_mults) >= 1, "channel_mults must not be empty")
+        for m in self.channel_mults:
+            _check((self.inner_channels * m) % self.norm_groups == 0,
+                   f"every level width ({self.inner_channels}*{m}) must be divisible by norm_groups={self.norm_groups}")
+        _check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.channel_mults) - 1)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear beta schedule (SR3 / the paper): beta from `beta_start` to `beta_end` over T steps."""
+
+    num_steps: int = 4000
+    beta_start: float = 1e-6
+    beta_end: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps >= 2, "num_steps must be at least 2")
+        _check(0.0 < self.beta_start <= self.beta_end < 1.0, "need 0 < beta_start <= beta_end < 1")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """What the network predicts, and over what.
+
+    prediction: "eps" (the paper), "x0" or "v".
+    target: "fused" (the paper: diffuse the fused image itself) or "residual" (diffuse the
+    fused image minus the bicubic-then-classical-fusion baseline).
+    """
+
+    prediction: str = "eps"
+    target: str = "fused"
+
+    def __post_init__(self) -> None:
+        _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training data comes from and how it is degraded and cut."""
+
+    root: str = ""  # a dataset folder (ROOT/{train,val,test}/{t1,t2,func,gt}/NAME.png); "" = built-in SPM set
+    scales: tuple[int, ...] = (2, 4, 8)
+    crop: int = 64  # random square crop for training; 0 = whole image
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        _check(len(self.scales) > 0 and all(s in SCALES for s in self.scales), f"scales must be drawn from {SCALES}")
+        _check(self.crop >= 0, "crop must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing."""
+
+    steps: int = 2000
+    batch_size: int = 8  # per process
+    lr: float = 1e-4
+    ema_decay: float = 0.999
+    psf_mse: float = 1.0  # lambda1 of the PSF loss on x0_hat
+    psf_ssim: float = 0.1  # lambda2: weight of (1 - SSIM) on x0_hat
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    val_images: int = 4
+    val_steps: int = 10  # DDIM steps for validation samples
+    ckpt_every: int = 250
+    keep_ckpts: int = 3
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")
+        _check(self.lr > 0, "lr must be positive")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)")
+        _check(self.psf_mse >= 0 and self.psf_ssim >= 0, "PSF weights must be >= 0")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How `fuse` samples: the sampler, its number of denoiser calls, their spacing and the seed."""
+
+    sampler: str = "ddim"  # "ddim" (deterministic) or "ddpm" (the paper's ancestral sampler)
+    steps: int = 0  # 0 = the sampler's default: 50 for DDIM, all T for DDPM
+    spacing: str = "linear"  # where the steps sit among the T levels: "linear" or "quadratic"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("ddim", "ddpm"), f"sampler must be ddim or ddpm, got {self.sampler!r}")
+        _check(self.steps >= 0, "steps must be >= 0")
+        _check(self.spacing in ("linear", "quadratic"), f"spacing must be linear or quadratic, got {self.spacing!r}")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The authors' 128->256 SR3 configuration: about 98 M parameters.
+    "paper": ModelConfig(),
+    # Trainable on a 2-core CPU.
+    "small": ModelConfig(inner_channels=32, channel_mults=(1, 2, 4, 4), res_blocks=1, dropout=0.0),
+    # For tests only: a few thousand parameters, runs in milliseconds.
+    "tiny": ModelConfig(inner_channels=8, channel_mults=(1, 2, 2), res_blocks=1, attn_res=(),
+                        dropout=0.0, norm_groups=4),
+}
+
+
+def model_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from JSON data, refusing unknown or ill-typed fields."""
+    if not isinstance(data, dict):
+        raise UserError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise UserError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for k, v in data.items():
+        default = getattr(cls(), k) if k in names else None  # type: ignore[call-arg]
+        if isinstance(default, tuple) and isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{cls.__name__}: {e}") from None
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """dataclasses.replace that drops None values (unset CLI options)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[type-var]
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
+
+
+__all__ = [
+    "ModelConfig", "ScheduleConfig", "DiffusionConfig", "DataConfig", "TrainConfig",
+    "PRESETS", "model_preset", "to_dict", "from_dict", "replace", "field",
+]

@@ -1,0 +1,241 @@
+"""Image I/O, colour and resampling: the one place images enter and leave the library.
+
+Conventions: images inside the library are float32 torch tensors in [0, 1], shaped [C,H,W]
+or [B,C,H,W]; grey images have C = 1, colour images C = 3 (RGB). The network sees [-1, 1].
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tfsdeploy.errors import UserError
+
+# The functional colour map: a fixed look-up table, linear between these control points.
+# It runs black -> blue -> cyan -> green -> yellow -> red -> white, like the rainbow maps used
+# for SPECT/PET display, and starts at black so that the background stays black.
+FUNC_CMAP_POINTS = (
+    (0.00, (0.00, 0.00, 0.00)),
+    (0.15, (0.00, 0.00, 0.60)),
+    (0.30, (0.00, 0.45, 1.00)),
+    (0.45, (0.00, 0.90, 0.60)),
+    (0.60, (0.55, 1.00, 0.00)),
+    (0.75, (1.00, 0.70, 0.00)),
+    (0.90, (1.00, 0.10, 0.00)),
+    (1.00, (1.00, 1.00, 1.00)),
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def colormap_lut(n: int = 256) -> torch.Tensor:
+    """The functional colour map as an [n, 3] table."""
+    xs = np.array([p for p, _ in FUNC_CMAP_POINTS])
+    cols = np.array([c for _, c in FUNC_CMAP_POINTS])
+    grid = np.linspace(0.0, 1.0, n)
+    lut = np.stack([np.interp(grid, xs, cols[:, k]) for k in range(3)], axis=1)
+    return torch.from_numpy(lut.astype(np.float32))
+
+
+def apply_colormap(grey: torch.Tensor) -> torch.Tensor:
+    """Grey [..., 1, H, W] in [0, 1] -> RGB [..., 3, H, W], by linear interpolation in the table."""
+    lut = colormap_lut().to(grey.device)
+    pos = grey.clamp(0, 1).squeeze(-3) * (lut.shape[0] - 1)
+    lo = pos.floor().long().clamp(max=lut.shape[0] - 2)
+    frac = (pos - lo.float()).unsqueeze(-1)
+    rgb = lut[lo] * (1 - frac) + lut[lo + 1] * frac
+    return rgb.movedim(-1, -3).contiguous()
+
+
+def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    """Full-range BT.601 (JPEG) YCbCr of [..., 3, H, W] in [0, 1]."""
+    r, g, b = rgb.unbind(-3)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 0.5 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    return torch.stack([y, cb, cr], dim=-3)
+
+
+def ycbcr_to_rgb(ycc: torch.Tensor) -> torch.Tensor:
+    y, cb, cr = ycc.unbind(-3)
+    r = y + 1.402 * (cr - 0.5)
+    g = y - 0.344136 * (cb - 0.5) - 0.714136 * (cr - 0.5)
+    b = y + 1.772 * (cb - 0.5)
+    return torch.stack([r, g, b], dim=-3)
+
+
+def to_grey(img: torch.Tensor) -> torch.Tensor:
+    """[..., C, H, W] -> [..., 1, H, W]; colour images become their luma."""
+    if img.shape[-3] == 1:
+        return img
+    return rgb_to_ycbcr(img)[..., :1, :, :]
+
+
+def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of [B,C,H,W] in [0,1], antialiased when shrinking (as MATLAB's imresize)."""
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    shrink = size[0] < img.shape[-2] or size[1] < img.shape[-1]
+    out = F.interpolate(img, size=size, mode="bicubic", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)
+
+
+def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The paper's degradation: bicubic down by `scale`, then bicubic back up to the original size."""
+    h, w = hr.shape[-2:]
+    if h % scale or w % scale:
+        raise UserError(f"image size {h}x{w} is not divisible by scale {scale}")
+    return resize(resize(hr, (h // scale, w // scale)), (h, w))
+
+
+def pad_to_square(img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Zero-pad [..., H, W] to a centred square. Returns the image and (top, bottom, left, right)."""
+    h, w = img.shape[-2:]
+    n = max(h, w)
+    top, left = (n - h) // 2, (n - w) // 2
+    pads = (top, n - h - top, left, n - w - left)
+    if n == h == w:
+        return img, pads
+    return F.pad(img, (pads[2], pads[3], pads[0], pads[1])), pads
+
+
+# --------------------------------------------------------------------------- file I/O
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read PNG, JPEG or TIFF (8- or 16-bit, grey or colour) as float [C,H,W] in [0, 1].
+
+    Grey files give C = 1, colour files C = 3; alpha is dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = _read_tiff(path)
+        else:
+            arr = _read_pil(path)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault
+        raise UserError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 3 and arr.shape[2] in (2, 4):  # drop alpha
+        arr = arr[:, :, : arr.shape[2] - 1]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or min(arr.shape[:2]) < 1:
+        raise UserError(f"{path}: unsupported image layout {arr.shape}")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _scale_to_unit(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        # Pillow opens 16-bit PNGs as 32-bit integers; values above 65535 are not 16-bit data.
+        if arr.min() < 0 or arr.max() > 65535:
+            raise UserError(f"{path}: integer pixel values outside 0..65535 are not supported")
+        return arr.astype(np.float32) / 65535.0
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise UserError(f"{path}: image holds NaN or infinite values")
+        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+    raise UserError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode == "CMYK" or im.mode.startswith("YCbCr"):
+            im = im.convert("RGB")
+        arr = np.array(im)
+    return _scale_to_unit(arr, path)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    arr = tifffile.imread(path)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (channels-first) TIFF
+    return _scale_to_unit(arr, path)
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before any long work if `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give a file name for the output")
+    if not parent.is_dir():
+        raise UserError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: directory {parent} is not writable")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{path}: the output is written as PNG; use a .png name")
+
+
+def write_png(path: str | Path, img: torch.Tensor) -> Path:
+    """Write [C,H,W] in [0, 1] as an 8-bit PNG, atomically: a reader never sees a partial file."""
+    from PIL import Image
+
+    path = Path(path)
+    arr = (img.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu()
+    arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")
+    return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class atomic_path:
+    """Context manager giving a temporary path beside `path`; renamed onto `path` only on success."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        if not parent.is_dir():
+            raise UserError(f"{self.path}: directory {parent} does not exist")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write here ({e.strerror})") from None
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file normal permissions
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                os.replace(self.tmp, self.path)
+                return
+            except OSError as e:
+                self.tmp.unlink(missing_ok=True)
+                raise UserError(f"{self.path}: cannot write here ({e.strerror})") from None
+        self.tmp.unlink(missing_ok=True)

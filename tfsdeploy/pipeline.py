@@ -1,0 +1,95 @@
+"""From three image files to one fused image: the library behind `tfsdeploy fuse`.
+
+The input rule (documented in the README):
+  * the three inputs must have the same height and width;
+  * a non-square input is zero-padded to a centred square;
+  * each input is then brought to size/scale (bicubic, antialiased when shrinking: this is a
+    no-op for a true low-resolution input of that size, and the paper's degradation for an input
+    that is already high-resolution), and bicubic-upsampled by `scale` to `size`;
+  * the output is size x size, with the padding cropped off again, so it keeps the input's
+    aspect ratio.
+So the scale always divides the output size; `size` defaults to the model's training size (256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tfsdeploy.config import SCALES, SampleConfig
+from tfsdeploy.diffusion import Denoiser, Diffusion
+from tfsdeploy.errors import UserError
+from tfsdeploy.fusion import fuse_condition
+from tfsdeploy.imaging import apply_colormap, pad_to_square, read_image, resize, to_grey
+
+
+@dataclass
+class Triplet:
+    """Sources in [0, 1]: t1 [1,H,W], t2 [1,H,W] (or PD), func [3,H,W] (colour-mapped if it was grey)."""
+
+    t1: torch.Tensor
+    t2: torch.Tensor
+    func: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat([self.t1, self.t2, self.func], dim=0)
+
+
+def as_triplet(t1: torch.Tensor, t2: torch.Tensor, func: torch.Tensor, names=("T1", "T2", "functional")) -> Triplet:
+    """Grey MR images and an RGB functional image; a grey functional image gets the colour map."""
+    sizes = {n: tuple(x.shape[-2:]) for n, x in zip(names, (t1, t2, func))}
+    if len(set(sizes.values())) != 1:
+        desc = ", ".join(f"{n} {h}x{w}" for n, (h, w) in sizes.items())
+        raise UserError(f"inputs have different sizes ({desc}); register and resample them to one grid first")
+    func_rgb = apply_colormap(func) if func.shape[0] == 1 else func
+    return Triplet(to_grey(t1), to_grey(t2), func_rgb)
+
+
+def read_triplet(t1: str | Path, t2: str | Path, func: str | Path) -> Triplet:
+    return as_triplet(read_image(t1), read_image(t2), read_image(func),
+                      names=(str(t1), str(t2), str(func)))
+
+
+def check_scale_size(scale: int, size: int, multiple: int) -> None:
+    if scale not in SCALES:
+        raise UserError(f"unsupported scale {scale}; choose one of {', '.join(map(str, SCALES))}")
+    if size % scale:
+        raise UserError(f"output size {size} is not divisible by scale {scale}")
+    if size % multiple:
+        raise UserError(f"output size {size} must be a multiple of {multiple} for this model")
+
+
+def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
+    the real image inside the padded square, in output pixels."""
+    square, pads = pad_to_square(trip.stacked())
+    side = square.shape[-1]
+    lr = resize(square[None], (size // scale, size // scale))
+    cond01 = resize(lr, (size, size))
+    f = size / side
+    box = (round(pads[0] * f), size - round(pads[1] * f), round(pads[2] * f), size - round(pads[3] * f))
+    return cond01, box
+
+
+def fuse_tensor(denoiser: Denoiser, diffusion: Diffusion, cond01: torch.Tensor, sample: SampleConfig,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Condition [B,5,H,W] in [0, 1] -> fused RGB [B,3,H,W] in [0, 1]."""
+    base01 = fuse_condition(cond01)
+    x0 = diffusion.sample(
+        denoiser, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
+        sampler=sample.sampler, steps=sample.steps or None, spacing=sample.spacing, seed=sample.seed,
+        clip=diffusion.clip_range(base01), progress=progress,
+    )
+    return diffusion.decode(x0, base01)
+
+
+def fuse_triplet(denoiser: Denoiser, diffusion: Diffusion, trip: Triplet, scale: int, size: int, multiple: int,
+                 sample: SampleConfig, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Triplet -> fused RGB [3,h,w] in [0, 1], cropped back to the input's aspect ratio."""
+    check_scale_size(scale, size, multiple)
+    cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
+    fused = fuse_tensor(denoiser, diffusion, cond01, sample, progress)[0]
+    return fused[:, top:bottom, left:right]

@@ -1,0 +1,1 @@
+"""Training for TFS-Diff: data sources, batches and the (DDP-ready) training loop."""

@@ -1,0 +1,361 @@
+"""The training loop: single process or DistributedDataParallel under torchrun (gloo on CPU, nccl on GPU).
+
+Every batch, every noise draw and every dropout mask is a pure function of (seed, step, rank),
+so a run that is killed and resumed from a checkpoint continues exactly as if it had never
+stopped. Checkpoints hold EMA weights for inference plus the online weights and Adam state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, resolve, save_checkpoint
+from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
+                              from_dict, to_dict)
+from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+from tfsdeploy.errors import UserError
+from tfsdeploy.metrics import psnr, ssim
+from tfsdeploy.model import build_model, count_parameters
+from tfsdeploy.pipeline import fuse_tensor
+from training.data import Batch, Sample, default_data_dir, make_batch, open_split
+
+# Train options that may change when a run is resumed; everything else must match the checkpoint.
+RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
+                       "threads"},
+             "data": {"root"}}
+SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig,
+            "data": DataConfig, "train": TrainConfig}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "latest").is_file()
+
+
+def resolve_configs(run_dir: str | Path, model: ModelConfig, overrides: dict[str, dict[str, Any]]) -> Configs:
+    """Configs for a new run (preset + overrides) or for resuming one (the checkpoint's, checked
+    against any override that would change what was being trained)."""
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise UserError(f"unknown config section {section!r}")
+    if not has_checkpoint(run_dir):
+        merged = {"model": to_dict(model)}
+        for section in SECTIONS:
+            base = merged.get(section, to_dict(SECTIONS[section]()))
+            merged[section] = {**base, **{k: v for k, v in overrides.get(section, {}).items() if v is not None}}
+        return Configs.from_json(merged)
+    ckpt_path = resolve(run_dir)
+    saved = json.loads((ckpt_path / "config.json").read_text())
+    out = {}
+    for section, cls in SECTIONS.items():
+        cfg = from_dict(cls, saved.get(section, {}))
+        for k, v in overrides.get(section, {}).items():
+            if v is None:
+                continue
+            if k in RESUMABLE.get(section, ()):
+                cfg = _replace(cfg, k, v)
+                continue
+            cur = getattr(cfg, k)
+            if (tuple(v) if isinstance(v, list) else v) != cur:
+                raise UserError(f"{run_dir} was trained with {section}.{k}={cur!r}; resuming cannot change it "
+                                f"to {v!r} (use a new --out for a new run)")
+        out[section] = cfg
+    return Configs(**out)
+
+
+def _replace(cfg, k, v):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v})
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# --------------------------------------------------------------------------- state <-> tensors
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
+               for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, i, k = key.split(".", 2)
+            state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def step_seed(seed: int, step: int, rank: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, rank])
+
+
+class Trainer:
+    def __init__(self, run_dir: str | Path, configs: Configs, data_root: str | Path | None = None,
+                 log: Callable[[str], None] = print):
+        self.run_dir = Path(run_dir)
+        self.cfg = configs
+        self.log = log
+        self.dist = setup_distributed()
+        tc = configs.train
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        if configs.model.cond_channels != 5 or configs.model.out_channels != 3:
+            raise UserError("training data has 5 condition channels and 3 output channels; the model config differs")
+        if configs.data.crop and configs.data.crop % configs.model.size_multiple:
+            raise UserError(f"crop {configs.data.crop} must be a multiple of {configs.model.size_multiple} for this model")
+
+        root = Path(data_root or configs.data.root or default_data_dir())
+        self.train_set: list[Sample] = open_split(root, "train", configs.model.image_size).load()
+        try:
+            self.val_set: list[Sample] = open_split(root, "val", configs.model.image_size).load()
+        except UserError:
+            self.val_set = []
+        if not self.train_set:
+            raise UserError(f"{root}: the training split is empty")
+
+        self.schedule = NoiseSchedule(configs.schedule)
+        self.diffusion = Diffusion(self.schedule, configs.diffusion)
+        self.model = build_model(configs.model).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        self.step = 0
+        self.elapsed = 0.0
+        if has_checkpoint(self.run_dir):
+            self._restore()
+        self.ddp_model: torch.nn.Module = self.model
+        if self.dist.world > 1:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.run_dir, training=True)
+        tensors = ckpt.meta["training"]
+        load_weights(self.ema, ckpt.weights, ckpt.path)
+        online = {k[len("online."):]: v for k, v in tensors.items() if k.startswith("online.")}
+        load_weights(self.model, online, ckpt.path)
+        optimizer_from_tensors(self.opt, tensors, ckpt.meta["optim_param_groups"])
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.train.lr
+        self.step = ckpt.step
+        self.elapsed = float(ckpt.meta.get("elapsed_s", 0.0))
+        if self.dist.main:
+            self.log(f"resumed {ckpt.path} at step {self.step}")
+
+    def save(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        opt_tensors, groups = optimizer_to_tensors(self.opt)
+        online = {f"online.{k}": v for k, v in self.model.state_dict().items()}
+        return save_checkpoint(
+            self.run_dir, self.cfg, self.step, self.ema.state_dict(), {**online, **opt_tensors},
+            extra={"optim_param_groups": groups, "elapsed_s": round(self.elapsed, 1), "world_size": self.dist.world,
+                   "parameters": count_parameters(self.model)},
+            keep=self.cfg.train.keep_ckpts)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict[str, float]:
+        tc, dc = self.cfg.train, self.cfg.data
+        rng = step_seed(tc.seed, self.step, self.dist.rank)
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx = rng.integers(0, len(self.train_set), size=tc.batch_size)
+        b = make_batch(self.train_set, idx, list(dc.scales), dc.crop, dc.augment, rng)
+        cond = (b.cond01 * 2 - 1).to(self.device)
+        base01 = b.base01.to(self.device)
+        x0 = self.diffusion.encode(b.gt01.to(self.device), base01)
+
+        self.model.train()
+        losses = self.diffusion.training_losses(self.ddp_model, x0, cond, gen, tc.psf_mse, tc.psf_ssim,
+                                                x0_offset=self.diffusion.offset(base01))
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        self._update_ema()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up (as in many diffusion codebases) so that short runs get a useful EMA.
+        decay = min(self.cfg.train.ema_decay, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(p.detach(), 1 - decay)
+        for be, b in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(b)
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        from engines.torch_engine import TorchDenoiser
+
+        tc = self.cfg.train
+        n = min(tc.val_images, len(self.val_set))
+        if n == 0:
+            return {}
+        picks = np.linspace(0, len(self.val_set) - 1, n).round().astype(int)
+        denoiser = TorchDenoiser(self.ema, self.device)
+        out: dict[str, float] = {}
+        for scale in self.cfg.data.scales:
+            b: Batch = make_batch(self.val_set, picks, [scale], 0, False, np.random.default_rng(0))
+            fused = fuse_tensor(denoiser, self.diffusion, b.cond01.to(self.device),
+                                SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0)).cpu()
+            out[f"x{scale}/psnr"] = float(psnr(fused, b.gt01).mean())
+            out[f"x{scale}/ssim"] = float(ssim(fused, b.gt01).mean())
+            out[f"x{scale}/baseline_psnr"] = float(psnr(b.base01, b.gt01).mean())
+            out[f"x{scale}/baseline_ssim"] = float(ssim(b.base01, b.gt01).mean())
+        return out
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        if self.dist.main:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    # ---------------------------------------------------------------- run
+    def run(self, show_progress: bool = True) -> Path | None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        tc = self.cfg.train
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log(f"training {count_parameters(self.model) / 1e6:.2f} M parameters, "
+                     f"{len(self.train_set)} training triplets, {self.dist.world} process(es), "
+                     f"prediction={self.cfg.diffusion.prediction} target={self.cfg.diffusion.target}, "
+                     f"step {self.step} -> {tc.steps}")
+        if self.step >= tc.steps:
+            if self.dist.main:
+                self.log(f"nothing to do: the run is already at step {self.step} (raise --steps to continue)")
+            return resolve(self.run_dir) if has_checkpoint(self.run_dir) else None
+
+        stop = {"flag": False}
+        old_handler = None
+        if self.dist.main or self.dist.world == 1:
+            def _on_term(signum, frame):  # noqa: ARG001
+                stop["flag"] = True
+            try:
+                old_handler = signal.signal(signal.SIGTERM, _on_term)
+            except ValueError:  # not the main thread
+                old_handler = None
+
+        progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            disable=not (show_progress and self.dist.main))
+        last = None
+        t_window, n_window = time.perf_counter(), 0
+        try:
+            with progress:
+                task = progress.add_task("train", total=tc.steps, completed=self.step, info="")
+                while self.step < tc.steps:
+                    t0 = time.perf_counter()
+                    losses = self.train_step()
+                    self.elapsed += time.perf_counter() - t0
+                    n_window += 1
+                    if not math.isfinite(losses["loss"]):
+                        raise UserError(f"loss became {losses['loss']} at step {self.step}; "
+                                        f"lower --lr or check the data")
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        rate = n_window * tc.batch_size * self.dist.world / (time.perf_counter() - t_window)
+                        t_window, n_window = time.perf_counter(), 0
+                        progress.update(task, completed=self.step,
+                                        info=f"loss {losses['loss']:.4f}  {rate:.1f} img/s")
+                        self._record({"step": self.step, **losses, "img_per_s": round(rate, 2)})
+                    else:
+                        progress.update(task, completed=self.step)
+                    if self.dist.main and tc.val_every and self.step % tc.val_every == 0:
+                        val = self.validate()
+                        t_window = time.perf_counter()  # keep validation out of the throughput
+                        if val:
+                            self._record({"step": self.step, "val": val})
+                            progress.console.print(f"step {self.step} val: " + "  ".join(
+                                f"x{s} {val[f'x{s}/psnr']:.2f} dB / {val[f'x{s}/ssim']:.3f} "
+                                f"(baseline {val[f'x{s}/baseline_psnr']:.2f})" for s in self.cfg.data.scales))
+                    if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                        last = self.save()
+                    if stop["flag"]:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            saved = self.save()
+            self._barrier()
+            where = f"; saved {saved}" if saved else ""
+            raise UserError(f"interrupted at step {self.step}{where}; run the same command again to resume") from None
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        last = self.save()
+        self._check_in_sync()
+        if self.dist.main:
+            self.log(f"saved {last} (step {self.step}, {self.elapsed / 60:.1f} min of training)")
+        return last
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.barrier()
+
+    def _check_in_sync(self) -> None:
+        """All ranks must end with identical weights; anything else is a broken DDP setup."""
+        if self.dist.world <= 1:
+            return
+        with torch.no_grad():
+            total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+            gathered = [torch.zeros_like(total) for _ in range(self.dist.world)]
+            dist.all_gather(gathered, total)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"ranks ended with different weights: {[float(g) for g in gathered]}")
+
+
+def train(run_dir: str | Path, configs: Configs, data_root: str | Path | None = None, show_progress: bool = True,
+          log: Callable[[str], None] = print) -> Path | None:
+    trainer = Trainer(run_dir, configs, data_root, log)
+    try:
+        return trainer.run(show_progress)
+    finally:
+        if trainer.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+

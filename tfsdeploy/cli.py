@@ -195,7 +195,7 @@ def fuse(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engines.torch_engine import TorchDenoiser
-    from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.imaging import check_writable, write_png
@@ -208,11 +208,12 @@ def fuse(
         model = _default_model()
     if threads:
         torch.set_num_threads(threads)
-    net, ckpt = build_from_checkpoint(model)
-    mc = ckpt.configs.model
-    if mc.cond_channels != 5 or mc.out_channels != 3:
-        raise UserError(f"{ckpt.path}: model takes {mc.cond_channels} condition channels and gives "
+    where, meta = read_meta(model)
+    mc = Configs.from_json(meta).model
+    if mc.cond_channels != 5 or mc.out_channels != 3:  # checked before the weights are even read
+        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
                         f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+    net, ckpt = build_from_checkpoint(where)
     size = size or mc.image_size
     check_scale_size(scale, size, mc.size_multiple)
     schedule = NoiseSchedule(ckpt.configs.schedule)

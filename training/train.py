@@ -160,6 +160,7 @@ class Trainer:
 
         self.schedule = NoiseSchedule(configs.schedule)
         self.diffusion = Diffusion(self.schedule, configs.diffusion)
+        torch.manual_seed(tc.seed)  # the same seed gives the same initial weights on every rank
         self.model = build_model(configs.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
@@ -353,9 +354,14 @@ class Trainer:
 def train(run_dir: str | Path, configs: Configs, data_root: str | Path | None = None, show_progress: bool = True,
           log: Callable[[str], None] = print) -> Path | None:
     trainer = Trainer(run_dir, configs, data_root, log)
+    ok = False
     try:
-        return trainer.run(show_progress)
+        out = trainer.run(show_progress)
+        ok = True
+        return out
     finally:
         if trainer.dist.world > 1 and dist.is_initialized():
+            if ok:
+                dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
 

@@ -1,0 +1,162 @@
+"""The command line: end to end on a tiny trained model, and every bad-input path."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from typer.testing import CliRunner
+
+from tfsdeploy.cli import app
+from tfsdeploy.imaging import read_image
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def triplet(synth_dataset):
+    d = synth_dataset / "test"
+    return [str(d / m / "e00.png") for m in ("t1", "t2", "func")]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error_line(res):
+    assert res.exit_code != 0
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddpm", 0)])
+def test_fuse_end_to_end(tmp_path, tiny_run, triplet, sampler, steps):
+    out = tmp_path / "fused.png"
+    res = run("fuse", *triplet, "--scale", 4, "--model", tiny_run, "--out", out, "--sampler", sampler,
+              "--steps", steps, "--no-progress")
+    assert res.exit_code == 0, res.output
+    img = read_image(out)
+    assert img.shape == (3, 64, 64)
+    # deterministic for a seed
+    out2 = tmp_path / "again.png"
+    run("fuse", *triplet, "--scale", 4, "--model", tiny_run, "--out", out2, "--sampler", sampler,
+        "--steps", steps, "--no-progress")
+    assert (read_image(out2) - img).abs().max() == 0
+
+
+def test_fuse_accepts_16bit_tiff_jpeg_and_grey_functional_and_keeps_aspect(tmp_path, tiny_run):
+    rng = np.random.default_rng(0)
+    t1 = (rng.random((48, 32)) * 65535).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "t1.tif", t1)
+    Image.fromarray((rng.random((48, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / "t2.jpg")
+    Image.fromarray((rng.random((48, 32)) * 255).astype(np.uint8)).save(tmp_path / "f.png")
+    out = tmp_path / "o.png"
+    res = run("fuse", tmp_path / "t1.tif", tmp_path / "t2.jpg", tmp_path / "f.png", "--scale", 8,
+              "--model", tiny_run, "--out", out, "--steps", 2, "--no-progress")
+    assert res.exit_code == 0, res.output
+    img = read_image(out)
+    # 48x32 padded to 48x48, fused at 64x64, then the padding (8 px a side -> 10.7) cropped off again
+    assert img.shape[:2] == (3, 64) and abs(img.shape[2] - 64 * 32 / 48) < 1.5
+
+
+def test_different_sizes(tmp_path, tiny_run, triplet):
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(tmp_path / "small.png")
+    out = tmp_path / "o.png"
+    line = one_error_line(run("fuse", triplet[0], tmp_path / "small.png", triplet[2], "--model", tiny_run,
+                              "--out", out))
+    assert "different sizes" in line and not out.exists()
+
+
+def test_unreadable_and_missing_files(tmp_path, tiny_run, triplet):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "o.png"
+    assert "cannot read" in one_error_line(run("fuse", bad, *triplet[1:], "--model", tiny_run, "--out", out))
+    assert "no such file" in one_error_line(run("fuse", tmp_path / "gone.png", *triplet[1:], "--model", tiny_run,
+                                                "--out", out))
+    assert not out.exists()
+
+
+def test_unsupported_scale(tmp_path, tiny_run, triplet):
+    out = tmp_path / "o.png"
+    assert "unsupported scale 3" in one_error_line(run("fuse", *triplet, "--scale", 3, "--model", tiny_run,
+                                                       "--out", out))
+    assert not out.exists()
+
+
+def test_corrupted_and_mismatched_checkpoints(tmp_path, tiny_run, triplet):
+    from tfsdeploy.checkpoint import resolve
+
+    out = tmp_path / "o.png"
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve(tiny_run), broken)
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    data[-5] ^= 0x55
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    assert "corrupted" in one_error_line(run("fuse", *triplet, "--model", broken, "--out", out))
+
+    mism = tmp_path / "mism"
+    shutil.copytree(resolve(tiny_run), mism)
+    meta = json.loads((mism / "config.json").read_text())
+    meta["model"]["res_blocks"] = 2
+    (mism / "config.json").write_text(json.dumps(meta))
+    assert "do not match" in one_error_line(run("fuse", *triplet, "--model", mism, "--out", out))
+
+    five = tmp_path / "five"
+    shutil.copytree(resolve(tiny_run), five)
+    meta["model"]["res_blocks"] = 1
+    meta["model"]["cond_channels"] = 2
+    (five / "config.json").write_text(json.dumps(meta))
+    assert "condition channels" in one_error_line(run("fuse", *triplet, "--model", five, "--out", out))
+    assert "no model given" in one_error_line(run("fuse", *triplet, "--out", out))
+    assert not out.exists()
+
+
+def test_unwritable_output(tmp_path, tiny_run, triplet):
+    assert "does not exist" in one_error_line(run("fuse", *triplet, "--model", tiny_run,
+                                                  "--out", tmp_path / "no" / "o.png"))
+    assert "is a directory" in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", tmp_path))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        res = run("fuse", *triplet, "--model", tiny_run, "--out", ro / "o.png")
+        if res.exit_code == 0:  # root ignores permission bits
+            pytest.skip("running as root: a read-only directory is still writable")
+        assert "not writable" in one_error_line(res)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_bad_options_are_one_line_errors(tmp_path, tiny_run, triplet):
+    out = tmp_path / "o.png"
+    assert "sampler" in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", out, "--sampler", "x"))
+    assert "exceeds" in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", out, "--steps", 10**6))
+    assert "divisible" in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", out, "--size", 66))
+    assert "unknown preset" in one_error_line(run("train", "--out", tmp_path / "r", "--preset", "huge"))
+    assert not out.exists()
+
+
+def test_cli_as_a_real_process_prints_no_traceback(tmp_path, tiny_run, triplet):
+    res = subprocess.run([sys.executable, "-m", "tfsdeploy", "fuse", *triplet, "--scale", "5", "--model",
+                          str(tiny_run), "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: unsupported scale 5; choose one of 2, 4, 8"
+
+
+def test_data_build_and_train_resume_from_the_cli(tmp_path, synth_dataset):
+    res = run("data", "build", "--out", tmp_path / "ds", "--size", 64, "--combos", "t1-t2-spect")
+    assert res.exit_code == 0, res.output
+    assert "train" in res.output and (tmp_path / "ds" / "summary.json").is_file()
+    args = ["train", "--out", tmp_path / "r", "--preset", "tiny", "--data", synth_dataset, "--crop", 32,
+            "--batch-size", 2, "--val-every", 0, "--no-progress"]
+    assert run(*args, "--steps", 2).exit_code == 0
+    res = run(*args, "--steps", 3)
+    assert res.exit_code == 0 and "resumed" in res.output
+    assert "cannot change" in one_error_line(run(*args, "--steps", 4, "--tmfa", "none"))

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_folder
+from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import read_image
+from training.data import FolderSource, brain_slices, load_spm_volumes, make_batch, open_split, split_by_blocks
+
+
+def test_split_by_blocks_is_contiguous_with_guards():
+    zs = list(range(5, 76))
+    sp = split_by_blocks(zs, block=7, pattern="TTETV")
+    all_z = sp["train"] + sp["val"] + sp["test"]
+    assert len(all_z) == len(set(all_z))  # disjoint
+    for a in ("train", "val", "test"):
+        for b in ("train", "val", "test"):
+            if a != b:  # no slice has a neighbour in another split
+                assert min(abs(x - y) for x in sp[a] for y in sp[b]) >= 2
+    assert len(sp["test"]) >= 10 and len(sp["val"]) >= 10 and len(sp["train"]) > len(sp["test"])
+
+
+def test_spm_volumes_are_registered_and_hold_about_70_brain_slices():
+    vols = load_spm_volumes()
+    assert set(vols) >= {"t1", "t2", "pd", "spect", "pet"}
+    assert len({v.shape for v in vols.values()}) == 1
+    zs = brain_slices(vols["grey"])
+    assert 60 <= len(zs) <= 80
+    # registered: T1 and T2 brain masks overlap strongly on a mid slice
+    z = zs[len(zs) // 2]
+    m1, m2 = vols["t1"][z] > 0.3 * vols["t1"].max(), vols["t2"][z] > 0.1 * vols["t2"].max()
+    assert (m1 & m2).sum() / m1.sum() > 0.8
+
+
+def test_built_spm_dataset(spm_dataset):
+    summary = json.loads((spm_dataset / "summary.json").read_text())
+    assert set(summary["combos"]) >= {"t1-t2-spect", "t1-t2-pet"}
+    for split in ("train", "val", "test"):
+        names = {p.name for p in (spm_dataset / split / "gt").iterdir()}
+        assert len(names) == summary["counts"][split] > 0
+        for d in ("t1", "t2", "func"):
+            assert {p.name for p in (spm_dataset / split / d).iterdir()} == names
+    zs = {s: set(summary["slices"][s]) for s in ("train", "val", "test")}
+    assert not (zs["train"] & zs["test"]) and not (zs["train"] & zs["val"]) and not (zs["val"] & zs["test"])
+    func = read_image(next((spm_dataset / "test" / "func").iterdir()))
+    assert func.shape == (3, 64, 64)
+    assert float((func[0] - func[2]).abs().mean()) > 0.05  # colour-mapped, not grey
+    src = FolderSource(spm_dataset / "test", size=64)
+    assert not src.gt_made and len(src) == summary["counts"]["test"]
+
+
+def test_folder_source_matches_by_name_not_order(tmp_path):
+    root = write_folder(tmp_path / "ds", ["a", "b"], size=32, gt=False)
+    # swap file names in one modality only: pairing by sorted order would now mismatch
+    t2 = root / "t2"
+    (t2 / "a.png").rename(t2 / "tmp.png")
+    (t2 / "b.png").rename(t2 / "a.png")
+    (t2 / "tmp.png").rename(t2 / "b.png")
+    src = FolderSource(root, size=32)
+    samples = {s.name: s for s in src.load()}
+    expect = read_image(t2 / "a.png")[0]
+    got = samples["a"].hr[1].float() / 255
+    assert (got - expect).abs().max() < 1.5 / 255
+    assert src.gt_made and all(s.gt_made for s in samples.values())
+
+
+def test_folder_source_errors(tmp_path):
+    root = write_folder(tmp_path / "ds", ["a", "b"], size=32)
+    (root / "func" / "b.png").unlink()
+    with pytest.raises(UserError, match="not present in all"):
+        FolderSource(root)
+    with pytest.raises(UserError, match="missing modality"):
+        FolderSource(root / "t1")
+    with pytest.raises(UserError, match="no such dataset"):
+        FolderSource(tmp_path / "nope")
+    other = write_folder(tmp_path / "ds2", ["a"], size=32)
+    Image.fromarray(np.zeros((40, 32), np.uint8)).save(other / "t2" / "a.png")
+    with pytest.raises(UserError, match="different sizes"):
+        FolderSource(other).load()
+    with pytest.raises(UserError, match="neither"):
+        open_split(tmp_path, "train")
+
+
+def test_make_batch_is_deterministic_and_shaped(synth_dataset):
+    samples = FolderSource(synth_dataset / "train", size=64).load()
+    a = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(5))
+    b = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(5))
+    c = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(6))
+    assert a.cond01.shape == (2, 5, 32, 32) and a.base01.shape == a.gt01.shape == (2, 3, 32, 32)
+    assert torch.equal(a.cond01, b.cond01) and torch.equal(a.gt01, b.gt01)
+    assert not torch.equal(a.gt01, c.gt01)
+    assert set(a.scales) <= {4, 8}
+    full = make_batch(samples, [1], [2], 0, False, np.random.default_rng(0))
+    assert full.cond01.shape == (1, 5, 64, 64)
+    assert 0 <= float(full.cond01.min()) and float(full.cond01.max()) <= 1

@@ -40,6 +40,15 @@ def write_folder(root: Path, names: list[str], size: int = 64, seed: int = 0, gt
     return root
 
 
+def randomize_output(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The output conv starts at zero by design; give it random weights so outputs carry signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.final.conv.weight
+        w.copy_(torch.randn(w.shape, generator=g) * 0.1)
+    return model
+
+
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory) -> Path:
     """A split synthetic dataset of 64x64 images."""

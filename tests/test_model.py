@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize_output
 from tfsdeploy.config import PRESETS, ModelConfig, from_dict, to_dict
 from tfsdeploy.errors import UserError
 from tfsdeploy.model import TMFA, GroupNorm32, NoiseLevelEncoding, SelfAttention, build_model, count_parameters
@@ -23,8 +24,8 @@ def test_forward_shapes_for_every_tmfa_placement(tmfa):
     cfg = dataclasses.replace(PRESETS["tiny"], tmfa=tmfa)
     m = build_model(cfg).eval()
     x, c, lvl = torch.randn(2, 3, 32, 48), torch.randn(2, 5, 32, 48), torch.rand(2)
-    y = m(x, c, lvl)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    y = randomize_output(m)(x, c, lvl)
+    assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().max() > 0
 
 
 def test_tmfa_placements_differ_in_what_they_attend_to():
@@ -44,8 +45,14 @@ def test_tmfa_is_squeeze_excitation():
     torch.testing.assert_close(se(x), x * w[:, :, None, None])
 
 
-def test_noise_level_changes_the_output():
+def test_output_starts_at_zero():
     m = build_model(PRESETS["tiny"]).eval()
+    assert torch.equal(m(torch.randn(1, 3, 16, 16), torch.randn(1, 5, 16, 16), torch.rand(1)),
+                       torch.zeros(1, 3, 16, 16))
+
+
+def test_noise_level_changes_the_output():
+    m = randomize_output(build_model(PRESETS["tiny"])).eval()
     x, c = torch.randn(1, 3, 16, 16), torch.randn(1, 5, 16, 16)
     a = m(x, c, torch.tensor([0.2]))
     b = m(x, c, torch.tensor([0.9]))
@@ -79,7 +86,7 @@ def test_attention_softmax_is_fp32_and_noise_encoding_is_fp32():
 
 
 def test_whole_model_runs_in_bfloat16():
-    m = build_model(PRESETS["tiny"]).eval()
+    m = randomize_output(build_model(PRESETS["tiny"])).eval()
     x, c, lvl = torch.randn(1, 3, 16, 16), torch.randn(1, 5, 16, 16), torch.rand(1)
     ref = m(x, c, lvl)
     y = m.to(torch.bfloat16)(x.bfloat16(), c.bfloat16(), lvl)
@@ -108,12 +115,12 @@ def test_paper_preset_trains_one_step_and_denoises_at_256():
     diff = Diffusion(NoiseSchedule(ScheduleConfig()), DiffusionConfig())
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
     x0, cond = torch.rand(1, 3, 256, 256) * 2 - 1, torch.rand(1, 5, 256, 256) * 2 - 1
-    before = m.init_conv.weight.detach().clone()
+    before = m.final.conv.weight.detach().clone()
     losses = diff.training_losses(m, x0, cond, torch.Generator().manual_seed(0), psf_mse=1.0, psf_ssim=0.1)
     losses["loss"].backward()
     opt.step()
     assert torch.isfinite(losses["loss"])
-    assert not torch.equal(before, m.init_conv.weight)
+    assert not torch.equal(before, m.final.conv.weight)  # the zero-initialised output layer learns first
     m.eval()
     with torch.no_grad():
         eps = m(torch.randn(1, 3, 256, 256), cond, torch.tensor([0.5]))

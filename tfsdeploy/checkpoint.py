@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from tfsdeploy import __version__
 from tfsdeploy.config import DataConfig, DiffusionConfig, ModelConfig, ScheduleConfig, TrainConfig, from_dict, to_dict
 from tfsdeploy.errors import UserError
-from tfsdeploy.imaging import atomic_path, current_umask
+from tfsdeploy.imaging import atomic_dir, atomic_path
 
 FORMAT = "tfsdeploy-checkpoint"
 FORMAT_VERSION = 1
@@ -97,10 +96,7 @@ def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: d
     except OSError as e:
         raise UserError(f"{run_dir}: cannot create the directory ({e.strerror})") from None
     name = name or f"ckpt-{step:07d}"
-    final = run_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=run_dir))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    with atomic_dir(run_dir / name) as tmp:
         meta: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "tfsdeploy_version": __version__,
             "step": step, **configs.to_json(), **(extra or {}),
@@ -112,18 +108,10 @@ def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: d
             save_file(_contiguous(training_tensors), str(tmp / TRAINING_FILE))
             files["training"] = {"file": TRAINING_FILE, "sha256": sha256_file(tmp / TRAINING_FILE)}
         (tmp / CONFIG_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True))
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~current_umask())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     with atomic_path(run_dir / LATEST_FILE) as t:
         t.write_text(name + "\n")
     _cleanup(run_dir, keep, current=name)
-    return final
+    return run_dir / name
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

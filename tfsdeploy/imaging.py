@@ -7,7 +7,9 @@ or [B,C,H,W]; grey images have C = 1, colour images C = 3 (RGB). The network see
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,28 @@ class atomic_path:
                 self.tmp.unlink(missing_ok=True)
                 raise UserError(f"{self.path}: cannot write here ({e.strerror})") from None
         self.tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory beside `path`; on success it replaces `path` (a previous version
+    is removed first), on failure it is deleted. A reader never sees a half-written directory."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise UserError(f"{path}: cannot write here ({e.strerror})") from None
+    try:
+        yield tmp
+        mask = current_umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o666 & ~mask)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

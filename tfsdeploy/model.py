@@ -169,6 +169,10 @@ class TFSDiffUNet(nn.Module):
                 res *= 2
 
         self.final = Block(now_ch, cfg.out_channels, g)
+        # Zero-init the output conv (as guided-diffusion does): training starts from a prediction
+        # of 0, which for a residual target is exactly the upsample-then-fuse baseline.
+        nn.init.zeros_(self.final.conv.weight)
+        nn.init.zeros_(self.final.conv.bias)
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         """x_t [B,3,H,W], cond [B,5,H,W], noise_level [B] (sqrt(gamma)) -> prediction [B,3,H,W]."""

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from tfsdeploy.config import COMBOS
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition, fuse_trimodal
-from tfsdeploy.imaging import IMAGE_SUFFIXES, apply_colormap, current_umask, degrade, pad_to_square, read_image, resize, write_png
+from tfsdeploy.imaging import IMAGE_SUFFIXES, apply_colormap, atomic_dir, degrade, pad_to_square, read_image, resize, write_png
 from tfsdeploy.pipeline import as_triplet
 
 SPLITS = ("train", "val", "test")
@@ -150,10 +148,7 @@ def build_spm_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = 
     splits = split_by_blocks(zs)
     norm = {k: normalise_volume(vols[k]) for k in ("t1", "t2", "pd", "spect", "pet")}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())
-    try:
+    with atomic_dir(out) as tmp:
         counts: dict[str, int] = {}
         total = sum(len(v) for v in splits.values()) * len(combos)
         done = 0
@@ -181,12 +176,6 @@ def build_spm_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = 
             "ground_truth": "classical tri-modal fusion of the high-resolution sources (tfsdeploy.fusion)",
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -288,7 +277,10 @@ class Batch:
 
 
 def augment(hr: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Joint geometric augmentation of [8,H,W] float: flip, small rotation and zoom."""
+    """Joint augmentation of sources and target [8,H,W]: flip, small rotation and zoom, and one
+    brightness gain for all channels. The classical fusion is equivariant to a common gain, so the
+    target stays consistent with the sources; jittering the inputs alone would teach the model to
+    "correct" brightness errors that real inputs do not have."""
     if rng.random() < 0.5:
         hr = hr.flip(-1)
     angle = np.deg2rad(rng.uniform(-10, 10))
@@ -297,7 +289,8 @@ def augment(hr: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=torch.float32)[None]
     grid = F.affine_grid(theta, [1, *hr.shape], align_corners=False)
-    return F.grid_sample(hr[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    hr = F.grid_sample(hr[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    return (hr * float(rng.uniform(0.9, 1.1))).clamp(0, 1)
 
 
 def make_batch(samples: list[Sample], indices: Iterable[int], scales: list[int], crop: int, train: bool,
@@ -312,10 +305,6 @@ def make_batch(samples: list[Sample], indices: Iterable[int], scales: list[int],
         scale = int(rng.choice(scales))
         src, gt = hr[:5], hr[5:]
         cond01 = degrade(src[None], scale)[0]
-        if train:  # mild contrast/brightness jitter of the inputs only: robustness to acquisition
-            gain = torch.from_numpy(rng.uniform(0.95, 1.05, size=(5, 1, 1)).astype(np.float32))
-            bias = torch.from_numpy(rng.uniform(-0.02, 0.02, size=(5, 1, 1)).astype(np.float32))
-            cond01 = (cond01 * gain + bias).clamp(0, 1)
         base01 = fuse_condition(cond01[None])[0]
         if crop and crop < hr.shape[-1]:
             y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - crop + 1, size=2))

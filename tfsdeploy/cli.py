@@ -187,15 +187,19 @@ def fuse(
     spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
     seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
     size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0 = default)."),
+    engine: str = typer.Option("auto", help="auto, torch, onnx, onnx-fp16 or trt. auto: TensorRT on a GPU, "
+                               "else ONNX Runtime fp32, else torch, whichever is exported and valid."),
+    export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: CKPT/export)."),
+    cuda_graph: bool = typer.Option(False, help="Replay the TensorRT engine from a CUDA graph."),
+    threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
     """Fuse three registered low-resolution images into one high-resolution colour image."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engines.torch_engine import TorchDenoiser
-    from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
+    from engines.loader import select_engine
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.imaging import check_writable, write_png
@@ -208,27 +212,40 @@ def fuse(
         model = _default_model()
     if threads:
         torch.set_num_threads(threads)
-    where, meta = read_meta(model)
-    mc = Configs.from_json(meta).model
-    if mc.cond_channels != 5 or mc.out_channels != 3:  # checked before the weights are even read
-        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
-                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
-    net, ckpt = build_from_checkpoint(where)
+    _check_fusable(model)
+    denoiser, configs = select_engine(model, engine, export_dir, threads=threads, cuda_graph=cuda_graph,
+                                      log=lambda s: typer.echo(s, err=True) if verbose else None)
+    mc = configs.model
     size = size or mc.image_size
     check_scale_size(scale, size, mc.size_multiple)
-    schedule = NoiseSchedule(ckpt.configs.schedule)
+    schedule = NoiseSchedule(configs.schedule)
     if sample.steps > schedule.num_steps:
         raise UserError(f"--steps {sample.steps} exceeds the schedule's T = {schedule.num_steps}")
-    diffusion = Diffusion(schedule, ckpt.configs.diffusion)
-    denoiser = TorchDenoiser(net, "cuda" if torch.cuda.is_available() else "cpu")
+    diffusion = Diffusion(schedule, configs.diffusion)
     with Progress(TextColumn(f"[bold]{sample.sampler}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not progress, transient=True) as prog:
         task = prog.add_task("fuse", total=None)
         img = fuse_triplet(denoiser, diffusion, trip, scale, size, mc.size_multiple, sample,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
     write_png(out, img)
+    engine_desc = denoiser.describe() if hasattr(denoiser, "describe") else denoiser.name
     typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, x{scale}, {sample.sampler}"
-               f"{'-' + str(sample.steps) if sample.steps else ''}, model {ckpt.path})")
+               f"{'-' + str(sample.steps) if sample.steps else ''}, engine {engine_desc}, model {model})")
+
+
+def _check_fusable(model: Path) -> None:
+    """Refuse a model that does not take 5 condition channels and give 3, before loading weights."""
+    from tfsdeploy.artifacts import read_sidecar
+    from tfsdeploy.checkpoint import Configs, read_meta
+
+    if model.suffix in (".onnx", ".plan", ".engine"):
+        where, meta = model, read_sidecar(model).get("configs", {})
+    else:
+        where, meta = read_meta(model)
+    mc = Configs.from_json(meta).model
+    if mc.cond_channels != 5 or mc.out_channels != 3:
+        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
+                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
 
 
 def _default_model() -> Path:
@@ -238,17 +255,70 @@ def _default_model() -> Path:
     raise UserError("no model given: pass --model RUN_OR_CHECKPOINT (train one with `tfsdeploy train`)")
 
 
+# --------------------------------------------------------------------------- export
+
+
+@app.command()
+@user_errors
+def export(
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint or run folder (default: $TFSDEPLOY_MODEL)."),
+    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export the fp32 ONNX."),
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Export the fp16 ONNX (fp32 islands and I/O)."),
+    trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (needs TensorRT and a GPU)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: CKPT/export)."),
+    max_batch: int = typer.Option(4, help="Largest batch the artifacts accept."),
+    min_size: int = typer.Option(0, help="Smallest image side (0 = 64, rounded to the model's multiple)."),
+    max_size: int = typer.Option(0, help="Largest image side (0 = 512)."),
+    opset: int = typer.Option(18, help="ONNX opset (18 or above)."),
+    parity_steps: int = typer.Option(10, help="DDIM steps of the fused-image parity check."),
+    workspace_gib: float = typer.Option(8.0, help="TensorRT builder workspace."),
+) -> None:
+    """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity."""
+    from export.onnx_export import default_spec, export_onnx
+    from export.trt_build import build_engine, build_plan, tensorrt_status
+    from tfsdeploy.artifacts import default_export_dir
+    from tfsdeploy.checkpoint import build_from_checkpoint
+
+    model = model or _default_model()
+    net, _ = build_from_checkpoint(model)
+    spec = default_spec(net, max_batch=max_batch, min_size=min_size, max_size=max_size)
+    out = out or default_export_dir(model)
+    trt_mod, trt_reason = tensorrt_status() if trt else (None, "")
+    precisions = [p for p, on in (("fp32", onnx), ("fp16", fp16)) if on]
+    if trt_mod is not None and build_plan(trt_mod.__version__).onnx_precision not in precisions:
+        precisions.append(build_plan(trt_mod.__version__).onnx_precision)
+    if not precisions and not trt:
+        raise UserError("nothing to export: pass --onnx, --fp16 or --trt")
+    typer.echo(f"exporting {model} -> {out} (batch {spec.min_batch}..{spec.max_batch}, "
+               f"size {spec.min_size}..{spec.max_size}, multiple of {spec.size_multiple}, opset {opset})")
+    done = {}
+    for p in precisions:
+        path, rep = export_onnx(model, p, out, spec, opset, parity_steps, log=typer.echo)
+        done[p] = path
+        typer.echo(f"  {path.name}: parity vs torch fp32: relative L2 {rep['relative_l2']:.2e} "
+                   f"(limit {rep['limits']['max_relative_l2']:g}), fused PSNR {rep['fused_psnr_db']:.1f} dB "
+                   f"(limit {rep['limits']['min_fused_psnr_db']:g}, DDIM-{rep['ddim_steps']}, {rep['size']}px, "
+                   f"{rep['provider']})")
+    if trt:
+        if trt_mod is None:
+            raise UserError(f"--trt: {trt_reason}; the ONNX files above were written")
+        onnx_path = done[build_plan(trt_mod.__version__).onnx_precision]
+        engine = build_engine(onnx_path, out, workspace_gib, log=typer.echo)
+        typer.echo(f"  {engine.name}: TensorRT FP16 engine")
+
+
 # --------------------------------------------------------------------------- info
 
 
 @app.command()
 @user_errors
 def info() -> None:
-    """Versions, devices and threads."""
+    """Engines, providers, GPUs, versions and threads."""
     import platform
 
     import torch
 
+    from export.trt_build import tensorrt_status
     from tfsdeploy import __version__
     from training.data import default_data_dir
 
@@ -260,6 +330,16 @@ def info() -> None:
             typer.echo(f"gpu {i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
     else:
         typer.echo("gpu: none (torch.cuda.is_available() is False)")
+    typer.echo("engines:")
+    typer.echo(f"  torch: yes ({'cuda' if torch.cuda.is_available() else 'cpu'})")
+    try:
+        import onnxruntime as ort
+
+        typer.echo(f"  onnx: onnxruntime {ort.__version__}, providers {', '.join(ort.get_available_providers())}")
+    except ImportError:
+        typer.echo("  onnx: no (pip install 'tfsdeploy[onnx]')")
+    trt, reason = tensorrt_status()
+    typer.echo(f"  trt: tensorrt {trt.__version__}" if trt is not None else f"  trt: no ({reason})")
     d = default_data_dir()
     typer.echo(f"SPM dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
 

@@ -314,3 +314,20 @@ def make_batch(samples: list[Sample], indices: Iterable[int], scales: list[int],
         gts.append(gt)
         used.append(scale)
     return Batch(torch.stack(conds), torch.stack(bases), torch.stack(gts), used)
+
+
+def reference_triplet(size: int = 256, combo: str = "t1-t2-spect"):
+    """One held-out (test split) SPM triplet at `size`, cut directly from the templates: a real
+    image for parity checks and demos that needs no built dataset."""
+    from tfsdeploy.pipeline import Triplet
+
+    if combo not in COMBOS:
+        raise UserError(f"unknown combination {combo!r}; choose from {', '.join(COMBOS)}")
+    vols = load_spm_volumes()
+    test = split_by_blocks(brain_slices(vols["grey"]))["test"]
+    z = test[len(test) // 2]
+    _, mr2, func = combo.split("-")
+    t1 = slice_to_image(normalise_volume(vols["t1"])[z], size)
+    t2 = slice_to_image(normalise_volume(vols[mr2])[z], size)
+    f = apply_colormap(slice_to_image(normalise_volume(vols[func])[z], size))
+    return Triplet(t1, t2, f)

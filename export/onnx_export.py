@@ -1,0 +1,163 @@
+"""Checkpoint -> ONNX (fp32, or fp16 weights with fp32 islands and fp32 I/O), checked and parity-tested.
+
+Nothing is published until it passes: the graph is written to a temporary name, checked with
+onnx.checker, run against torch fp32 (one call and a whole fused image), and only then renamed into
+place, with its sidecar written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tfsdeploy import __version__
+from tfsdeploy.artifacts import checkpoint_fingerprint, default_export_dir, sidecar_path, write_sidecar
+from tfsdeploy.checkpoint import build_from_checkpoint
+from tfsdeploy.errors import UserError
+from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
+from tfsdeploy.model import TFSDiffUNet
+
+DEFAULT_OPSET = 18
+# Above this the graph's weights go to a separate `.data` file (protobuf's limit is 2 GiB).
+EXTERNAL_DATA_BYTES = 1_500_000_000
+PRECISIONS = ("fp32", "fp16")
+
+
+class HalfDenoiser(nn.Module):
+    """fp32 in, fp16 weights and activations inside, fp32 out.
+
+    GroupNorm, softmax and the noise-level sinusoids cast themselves up to fp32 (see model.py), so
+    those islands survive in the exported graph as explicit Cast nodes.
+    """
+
+    def __init__(self, model: TFSDiffUNet):
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        return self.model(x_t.half(), cond.half(), noise_level.float()).float()
+
+
+def default_spec(model: TFSDiffUNet, max_batch: int = 4, min_size: int = 0, max_size: int = 0) -> IOSpec:
+    cfg = model.cfg
+    m = cfg.size_multiple
+    lo = min_size or max(m, 64 // m * m if m <= 64 else m)
+    hi = max_size or max(512, cfg.image_size)
+    return IOSpec(cond_channels=cfg.cond_channels, x_channels=cfg.out_channels, size_multiple=m,
+                  min_batch=1, opt_batch=1, max_batch=max_batch, min_size=lo, opt_size=cfg.image_size, max_size=hi)
+
+
+def versions() -> dict[str, str]:
+    out = {"tfsdeploy": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress lines and warnings meant for its developers; keep the CLI clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def write_onnx(module: nn.Module, spec: IOSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export `module` with the spec's names and dynamic shapes, and check the result."""
+    import onnx
+
+    with _quiet():
+        try:
+            program = torch.onnx.export(
+                module, spec.example_inputs(), input_names=list(INPUTS), output_names=[OUTPUT],
+                dynamic_shapes=spec.dynamic_shapes(), opset_version=opset, dynamo=True, verbose=False)
+        except Exception as e:  # noqa: BLE001 - exporter failures are long; keep the first line
+            raise UserError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+        n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+    onnx.checker.check_model(str(path), full_check=False)  # by path: works for external data too
+
+
+def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path | None = None,
+                spec: IOSpec | None = None, opset: int = DEFAULT_OPSET, parity_steps: int = 10,
+                log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+    """Export one precision; returns the ONNX path and its parity report. Raises UserError when the
+    parity limits are exceeded, leaving no artifact behind."""
+    from engines.onnx_engine import OnnxDenoiser
+    from engines.torch_engine import TorchDenoiser
+    from export.parity import LIMITS, call_parity, check_limits, fused_parity
+    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+    from tfsdeploy.pipeline import make_condition
+    from training.data import reference_triplet
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if opset < 18:
+        raise UserError("opset must be 18 or above")
+    model, ck = build_from_checkpoint(ckpt)
+    spec = spec or default_spec(model)
+    if spec.size_multiple % model.cfg.size_multiple:
+        raise UserError(f"the spec's size multiple must be a multiple of {model.cfg.size_multiple} for this model")
+    out_dir = Path(out_dir) if out_dir else default_export_dir(ckpt)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the export folder ({e.strerror})") from None
+    final = out_dir / f"denoiser-{precision}.onnx"
+    module: nn.Module = model if precision == "fp32" else HalfDenoiser(model).eval()
+
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpdir:
+        tmp = Path(tmpdir) / final.name
+        t0 = time.perf_counter()
+        write_onnx(module, spec, tmp, opset)
+        export_s = time.perf_counter() - t0
+
+        fingerprint = checkpoint_fingerprint(ckpt)
+        meta = {"kind": "onnx", "precision": precision, "opset": opset, "io": spec.to_json(),
+                "checkpoint": fingerprint, "configs": ck.configs.to_json(), "versions": versions()}
+        engine = OnnxDenoiser(tmp, device="cpu", meta=meta)
+        reference = TorchDenoiser(model)
+        diffusion = Diffusion(NoiseSchedule(ck.configs.schedule), ck.configs.diffusion)
+        cond01, _ = make_condition(reference_triplet(spec.opt_size), 4, spec.opt_size)
+        t0 = time.perf_counter()
+        rel = call_parity(reference, engine, spec)
+        fused = fused_parity(reference, engine, diffusion, cond01, parity_steps)
+        report = {"relative_l2": rel, "fused_psnr_db": fused, "ddim_steps": parity_steps, "scale": 4,
+                  "size": spec.opt_size, "provider": engine.provider, "limits": dict(zip(
+                      ("max_relative_l2", "min_fused_psnr_db"), LIMITS[precision])),
+                  "export_s": round(export_s, 1), "parity_s": round(time.perf_counter() - t0, 1)}
+        problems = check_limits(precision, rel, fused)
+        if problems:
+            raise UserError(f"{precision} ONNX failed parity against torch fp32: {'; '.join(problems)}; "
+                            f"nothing was written")
+        del engine
+        # Publish: drop any old sidecar first (an old sidecar must never describe a new file), move the
+        # weights file (if any) and the graph, then write the sidecar as the commit marker.
+        sidecar_path(final).unlink(missing_ok=True)
+        for f in sorted(Path(tmpdir).iterdir(), key=lambda p: p.suffix == ".onnx"):
+            os.replace(f, out_dir / f.name)
+    write_sidecar(final, {**meta, "parity": report})
+    return final, report

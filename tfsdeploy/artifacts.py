@@ -1,0 +1,77 @@
+"""Sidecar JSON for every compiled artifact, and the checks that keep stale ones out.
+
+`denoiser-fp32.onnx` is described by `denoiser-fp32.onnx.json`: the artifact's own sha256, the
+source checkpoint's sha256, precision, opset, I/O spec, tool versions and (for engines) the
+TensorRT version and GPU. A loader refuses an artifact whose sidecar is missing, whose hash does
+not match, or whose source checkpoint has changed since export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tfsdeploy.checkpoint import CONFIG_FILE, MODEL_FILE, read_meta, sha256_file
+from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import atomic_path
+
+SIDECAR_FORMAT = "tfsdeploy-artifact"
+EXPORT_DIR = "export"
+
+
+def sidecar_path(artifact: str | Path) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".json")
+
+
+def write_sidecar(artifact: str | Path, data: dict[str, Any]) -> Path:
+    """Write the sidecar last, atomically: an artifact without one is never loaded."""
+    out = sidecar_path(artifact)
+    body = {"format": SIDECAR_FORMAT, "file": Path(artifact).name, "sha256": sha256_file(artifact), **data}
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
+    return out
+
+
+def read_sidecar(artifact: str | Path, verify_hash: bool = True) -> dict[str, Any]:
+    artifact = Path(artifact)
+    if not artifact.is_file():
+        raise UserError(f"{artifact}: no such artifact")
+    sc = sidecar_path(artifact)
+    if not sc.is_file():
+        raise UserError(f"{artifact}: no sidecar {sc.name}; it was not written by a complete `tfsdeploy export`")
+    try:
+        data = json.loads(sc.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{sc}: corrupted JSON ({e})") from None
+    if data.get("format") != SIDECAR_FORMAT:
+        raise UserError(f"{sc}: not a tfsdeploy sidecar")
+    if verify_hash and sha256_file(artifact) != data.get("sha256"):
+        raise UserError(f"{artifact}: sha256 does not match its sidecar (modified or truncated); export again")
+    return data
+
+
+def checkpoint_fingerprint(ckpt: str | Path) -> dict[str, Any]:
+    """What an artifact records about its source checkpoint."""
+    path, meta = read_meta(ckpt)
+    weights = path if path.is_file() else path / meta.get("files", {}).get("model", {}).get("file", MODEL_FILE)
+    return {"path": str(path), "sha256": sha256_file(weights), "step": int(meta.get("step", 0))}
+
+
+def verify_source(sidecar: dict[str, Any], ckpt: str | Path, artifact: str | Path) -> None:
+    """Refuse an artifact exported from a different (or since modified) checkpoint."""
+    now = checkpoint_fingerprint(ckpt)["sha256"]
+    if sidecar.get("checkpoint", {}).get("sha256") != now:
+        raise UserError(f"{artifact} was exported from a different checkpoint than {ckpt} "
+                        f"(or the checkpoint changed since); export again")
+
+
+def default_export_dir(ckpt: str | Path) -> Path:
+    """<checkpoint dir>/export for checkpoint folders, <file's folder>/export for a lone file."""
+    path, _ = read_meta(ckpt)
+    return (path.parent if path.is_file() else path) / EXPORT_DIR
+
+
+__all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
+           "default_export_dir", "CONFIG_FILE"]

@@ -160,3 +160,44 @@ def test_data_build_and_train_resume_from_the_cli(tmp_path, synth_dataset):
     res = run(*args, "--steps", 3)
     assert res.exit_code == 0 and "resumed" in res.output
     assert "cannot change" in one_error_line(run(*args, "--steps", 4, "--tmfa", "none"))
+
+
+def test_export_then_fuse_with_each_engine(tmp_path, tiny_run, triplet):
+    res = run("export", tiny_run, "--parity-steps", 2, "--min-size", 32, "--max-size", 128)
+    assert res.exit_code == 0, res.output
+    assert "denoiser-fp32.onnx: parity" in res.output and "denoiser-fp16.onnx: parity" in res.output
+    outs = {}
+    for engine in ("torch", "onnx", "onnx-fp16", "auto"):
+        out = tmp_path / f"{engine}.png"
+        res = run("fuse", *triplet, "--model", tiny_run, "--engine", engine, "--out", out, "--steps", 4,
+                  "--no-progress")
+        assert res.exit_code == 0, res.output
+        outs[engine] = read_image(out)
+    assert "engine onnx fp32" in res.output  # auto picked ONNX Runtime on this CPU
+    from tfsdeploy.metrics import psnr
+
+    assert float(psnr(outs["onnx"][None], outs["torch"][None])) >= 45
+    assert float(psnr(outs["onnx-fp16"][None], outs["torch"][None])) >= 35
+
+
+def test_export_trt_without_tensorrt_fails_cleanly_but_keeps_onnx(tmp_path, tiny_run, triplet):
+    from export.trt_build import tensorrt_status
+
+    if tensorrt_status()[0] is not None:
+        pytest.skip("TensorRT and a GPU are present here")
+    out = tmp_path / "exp"
+    res = run("export", tiny_run, "--trt", "--out", out, "--no-fp16", "--parity-steps", 2, "--min-size", 32,
+              "--max-size", 64)
+    line = one_error_line(res)
+    assert line.startswith("error: --trt: ") and "ONNX files above were written" in line
+    assert sorted(p.name for p in out.iterdir()) == ["denoiser-fp32.onnx", "denoiser-fp32.onnx.json"]
+    fused = tmp_path / "o.png"
+    assert "engine trt: " in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--engine", "trt",
+                                                "--out", fused))
+    assert not fused.exists()
+
+
+def test_info_lists_engines():
+    res = run("info")
+    assert res.exit_code == 0
+    assert "engines:" in res.output and "onnx: onnxruntime" in res.output and "trt:" in res.output

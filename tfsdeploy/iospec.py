@@ -68,12 +68,16 @@ class IOSpec:
         """`dynamic_shapes` for torch.onnx.export(dynamo=True), in input order."""
         from torch.export import Dim
 
-        batch = Dim("batch", min=self.min_batch, max=self.max_batch)
         m = self.size_multiple
-        h = Dim("h_blocks", min=self.min_size // m, max=self.max_size // m)
-        w = Dim("w_blocks", min=self.min_size // m, max=self.max_size // m)
-        image = {0: batch, 2: m * h, 3: m * w}
-        return (image, dict(image), {0: batch})
+        # A range of one value stays static: torch.export cannot make a Dim with min == max.
+        batch = Dim("batch", min=self.min_batch, max=self.max_batch) if self.max_batch > self.min_batch else None
+        image: dict[int, object] = {}
+        if batch is not None:
+            image[0] = batch
+        if self.max_size > self.min_size:
+            image[2] = m * Dim("h_blocks", min=self.min_size // m, max=self.max_size // m)
+            image[3] = m * Dim("w_blocks", min=self.min_size // m, max=self.max_size // m)
+        return (image, dict(image), {0: batch} if batch is not None else {})
 
     def example_inputs(self):
         """Small example inputs for tracing. Batch 2 and a non-square size keep torch.export from

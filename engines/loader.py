@@ -13,7 +13,8 @@ ENGINES = ("auto", "torch", "onnx", "onnx-fp16", "trt")
 ENGINE_SUFFIXES = (".plan", ".engine")
 
 
-def load_denoiser(path: str | Path, device: str = "auto", threads: int = 0, cuda_graph: bool = False):
+def load_denoiser(path: str | Path, device: str = "auto", threads: int = 0, cuda_graph: bool = False,
+                  compile: bool = False):
     """Pick the implementation from the artifact: .onnx -> ONNX Runtime, .plan -> TensorRT, anything
     else is a checkpoint -> torch. Returns (denoiser, Configs)."""
     path = Path(path)
@@ -33,7 +34,7 @@ def load_denoiser(path: str | Path, device: str = "auto", threads: int = 0, cuda
 
     model, ck = build_from_checkpoint(path)
     dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    return TorchDenoiser(model, dev), ck.configs
+    return TorchDenoiser(model, dev, compile=compile), ck.configs
 
 
 def find_artifact(ckpt: str | Path, engine: str, export_dir: str | Path | None = None) -> Path:
@@ -72,7 +73,8 @@ def find_artifact(ckpt: str | Path, engine: str, export_dir: str | Path | None =
 
 
 def select_engine(ckpt: str | Path, engine: str = "auto", export_dir: str | Path | None = None,
-                  threads: int = 0, cuda_graph: bool = False, log: Callable[[str], None] = lambda s: None):
+                  threads: int = 0, cuda_graph: bool = False, compile: bool = False,
+                  log: Callable[[str], None] = lambda s: None):
     """The denoiser for `fuse`. `auto` takes the fastest engine that is present and valid for the
     checkpoint: TensorRT on a GPU, then ONNX Runtime fp32, then torch. Returns (denoiser, Configs)."""
     if engine not in ENGINES:
@@ -82,7 +84,7 @@ def select_engine(ckpt: str | Path, engine: str = "auto", export_dir: str | Path
             raise UserError(f"{ckpt} is an exported artifact; it cannot run on engine {engine}")
         return load_denoiser(ckpt, threads=threads, cuda_graph=cuda_graph)
     if engine == "torch":
-        return load_denoiser(ckpt, threads=threads)
+        return load_denoiser(ckpt, threads=threads, compile=compile)
     if engine != "auto":
         return load_denoiser(find_artifact(ckpt, engine, export_dir), threads=threads, cuda_graph=cuda_graph)
     for candidate in ("trt", "onnx"):
@@ -92,4 +94,4 @@ def select_engine(ckpt: str | Path, engine: str = "auto", export_dir: str | Path
             log(f"auto: skipping {candidate}: {e}")
             continue
         return load_denoiser(path, threads=threads, cuda_graph=cuda_graph)
-    return load_denoiser(ckpt, threads=threads)
+    return load_denoiser(ckpt, threads=threads, compile=compile)

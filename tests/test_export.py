@@ -279,3 +279,13 @@ def test_paper_preset_exports(tmp_path):
     assert rep["relative_l2"] <= 1e-4
     total = path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob("*.data"))
     assert total > 350e6  # the 98 M weights are in the artifact (inline or as external data)
+
+
+@pytest.mark.slow
+def test_torch_compile_engine_matches_eager(ckpt):
+    model, _ = build_from_checkpoint(ckpt)
+    eager = TorchDenoiser(model)
+    compiled = TorchDenoiser(build_from_checkpoint(ckpt)[0], compile=True)
+    assert compiled.describe().startswith("torch compiled")
+    x, c, l = torch.randn(1, 3, 32, 32), torch.randn(1, 5, 32, 32), torch.rand(1)
+    assert relative_l2(compiled(x, c, l), eager(x, c, l)) < 1e-4

@@ -191,6 +191,7 @@ def fuse(
                                "else ONNX Runtime fp32, else torch, whichever is exported and valid."),
     export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: CKPT/export)."),
     cuda_graph: bool = typer.Option(False, help="Replay the TensorRT engine from a CUDA graph."),
+    compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first."),
     threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
@@ -214,7 +215,7 @@ def fuse(
         torch.set_num_threads(threads)
     _check_fusable(model)
     denoiser, configs = select_engine(model, engine, export_dir, threads=threads, cuda_graph=cuda_graph,
-                                      log=lambda s: typer.echo(s, err=True) if verbose else None)
+                                      compile=compile, log=lambda s: typer.echo(s, err=True) if verbose else None)
     mc = configs.model
     size = size or mc.image_size
     check_scale_size(scale, size, mc.size_multiple)

@@ -108,6 +108,7 @@ def train(
     scales: Optional[str] = typer.Option(None, help="Scales to train, e.g. 2,4,8."),
     prediction: Optional[str] = typer.Option(None, help="Network output: eps (paper), x0 or v."),
     target: Optional[str] = typer.Option(None, help="Diffused image: fused (paper) or residual over the baseline."),
+    residual_scale: Optional[float] = typer.Option(None, help="Multiply the residual by this before diffusion."),
     tmfa: Optional[str] = typer.Option(None, help="TMFA placement: paper, all (authors' code) or none (ablation)."),
     psf_mse: Optional[float] = typer.Option(None, help="PSF loss weight of MSE on x0_hat (lambda1)."),
     psf_ssim: Optional[float] = typer.Option(None, help="PSF loss weight of 1-SSIM on x0_hat (lambda2); 0 and "
@@ -132,7 +133,7 @@ def train(
     overrides = {
         "model": {"tmfa": tmfa},
         "schedule": {"num_steps": timesteps},
-        "diffusion": {"prediction": prediction, "target": target},
+        "diffusion": {"prediction": prediction, "target": target, "residual_scale": residual_scale},
         "data": {"root": str(data) if data else None, "scales": _parse_scales(scales), "crop": crop,
                  "augment": augment},
         "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "psf_mse": psf_mse, "psf_ssim": psf_ssim,

@@ -89,10 +89,16 @@ class DiffusionConfig:
 
     prediction: str = "eps"
     target: str = "fused"
+    # With target "residual": the residual is multiplied by this before diffusion. The residual over
+    # the baseline is small (a few percent of the range), so without scaling almost the whole noise
+    # schedule drowns it; scaling it up gives the sampler's steps something to resolve.
+    residual_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
+        _check(self.residual_scale > 0, "residual_scale must be positive")
+        _check(self.target == "residual" or self.residual_scale == 1.0, "residual_scale applies to target residual only")
 
 
 @dataclass(frozen=True)

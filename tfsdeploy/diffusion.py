@@ -118,22 +118,26 @@ class Diffusion:
     # "residual" the diffused x0 is the fused image minus the upsample-then-fuse baseline.
     def encode(self, gt01: torch.Tensor, base01: torch.Tensor) -> torch.Tensor:
         """Ground truth [B,3,H,W] in [0, 1] -> the diffused x0 in network units."""
-        return (gt01 * 2 - 1) - self.offset(base01)
+        return ((gt01 * 2 - 1) - self.offset(base01)) * self._scale
 
     def offset(self, base01: torch.Tensor) -> torch.Tensor:
-        """What is added to x0 to give the fused image in network units."""
+        """What is added to x0 / residual_scale to give the fused image in network units."""
         if self.cfg.target == "residual":
             return base01 * 2 - 1
         return torch.zeros_like(base01)
 
     def decode(self, x0: torch.Tensor, base01: torch.Tensor) -> torch.Tensor:
         """Diffused x0 -> fused image [B,3,H,W] in [0, 1]."""
-        return ((x0 + self.offset(base01) + 1) / 2).clamp(0, 1)
+        return ((x0 / self._scale + self.offset(base01) + 1) / 2).clamp(0, 1)
 
     def clip_range(self, base01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds on x0 that keep the fused image inside [-1, 1]."""
         off = self.offset(base01)
-        return -1 - off, 1 - off
+        return (-1 - off) * self._scale, (1 - off) * self._scale
+
+    @property
+    def _scale(self) -> float:
+        return self.cfg.residual_scale if self.cfg.target == "residual" else 1.0
 
     # ------------------------------------------------------------------ training
     def training_losses(self, model: Denoiser, x0: torch.Tensor, cond: torch.Tensor,
@@ -162,7 +166,7 @@ class Diffusion:
             snr = level.float() ** 2 / (1 - level.float() ** 2).clamp(min=1e-12)
             w = snr.clamp(max=1.0)
             offset = 0 if x0_offset is None else x0_offset
-            pred_img, true_img = x0_hat + offset, x0 + offset
+            pred_img, true_img = x0_hat / self._scale + offset, x0 / self._scale + offset
             psf_m = ((pred_img - true_img) ** 2).mean(dim=(1, 2, 3))
             psf_s = 1 - ssim((pred_img.clamp(-1, 1) + 1) / 2, (true_img + 1) / 2)
             total = total + w * (psf_mse * psf_m + psf_ssim * psf_s)

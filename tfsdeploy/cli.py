@@ -193,6 +193,8 @@ def fuse(
     export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: CKPT/export)."),
     cuda_graph: bool = typer.Option(False, help="Replay the TensorRT engine from a CUDA graph."),
     compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first."),
+    method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
+                               "classical, laplacian, guided."),
     threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
@@ -205,11 +207,15 @@ def fuse(
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.imaging import check_writable, write_png
-    from tfsdeploy.pipeline import check_scale_size, fuse_triplet, read_triplet
+    from tfsdeploy.pipeline import check_scale_size, fuse_baseline, fuse_triplet, read_triplet
 
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
     check_writable(out)
     trip = read_triplet(t1, t2, func)
+    if method != "diffusion":
+        write_png(out, fuse_baseline(trip, scale, size or 256, method))
+        typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
+        return
     if model is None:
         model = _default_model()
     if threads:
@@ -255,6 +261,63 @@ def _default_model() -> Path:
     if env:
         return Path(env)
     raise UserError("no model given: pass --model RUN_OR_CHECKPOINT (train one with `tfsdeploy train`)")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: list[Path] = typer.Option([], "--model", "-m", help="Checkpoint, run folder or exported artifact; "
+                                     "repeat for several (ablations)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the built SPM dataset)."),
+    split: str = typer.Option("test", help="Split to evaluate: train, val or test."),
+    scales: str = typer.Option("2,4,8", help="Scales, comma separated."),
+    methods: str = typer.Option("classical,laplacian,guided", help="Upsample-then-fuse baselines."),
+    sampler: str = typer.Option("ddim", help="ddim or ddpm."),
+    steps: int = typer.Option(10, help="Sampler steps (0 = the sampler's default)."),
+    spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
+    seed: int = typer.Option(0),
+    engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
+    limit: int = typer.Option(0, help="Evaluate at most N images (0 = all)."),
+    size: int = typer.Option(0, help="Image side (0 = the first model's training size)."),
+    montage_image: str = typer.Option("", help="Image name shown in the montage (default: the middle one)."),
+    lpips_backbone: Optional[Path] = typer.Option(None, help="AlexNet weights file for LPIPS."),
+    lpips_lin: Optional[Path] = typer.Option(None, help="LPIPS v0.1 alex linear weights file."),
+    out: Path = typer.Option(Path("reports/eval"), "--out", "-o", help="Report folder."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Table-1 style metrics of each baseline and model, per scale, with a Fig-2 style montage."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.evaluate import EvalConfig
+    from tfsdeploy.evaluate import evaluate as run_evaluation
+    from training.data import default_data_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = EvalConfig(split=split, scales=_parse_scales(scales) or (), methods=tuple(m for m in methods.split(",") if m),
+                     sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed), engine=engine,
+                     limit=limit, size=size, montage_image=montage_image)
+    root = data or default_data_dir()
+    if data is None and not (root / "summary.json").is_file():
+        from training.data import build_spm_dataset
+
+        typer.echo(f"building the SPM dataset in {root} (first use)")
+        build_spm_dataset(root)
+    with Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress, transient=True) as prog:
+        task = prog.add_task("evaluate", total=None)
+        summary = run_evaluation(list(model), root, out, cfg, lpips_backbone, lpips_lin,
+                                 progress=lambda d, t: prog.update(task, completed=d, total=t), log=typer.echo)
+    for scale, tables in summary["tables"].items():
+        typer.echo(f"{scale}: " + "; ".join(f"{k} {v['PSNR']:.2f} dB / {v['SSIM']:.4f}"
+                                            for k, v in tables["reference"].items()))
+    typer.echo(f"wrote {out}/report.md, table1_x*.md/.csv, values.json and montage.png")
 
 
 # --------------------------------------------------------------------------- export

@@ -93,3 +93,14 @@ def fuse_triplet(denoiser: Denoiser, diffusion: Diffusion, trip: Triplet, scale:
     cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
     fused = fuse_tensor(denoiser, diffusion, cond01, sample, progress)[0]
     return fused[:, top:bottom, left:right]
+
+
+def fuse_baseline(trip: Triplet, scale: int, size: int, method: str = "classical") -> torch.Tensor:
+    """The "upsample, then fuse" baseline under the same input rule: [3,h,w] in [0, 1]."""
+    from tfsdeploy.fusion import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"method must be diffusion or one of {', '.join(METHODS)}, got {method!r}")
+    check_scale_size(scale, size, 1)
+    cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
+    return fuse_condition(cond01, method)[0][:, top:bottom, left:right]

@@ -260,8 +260,8 @@ def open_split(root: str | Path, split: str, size: int = 256) -> FolderSource:
     root = Path(root)
     if (root / split).is_dir():
         return FolderSource(root / split, size)
-    if all((root / d).is_dir() for d in MODALITY_DIRS):
-        return FolderSource(root, size)
+    if any((root / d).is_dir() for d in MODALITY_DIRS):
+        return FolderSource(root, size)  # says which modality folder is missing, if any
     raise UserError(f"{root}: neither a split dataset (with {split}/) nor a {'/'.join(MODALITY_DIRS)} folder")
 
 

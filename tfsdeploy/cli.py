@@ -372,6 +372,77 @@ def export(
         typer.echo(f"  {engine.name}: TensorRT FP16 engine")
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise UserError(f"{what} takes numbers separated by commas (got {text!r})") from None
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint (default: random weights of "
+                                         "--preset; speed does not depend on the weights)."),
+    preset: str = typer.Option("small", help="Model preset when no --model is given."),
+    engines: str = typer.Option(",".join(("torch", "torch-compile", "onnx-fp32", "onnx-fp16", "trt")),
+                                help="Engines to measure; unavailable ones are skipped with the reason."),
+    sizes: str = typer.Option("128,256", help="Image sides for the per-call latency."),
+    batches: str = typer.Option("1,4", help="Batch sizes for the per-call latency."),
+    repeats: int = typer.Option(10, help="Timed calls per engine and shape."),
+    warmup: int = typer.Option(2, help="Untimed calls first."),
+    fuse_steps: str = typer.Option("10,25,50", help="DDIM step counts for the end-to-end fuse time."),
+    ddpm_steps: int = typer.Option(50, help="DDPM levels actually timed, extrapolated to all T."),
+    quality: bool = typer.Option(False, "--quality", help="Run the sampler study instead (needs a trained --model)."),
+    data: Optional[Path] = typer.Option(None, help="Dataset for --quality (default: the built SPM dataset)."),
+    images: int = typer.Option(4, help="--quality: held-out slices."),
+    scale: int = typer.Option(4, help="--quality: scale."),
+    size: int = typer.Option(256, help="--quality: image side."),
+    ddim_steps: str = typer.Option("10,25,50,100,250", help="--quality: DDIM step counts."),
+    ddpm_full: int = typer.Option(0, help="--quality: DDPM levels (0 = all T, the paper's sampler)."),
+    engine: str = typer.Option("auto", help="--quality: engine (see fuse)."),
+    threads: int = typer.Option(0, help="CPU threads (0 = default)."),
+    out: Path = typer.Option(Path("benchmarks/reports/latest"), "--out", "-o", help="Report folder."),
+) -> None:
+    """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
+    from tfsdeploy.bench import BenchConfig, StudyConfig, run_bench, sampler_study
+
+    if quality:
+        from training.data import build_spm_dataset, default_data_dir
+
+        if model is None:
+            model = _default_model()
+        root = data or default_data_dir()
+        if data is None and not (root / "summary.json").is_file():
+            typer.echo(f"building the SPM dataset in {root} (first use)")
+            build_spm_dataset(root)
+        r = sampler_study(model, root, StudyConfig(scale=scale, images=images, size=size,
+                                                   ddim_steps=_parse_ints(ddim_steps, "--ddim-steps"),
+                                                   ddpm_steps=ddpm_full, engine=engine), out, log=typer.echo)
+        met = r["meets_target"]
+        typer.echo(f"target ({r['target']}): " + (f"met by {met['sampler']}-{met['steps']}" if met else "not met"))
+        typer.echo(f"wrote {out}/study.md, study.json and study.png")
+        return
+    cfg = BenchConfig(preset=preset, sizes=_parse_ints(sizes, "--sizes"), batches=_parse_ints(batches, "--batches"),
+                      engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
+                      fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,
+                      threads=threads)
+    r = run_bench(model, cfg, out, log=typer.echo)
+    fastest = min((x for x in r["latency"] if x["size"] == max(cfg.sizes) and x["batch"] == min(cfg.batches)),
+                  key=lambda x: x["median_ms"])
+    typer.echo(f"fastest at {fastest['size']}px batch {fastest['batch']}: {fastest['engine']} "
+               f"({fastest['median_ms']:.1f} ms, {_speedup(fastest)} torch eager)")
+    typer.echo(f"wrote {out}/bench.md, bench.json and bench.png")
+
+
+def _speedup(row: dict) -> str:
+    s = row.get("speedup_vs_torch")
+    return f"{s:.2f}x" if s else "n/a vs"
+
+
 # --------------------------------------------------------------------------- info
 
 

@@ -148,13 +148,14 @@ class SampleConfig:
 
     sampler: str = "ddim"  # "ddim" (deterministic) or "ddpm" (the paper's ancestral sampler)
     steps: int = 0  # 0 = the sampler's default: 50 for DDIM, all T for DDPM
-    spacing: str = "linear"  # where the steps sit among the T levels: "linear" or "quadratic"
+    spacing: str = "linear"  # where the steps sit among the T levels: "linear", "quadratic" or "trailing"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "ddpm"), f"sampler must be ddim or ddpm, got {self.sampler!r}")
         _check(self.steps >= 0, "steps must be >= 0")
-        _check(self.spacing in ("linear", "quadratic"), f"spacing must be linear or quadratic, got {self.spacing!r}")
+        _check(self.spacing in ("linear", "quadratic", "trailing"),
+               f"spacing must be linear, quadratic or trailing, got {self.spacing!r}")
 
 
 PRESETS: dict[str, ModelConfig] = {

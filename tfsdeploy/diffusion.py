@@ -28,7 +28,7 @@ from tfsdeploy.metrics import ssim
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("linear", "quadratic")
+SPACINGS = ("linear", "quadratic", "trailing")
 
 
 class NoiseSchedule:
@@ -62,6 +62,10 @@ class NoiseSchedule:
             ts = np.linspace(T, 1, num)
         elif spacing == "quadratic":  # denser near the clean end (DDIM paper)
             ts = 1 + (T - 1) * np.linspace(1, 0, num) ** 2
+        elif spacing == "trailing":  # evenly spaced, ending at T/num rather than at 1 (Lin et al. 2024):
+            # the last denoiser call sees a noisy input, where an x0-predicting network is accurate,
+            # instead of an almost clean one that it must copy through exactly
+            ts = np.linspace(T, T / num, num)
         else:
             raise UserError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         out = sorted({int(round(t)) for t in ts}, reverse=True)

@@ -1,0 +1,70 @@
+"""The bench tooling: FLOP counts against an independent count, the report files, the sampler study."""
+
+import json
+
+import pytest
+import torch
+
+from tfsdeploy.bench import BenchConfig, StudyConfig, count_flops, run_bench, sampler_study
+from tfsdeploy.config import PRESETS
+from tfsdeploy.errors import UserError
+from tfsdeploy.model import SelfAttention, build_model
+
+
+def independent_flops(model, size):
+    """2 x multiply-adds of every conv and linear layer, plus the two attention matmuls."""
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            total[0] += 2 * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1] * out.numel()
+        elif isinstance(mod, torch.nn.Linear):
+            total[0] += 2 * mod.in_features * out.numel()
+        elif isinstance(mod, SelfAttention):
+            b, c, h, w = out.shape
+            total[0] += 2 * 2 * b * c * (h * w) ** 2
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size), torch.zeros(1, 5, size, size), torch.full((1,), 0.5))
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("preset,size", [("small", 128), ("tiny", 64)])
+def test_flop_count_agrees_with_an_independent_count(preset, size):
+    m = build_model(PRESETS[preset]).eval()
+    ours, ref = count_flops(m, 1, size), independent_flops(m, size)
+    assert abs(ours - ref) / ref < 0.05
+
+
+def test_bench_writes_markdown_json_and_plot(tmp_path):
+    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch", "onnx-fp32", "trt"), repeats=2,
+                      warmup=1, fuse_steps=(2,), ddpm_measured_steps=2, fuse_size=64)
+    r = run_bench(None, cfg, tmp_path, log=lambda s: None)
+    assert {x["engine"] for x in r["latency"]} == {"torch", "onnx-fp32"}
+    assert "trt" in r["skipped"] or torch.cuda.is_available()
+    assert all(x["gflops_per_s"] > 0 and x["fraction_of_peak"] > 0 for x in r["latency"])
+    ddpm = [x for x in r["fuse"] if x["sampler"] == "ddpm"]
+    assert ddpm and not ddpm[0]["measured"] and ddpm[0]["steps"] == 4000
+    md = (tmp_path / "bench.md").read_text()
+    assert "Denoiser call" in md and r["device"]["device"] in md
+    assert json.loads((tmp_path / "bench.json").read_text())["latency"]
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError):
+        BenchConfig(engines=("warp-drive",))
+
+
+def test_sampler_study(tmp_path, tiny_run, synth_dataset):
+    r = sampler_study(tiny_run, synth_dataset, StudyConfig(images=2, size=64, ddim_steps=(1, 2), engine="torch"),
+                      tmp_path, log=lambda s: None)
+    samplers = [(x["sampler"], x["steps"]) for x in r["rows"]]
+    assert samplers == [("baseline", 0), ("ddpm", 100), ("ddim", 1), ("ddim", 2)]
+    ddim1 = r["rows"][2]
+    assert ddim1["fewer_calls_than_ddpm"] == 100
+    assert ddim1["delta_psnr_vs_ddpm"] == pytest.approx(ddim1["psnr"] - r["rows"][1]["psnr"])
+    ok = [x for x in r["rows"][2:] if x["delta_psnr_vs_ddpm"] >= -0.3 and x["fewer_calls_than_ddpm"] >= 80]
+    assert (r["meets_target"] is None) == (not ok)
+    for f in ("study.md", "study.json", "study.png"):
+        assert (tmp_path / f).is_file()

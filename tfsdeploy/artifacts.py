@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tfsdeploy.checkpoint import CONFIG_FILE, MODEL_FILE, read_meta, sha256_file
+from tfsdeploy.checkpoint import MODEL_FILE, read_meta, sha256_file
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import atomic_path
 
@@ -74,4 +74,4 @@ def default_export_dir(ckpt: str | Path) -> Path:
 
 
 __all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
-           "default_export_dir", "CONFIG_FILE"]
+           "default_export_dir"]

@@ -24,7 +24,7 @@ import torch
 from tfsdeploy.config import SCALES, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import METHODS, fuse_condition
-from tfsdeploy.imaging import atomic_path, degrade, write_png
+from tfsdeploy.imaging import atomic_path, degrade
 from tfsdeploy.metrics import HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics, source_metrics
 
 CACHE_FILE = "values.jsonl"
@@ -219,7 +219,7 @@ def _table(rows: dict[str, dict[str, float]], metrics: tuple[str, ...]) -> tuple
 def _write_reports(out_dir: Path, entries: list[Entry], samples, cfg: EvalConfig, cache: dict, montage: dict,
                    notes: list[str], lpips_reason: str) -> dict:
     per_image: dict = {}
-    summary: dict = {"split": cfg.split, "images": len(samples), "config": _cfg_json(cfg), "notes": notes,
+    summary: dict = {"split": cfg.split, "images": len(samples), "config": asdict(cfg), "notes": notes,
                      "methods": {e.label: {"kind": e.kind, **e.info} for e in entries}, "tables": {}}
     md_all = [f"# Evaluation on the {cfg.split} split ({len(samples)} images)", ""]
     md_all += [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -278,11 +278,6 @@ def _jsonable_tree(x):
     return x
 
 
-def _cfg_json(cfg: EvalConfig) -> dict:
-    d = asdict(cfg)
-    return d
-
-
 def write_montage(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_labels: list[str]) -> None:
     """Rows are scales; columns the three LR inputs, each method, and the ground truth."""
     from PIL import Image, ImageDraw
@@ -307,4 +302,4 @@ def write_montage(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_la
         canvas.save(tmp, format="PNG")
 
 
-__all__ = ["EvalConfig", "evaluate", "write_montage", "write_png"]
+__all__ = ["EvalConfig", "evaluate", "write_montage"]

@@ -53,7 +53,7 @@ class HalfDenoiser(nn.Module):
 def default_spec(model: TFSDiffUNet, max_batch: int = 4, min_size: int = 0, max_size: int = 0) -> IOSpec:
     cfg = model.cfg
     m = cfg.size_multiple
-    lo = min_size or max(m, 64 // m * m if m <= 64 else m)
+    lo = min_size or max(m, 64 // m * m)  # 64 rounded down to the multiple, at least one multiple
     hi = max_size or max(512, cfg.image_size)
     return IOSpec(cond_channels=cfg.cond_channels, x_channels=cfg.out_channels, size_multiple=m,
                   min_batch=1, opt_batch=1, max_batch=max_batch, min_size=lo, opt_size=cfg.image_size, max_size=hi)

@@ -17,7 +17,7 @@ from export.onnx_export import HalfDenoiser, default_spec, export_onnx
 from export.parity import check_limits, relative_l2
 from export.trt_build import build_plan, check_engine_meta, engine_key, engine_path, tensorrt_status
 from tfsdeploy.artifacts import read_sidecar, sidecar_path
-from tfsdeploy.checkpoint import Configs, build_from_checkpoint, resolve, save_checkpoint
+from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint
 from tfsdeploy.config import PRESETS, DiffusionConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec

@@ -38,13 +38,15 @@ def user_errors(fn):
     return wrapper
 
 
-def _parse_scales(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    if text is None:
-        return None
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
-        raise UserError(f"--scales takes numbers separated by commas, e.g. 2,4,8 (got {text!r})") from None
+        raise UserError(f"{what} takes numbers separated by commas (got {text!r})") from None
+
+
+def _parse_scales(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    return None if text is None else _parse_ints(text, "--scales")
 
 
 # --------------------------------------------------------------------------- data
@@ -373,13 +375,6 @@ def export(
 
 
 # --------------------------------------------------------------------------- bench
-
-
-def _parse_ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
-    except ValueError:
-        raise UserError(f"{what} takes numbers separated by commas (got {text!r})") from None
 
 
 @app.command()

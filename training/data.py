@@ -122,8 +122,7 @@ def split_by_blocks(zs: list[int], block: int = BLOCK, pattern: str = BLOCK_PATT
 
 def slice_to_image(sl: np.ndarray, size: int) -> torch.Tensor:
     """2-D slice -> [1,size,size]: zero-pad to a centred square, bicubic to `size`."""
-    t, _ = pad_to_square(torch.from_numpy(np.ascontiguousarray(sl))[None])
-    return resize(t[None], (size, size))[0]
+    return standardise(torch.from_numpy(np.ascontiguousarray(sl))[None], size)
 
 
 def build_spm_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = COMBOS, force: bool = False,
@@ -234,13 +233,13 @@ class FolderSource:
         for n in self.names:
             trip = as_triplet(*(read_image(self.index[d][n]) for d in MODALITY_DIRS),
                               names=[str(self.index[d][n]) for d in MODALITY_DIRS])
-            src = _standardise(trip.stacked(), self.size)
+            src = standardise(trip.stacked(), self.size)
             if n in self.gt_index:
                 gt = read_image(self.gt_index[n])
                 gt = gt.expand(3, -1, -1) if gt.shape[0] == 1 else gt
                 if gt.shape[-2:] != trip.t1.shape[-2:]:
                     raise UserError(f"{self.gt_index[n]}: size differs from its sources")
-                gt = _standardise(gt, self.size)
+                gt = standardise(gt, self.size)
                 made = False
             else:
                 gt = fuse_condition(src[None])[0]
@@ -250,7 +249,8 @@ class FolderSource:
         return out
 
 
-def _standardise(img: torch.Tensor, size: int) -> torch.Tensor:
+def standardise(img: torch.Tensor, size: int) -> torch.Tensor:
+    """[C,H,W] -> [C,size,size]: zero-pad to a centred square, bicubic to `size`."""
     sq, _ = pad_to_square(img)
     return resize(sq[None], (size, size))[0]
 

@@ -111,6 +111,10 @@ def train(
     prediction: Optional[str] = typer.Option(None, help="Network output: eps (paper), x0 or v."),
     target: Optional[str] = typer.Option(None, help="Diffused image: fused (paper) or residual over the baseline."),
     residual_scale: Optional[float] = typer.Option(None, help="Multiply the residual by this before diffusion."),
+    objective: Optional[str] = typer.Option(None, help="diffusion, or regression (the same network trained "
+                                            "deterministically: an upper bound, not a diffusion model)."),
+    scale_balance: Optional[bool] = typer.Option(None, "--scale-balance/--no-scale-balance",
+                                                 help="Weight the loss per scale by 1 / baseline MSE."),
     tmfa: Optional[str] = typer.Option(None, help="TMFA placement: paper, all (authors' code) or none (ablation)."),
     psf_mse: Optional[float] = typer.Option(None, help="PSF loss weight of MSE on x0_hat (lambda1)."),
     psf_ssim: Optional[float] = typer.Option(None, help="PSF loss weight of 1-SSIM on x0_hat (lambda2); 0 and "
@@ -124,6 +128,9 @@ def train(
     log_every: Optional[int] = typer.Option(None, help="Log every N steps."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    init: Optional[Path] = typer.Option(None, help="Start a new run from this checkpoint's weights (fine-tuning)."),
+    time_limit: Optional[float] = typer.Option(None, help="Stop cleanly after this many minutes; the same "
+                                               "command resumes."),
 ) -> None:
     """Train (or resume) a TFS-Diff model. Run under `torchrun --nproc_per_node N` for DDP."""
     from tfsdeploy.config import model_preset
@@ -135,12 +142,14 @@ def train(
     overrides = {
         "model": {"tmfa": tmfa},
         "schedule": {"num_steps": timesteps},
-        "diffusion": {"prediction": prediction, "target": target, "residual_scale": residual_scale},
+        "diffusion": {"prediction": prediction, "target": target, "residual_scale": residual_scale,
+                      "objective": objective},
         "data": {"root": str(data) if data else None, "scales": _parse_scales(scales), "crop": crop,
                  "augment": augment},
         "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "psf_mse": psf_mse, "psf_ssim": psf_ssim,
                   "ema_decay": ema_decay, "seed": seed, "val_every": val_every, "ckpt_every": ckpt_every,
-                  "log_every": log_every, "threads": threads},
+                  "log_every": log_every, "threads": threads,
+                  "scale_balance": scale_balance},
     }
     configs = resolve_configs(out, model, overrides)
     if has_checkpoint(out) and model != configs.model and _explicit("preset"):
@@ -153,7 +162,12 @@ def train(
             build_spm_dataset(default)
         _wait_for(default / "summary.json")
         root = default
-    run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo)
+    if init is not None and has_checkpoint(out):
+        raise UserError(f"{out} already holds a run; --init starts a new one (use a new --out)")
+    if time_limit is not None and time_limit <= 0:
+        raise UserError("--time-limit must be positive (minutes)")
+    run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo, init_from=init,
+                 time_limit_s=None if time_limit is None else time_limit * 60)
 
 
 def _explicit(name: str) -> bool:

@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 TMFA_MODES = ("paper", "all", "none")
 PREDICTIONS = ("eps", "x0", "v")
+OBJECTIVES = ("diffusion", "regression")
 TARGETS = ("fused", "residual")
 SCALES = (2, 4, 8)
 COMBOS = ("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")
@@ -93,8 +94,14 @@ class DiffusionConfig:
     # the baseline is small (a few percent of the range), so without scaling almost the whole noise
     # schedule drowns it; scaling it up gives the sampler's steps something to resolve.
     residual_scale: float = 1.0
+    # "regression" trains the same network deterministically (no noise: x_t = 0 at noise level 0)
+    # and samples it with one call. It is not a diffusion model; it measures what the network can
+    # learn, the upper bound a diffusion sample's PSNR is compared with.
+    objective: str = "diffusion"
 
     def __post_init__(self) -> None:
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check(self.objective == "diffusion" or self.prediction == "x0", "objective regression needs prediction x0")
         _check(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         _check(self.target in TARGETS, f"target must be one of {TARGETS}, got {self.target!r}")
         _check(self.residual_scale > 0, "residual_scale must be positive")
@@ -134,6 +141,10 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_ckpts: int = 3
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # Weight each sample's loss by 1 / (the training set's baseline MSE at its scale), so that x2, x4
+    # and x8 count alike: without it the large x8 residuals dominate a mixed-scale run. This is the
+    # gradient of the mean PSNR (in dB) over the scales, taken at the baseline.
+    scale_balance: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps > 0 and self.batch_size > 0, "steps and batch_size must be positive")

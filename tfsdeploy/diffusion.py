@@ -147,7 +147,7 @@ class Diffusion:
     def training_losses(self, model: Denoiser, x0: torch.Tensor, cond: torch.Tensor,
                         generator: torch.Generator | None = None, psf_mse: float = 0.0,
                         psf_ssim: float = 0.0, x0_offset: torch.Tensor | None = None,
-                        ) -> dict[str, torch.Tensor]:
+                        sample_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss for one batch.
 
         x0 [B,3,H,W] is the diffused quantity (fused image, or residual over the baseline) in
@@ -156,10 +156,16 @@ class Diffusion:
         fused image (x0_hat + x0_offset) with the ground truth (x0 + x0_offset). It is weighted per
         sample by min(1, SNR): at SNR >= 1 that is the paper's loss exactly, and at high noise it
         keeps the term bounded, where an eps-derived x0_hat would otherwise blow up as 1/sqrt(gamma).
+        `sample_weight` [B] scales each sample's whole loss (per-scale balancing).
         """
         b = x0.shape[0]
-        level = self.schedule.sample_noise_levels(b, generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        regression = self.cfg.objective == "regression"
+        if regression:  # no noise: the network sees x_t = 0 at level 0 and must output x0 itself
+            level = torch.zeros(b, device=x0.device)
+            eps = torch.zeros_like(x0)
+        else:
+            level = self.schedule.sample_noise_levels(b, generator).to(x0.device)
+            eps = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = self.q_sample(x0, level, eps)
         out = model(x_t, cond, level)
         main = ((out.float() - self.target_for(x0, level, eps)) ** 2).mean(dim=(1, 2, 3))
@@ -168,7 +174,7 @@ class Diffusion:
         if psf_mse > 0 or psf_ssim > 0:
             x0_hat = self.split(out, x_t, level).x0
             snr = level.float() ** 2 / (1 - level.float() ** 2).clamp(min=1e-12)
-            w = snr.clamp(max=1.0)
+            w = torch.ones_like(snr) if regression else snr.clamp(max=1.0)
             offset = 0 if x0_offset is None else x0_offset
             pred_img, true_img = x0_hat / self._scale + offset, x0 / self._scale + offset
             psf_m = ((pred_img - true_img) ** 2).mean(dim=(1, 2, 3))
@@ -176,6 +182,8 @@ class Diffusion:
             total = total + w * (psf_mse * psf_m + psf_ssim * psf_s)
             losses["psf_mse"] = psf_m.mean()
             losses["psf_ssim"] = psf_s.mean()
+        if sample_weight is not None:
+            total = total * sample_weight.to(total)
         losses["loss"] = total.mean()
         return losses
 
@@ -195,9 +203,16 @@ class Diffusion:
             raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps is None:
             steps = self.schedule.num_steps if sampler == "ddpm" else 50
+        device = cond.device
+        if self.cfg.objective == "regression":  # one deterministic call; sampler settings do not apply
+            zero = torch.zeros(shape[0], device=device)
+            out = self.split(model(torch.zeros(shape, device=device), cond, zero), torch.zeros(shape, device=device),
+                             zero, clip).x0
+            if progress is not None:
+                progress(1, 1)
+            return out
         ts = self.schedule.timesteps(steps, spacing)
         gen = torch.Generator().manual_seed(seed)
-        device = cond.device
         x = torch.randn(shape, generator=gen).to(device)
         abar = self.schedule.alphas_cumprod
         b = shape[0]

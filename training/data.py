@@ -277,43 +277,58 @@ class Batch:
 
 
 def augment(hr: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Joint augmentation of sources and target [8,H,W]: flip, small rotation and zoom, and one
-    brightness gain for all channels. The classical fusion is equivariant to a common gain, so the
-    target stays consistent with the sources; jittering the inputs alone would teach the model to
-    "correct" brightness errors that real inputs do not have."""
-    if rng.random() < 0.5:
-        hr = hr.flip(-1)
-    angle = np.deg2rad(rng.uniform(-10, 10))
-    zoom = rng.uniform(0.92, 1.08)
-    shift = rng.uniform(-0.04, 0.04, size=2)
-    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    theta = torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]], dtype=torch.float32)[None]
-    grid = F.affine_grid(theta, [1, *hr.shape], align_corners=False)
-    hr = F.grid_sample(hr[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-    return (hr * float(rng.uniform(0.9, 1.1))).clamp(0, 1)
+    """Joint augmentation of sources and targets [B,8,H,W]: flip, small rotation and zoom, and one
+    brightness gain for all channels of a sample. The classical fusion is equivariant to a common
+    gain, so the target stays consistent with the sources; jittering the inputs alone would teach the
+    model to "correct" brightness errors that real inputs do not have."""
+    flips, thetas, gains = [], [], []
+    for _ in range(hr.shape[0]):
+        flips.append(rng.random() < 0.5)
+        angle = np.deg2rad(rng.uniform(-10, 10))
+        zoom = rng.uniform(0.92, 1.08)
+        shift = rng.uniform(-0.04, 0.04, size=2)
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+        thetas.append([[cos, -sin, shift[0]], [sin, cos, shift[1]]])
+        gains.append(rng.uniform(0.9, 1.1))
+    flip = torch.tensor(flips, device=hr.device).view(-1, 1, 1, 1)
+    hr = torch.where(flip, hr.flip(-1), hr)
+    theta = torch.tensor(thetas, dtype=torch.float32, device=hr.device)
+    grid = F.affine_grid(theta, list(hr.shape), align_corners=False)
+    hr = F.grid_sample(hr, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (hr * torch.tensor(gains, dtype=torch.float32, device=hr.device).view(-1, 1, 1, 1)).clamp(0, 1)
 
 
-def make_batch(samples: list[Sample], indices: Iterable[int], scales: list[int], crop: int, train: bool,
-               rng: np.random.Generator) -> Batch:
-    """Degrade, fuse the baseline and crop. All randomness comes from `rng`, so a batch is a pure
+def stack_samples(samples: list[Sample], device: torch.device | str | None = None) -> torch.Tensor:
+    """All samples as one uint8 tensor [N,8,H,W] (on `device`), the form `make_batch` draws from."""
+    return torch.stack([s.hr for s in samples]).to(device)
+
+
+def make_batch(samples: list[Sample] | torch.Tensor, indices: Iterable[int], scales: list[int], crop: int,
+               train: bool, rng: np.random.Generator) -> Batch:
+    """Degrade, fuse the baseline and crop, batched on the device that holds the samples (a list of
+    samples, or their `stack_samples` tensor). All randomness comes from `rng`, so a batch is a pure
     function of its seed: training resumes exactly where it stopped."""
-    conds, bases, gts, used = [], [], [], []
-    for i in indices:
-        hr = samples[i].hr.float() / 255.0
-        if train:
-            hr = augment(hr, rng)
-        scale = int(rng.choice(scales))
-        src, gt = hr[:5], hr[5:]
-        cond01 = degrade(src[None], scale)[0]
-        base01 = fuse_condition(cond01[None])[0]
-        if crop and crop < hr.shape[-1]:
-            y, x = (int(v) for v in rng.integers(0, hr.shape[-1] - crop + 1, size=2))
-            cond01, base01, gt = (t[:, y:y + crop, x:x + crop] for t in (cond01, base01, gt))
-        conds.append(cond01)
-        bases.append(base01)
-        gts.append(gt)
-        used.append(scale)
-    return Batch(torch.stack(conds), torch.stack(bases), torch.stack(gts), used)
+    idx = torch.as_tensor(np.asarray(list(indices), dtype=np.int64))
+    stack = samples if torch.is_tensor(samples) else stack_samples([samples[int(i)] for i in idx])
+    if not torch.is_tensor(samples):
+        idx = torch.arange(len(idx))
+    hr = stack[idx.to(stack.device)].float() / 255.0
+    if train:
+        hr = augment(hr, rng)
+    n, size = hr.shape[0], hr.shape[-1]
+    used = [int(rng.choice(scales)) for _ in range(n)]
+    corners = [tuple(int(v) for v in rng.integers(0, size - crop + 1, size=2)) if crop and crop < size else (0, 0)
+               for _ in range(n)]
+    src, gt = hr[:, :5], hr[:, 5:]
+    cond01 = torch.empty_like(src)
+    for s in sorted(set(used)):
+        pick = torch.tensor([u == s for u in used], device=hr.device)
+        cond01[pick] = degrade(src[pick], s)
+    base01 = fuse_condition(cond01)
+    if crop and crop < size:
+        cond01, base01, gt = (torch.stack([t[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners)])
+                              for t in (cond01, base01, gt))
+    return Batch(cond01, base01, gt, used)
 
 
 def reference_triplet(size: int = 256, combo: str = "t1-t2-spect"):

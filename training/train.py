@@ -29,7 +29,7 @@ from tfsdeploy.errors import UserError
 from tfsdeploy.metrics import psnr, ssim
 from tfsdeploy.model import build_model, count_parameters
 from tfsdeploy.pipeline import fuse_tensor
-from training.data import Batch, Sample, default_data_dir, make_batch, open_split
+from training.data import Batch, Sample, default_data_dir, make_batch, open_split, stack_samples
 
 # Train options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
@@ -135,7 +135,7 @@ def step_seed(seed: int, step: int, rank: int) -> np.random.Generator:
 
 class Trainer:
     def __init__(self, run_dir: str | Path, configs: Configs, data_root: str | Path | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, init_from: str | Path | None = None):
         self.run_dir = Path(run_dir)
         self.cfg = configs
         self.log = log
@@ -144,6 +144,11 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for convolutions and matmuls
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         if configs.model.cond_channels != 5 or configs.model.out_channels != 3:
             raise UserError("training data has 5 condition channels and 3 output channels; the model config differs")
         if configs.data.crop and configs.data.crop % configs.model.size_multiple:
@@ -157,6 +162,10 @@ class Trainer:
             self.val_set = []
         if not self.train_set:
             raise UserError(f"{root}: the training split is empty")
+        # Batches are cut, degraded and fused where the model runs: on a GPU that keeps it fed.
+        self.train_hr = stack_samples(self.train_set, self.device)
+        self.val_hr = stack_samples(self.val_set, self.device) if self.val_set else None
+        self.scale_weights = self._scale_weights() if tc.scale_balance else {}
 
         self.schedule = NoiseSchedule(configs.schedule)
         self.diffusion = Diffusion(self.schedule, configs.diffusion)
@@ -168,6 +177,8 @@ class Trainer:
         self.elapsed = 0.0
         if has_checkpoint(self.run_dir):
             self._restore()
+        elif init_from is not None:
+            self._init_from(init_from)
         self.ddp_model: torch.nn.Module = self.model
         if self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -188,6 +199,33 @@ class Trainer:
         if self.dist.main:
             self.log(f"resumed {ckpt.path} at step {self.step}")
 
+    def _init_from(self, path: str | Path) -> None:
+        """Start a new run from another checkpoint's (EMA) weights, with a fresh optimizer: fine-tuning."""
+        ckpt = load_checkpoint(path)
+        if ckpt.configs.model != self.cfg.model:
+            raise UserError(f"{path}: its model config differs from this run's; --init needs the same preset")
+        for m in (self.model, self.ema):
+            load_weights(m, ckpt.weights, ckpt.path)
+        if self.dist.main:
+            self.log(f"initialised from {ckpt.path} (step {ckpt.step})")
+
+    @torch.no_grad()
+    def _scale_weights(self) -> dict[int, float]:
+        """Per-scale loss weights 1 / baseline MSE, normalised to a mean of 1 over the scales."""
+        inv = {}
+        for s in self.cfg.data.scales:
+            errs = []
+            for i in range(0, len(self.train_set), 32):
+                b = make_batch(self.train_hr, range(i, min(i + 32, len(self.train_set))), [s], 0, False,
+                               np.random.default_rng(0))
+                errs.append(((b.base01 - b.gt01) ** 2).mean(dim=(1, 2, 3)))
+            inv[s] = 1.0 / max(float(torch.cat(errs).mean()), 1e-10)
+        mean = sum(inv.values()) / len(inv)
+        weights = {s: v / mean for s, v in inv.items()}
+        if self.dist.main:
+            self.log("scale weights: " + ", ".join(f"x{s} {w:.3f}" for s, w in weights.items()))
+        return weights
+
     def save(self) -> Path | None:
         if not self.dist.main:
             return None
@@ -206,14 +244,15 @@ class Trainer:
         torch.manual_seed(int(rng.integers(2**62)))  # dropout
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, len(self.train_set), size=tc.batch_size)
-        b = make_batch(self.train_set, idx, list(dc.scales), dc.crop, dc.augment, rng)
-        cond = (b.cond01 * 2 - 1).to(self.device)
-        base01 = b.base01.to(self.device)
-        x0 = self.diffusion.encode(b.gt01.to(self.device), base01)
+        b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, dc.augment, rng)
+        cond = b.cond01 * 2 - 1
+        x0 = self.diffusion.encode(b.gt01, b.base01)
+        weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
+                  if self.scale_weights else None)
 
         self.model.train()
         losses = self.diffusion.training_losses(self.ddp_model, x0, cond, gen, tc.psf_mse, tc.psf_ssim,
-                                                x0_offset=self.diffusion.offset(base01))
+                                                x0_offset=self.diffusion.offset(b.base01), sample_weight=weight)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tc.grad_clip > 0:
@@ -245,9 +284,11 @@ class Trainer:
         denoiser = TorchDenoiser(self.ema, self.device)
         out: dict[str, float] = {}
         for scale in self.cfg.data.scales:
-            b: Batch = make_batch(self.val_set, picks, [scale], 0, False, np.random.default_rng(0))
-            fused = fuse_tensor(denoiser, self.diffusion, b.cond01.to(self.device),
-                                SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0)).cpu()
+            b: Batch = make_batch(self.val_hr, picks, [scale], 0, False, np.random.default_rng(0))
+            fused = fuse_tensor(denoiser, self.diffusion, b.cond01,
+                                SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0))
+            b = Batch(b.cond01.cpu(), b.base01.cpu(), b.gt01.cpu(), b.scales)
+            fused = fused.cpu()
             out[f"x{scale}/psnr"] = float(psnr(fused, b.gt01).mean())
             out[f"x{scale}/ssim"] = float(ssim(fused, b.gt01).mean())
             out[f"x{scale}/baseline_psnr"] = float(psnr(b.base01, b.gt01).mean())
@@ -260,7 +301,9 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
 
     # ---------------------------------------------------------------- run
-    def run(self, show_progress: bool = True) -> Path | None:
+    def run(self, show_progress: bool = True, time_limit_s: float | None = None) -> Path | None:
+        """Train up to `train.steps`. With `time_limit_s`, stop cleanly (and save) once this call has
+        run that long; the same command resumes."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         tc = self.cfg.train
@@ -289,7 +332,9 @@ class Trainer:
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                             disable=not (show_progress and self.dist.main))
         last = None
-        t_window, n_window = time.perf_counter(), 0
+        timed_out = False
+        t_start = t_window = time.perf_counter()
+        n_window = 0
         try:
             with progress:
                 task = progress.add_task("train", total=tc.steps, completed=self.step, info="")
@@ -321,6 +366,9 @@ class Trainer:
                         last = self.save()
                     if stop["flag"]:
                         raise KeyboardInterrupt
+                    if time_limit_s is not None and self._time_up(t_start, time_limit_s):
+                        timed_out = True
+                        break
         except KeyboardInterrupt:
             saved = self.save()
             self._barrier()
@@ -333,7 +381,19 @@ class Trainer:
         self._check_in_sync()
         if self.dist.main:
             self.log(f"saved {last} (step {self.step}, {self.elapsed / 60:.1f} min of training)")
+            if timed_out:
+                self.log(f"stopped at the time limit, step {self.step} of {tc.steps}; "
+                         f"run the same command again to continue")
         return last
+
+    def _time_up(self, t_start: float, limit_s: float) -> bool:
+        """Whether the time limit has passed; under DDP every rank follows rank 0's clock."""
+        up = time.perf_counter() - t_start > limit_s
+        if self.dist.world == 1:
+            return up
+        flag = torch.tensor([float(up)], device=self.device)
+        dist.broadcast(flag, 0)
+        return bool(flag.item())
 
     def _barrier(self) -> None:
         if self.dist.world > 1 and dist.is_initialized():
@@ -352,11 +412,12 @@ class Trainer:
 
 
 def train(run_dir: str | Path, configs: Configs, data_root: str | Path | None = None, show_progress: bool = True,
-          log: Callable[[str], None] = print) -> Path | None:
-    trainer = Trainer(run_dir, configs, data_root, log)
+          log: Callable[[str], None] = print, init_from: str | Path | None = None,
+          time_limit_s: float | None = None) -> Path | None:
+    trainer = Trainer(run_dir, configs, data_root, log, init_from=init_from)
     ok = False
     try:
-        out = trainer.run(show_progress)
+        out = trainer.run(show_progress, time_limit_s)
         ok = True
         return out
     finally:

@@ -40,10 +40,11 @@ for run in sorted((work / "runs").iterdir()):
     latest = run / "latest"
     if run.is_dir() and latest.is_file():
         ckpt = run / latest.read_text().strip()
+        # model.safetensors embeds its configs in the header: on its own it is a loadable checkpoint
         shutil.copy(ckpt / "model.safetensors", out / f"{run.name}.safetensors")
-        shutil.copy(ckpt / "config.json", run / "config.json")
+        shutil.copy(ckpt / "config.json", work / "runs" / f"{run.name}.config.json")
 PY
 
 timeout "$BENCH_S" "$PY" benchmarks/gpu_run.py --data "$DATA" --out "$WORK/bench" --repeats 10 --warmup 3
-tar -czf "$OUT/results.tgz" -C "$WORK" bench $(cd "$WORK" && ls runs/*.log runs/*/log.jsonl runs/*/config.json 2>/dev/null)
+tar -czf "$OUT/results.tgz" -C "$WORK" bench $(cd "$WORK" && ls runs/*.log runs/*/log.jsonl runs/*.config.json 2>/dev/null)
 ls -la "$OUT"

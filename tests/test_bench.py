@@ -56,6 +56,17 @@ def test_bench_writes_markdown_json_and_plot(tmp_path):
         BenchConfig(engines=("warp-drive",))
 
 
+def test_bench_of_a_trained_model_times_the_command_line(tmp_path, tiny_run):
+    cfg = BenchConfig(sizes=(64,), batches=(1,), engines=("torch",), repeats=1, warmup=0, fuse_steps=(2,),
+                      ddpm_measured_steps=2, fuse_size=64, cli_repeats=1)
+    r = run_bench(tiny_run, cfg, tmp_path, log=lambda s: None)
+    assert r["parameters"] < 1e5  # the tiny checkpoint, not a random preset model
+    assert [x["engine"] for x in r["cli_fuse"]] == ["torch", "auto"]
+    # nothing is exported for it, so auto falls back to torch; a whole process takes real time
+    assert all("torch" in x["ran"] and x["seconds"] > 0.3 and len(x["runs"]) == 1 for x in r["cli_fuse"])
+    assert "from the command line" in (tmp_path / "bench.md").read_text()
+
+
 def test_sampler_study(tmp_path, tiny_run, synth_dataset):
     r = sampler_study(tiny_run, synth_dataset, StudyConfig(images=2, size=64, ddim_steps=(1, 2), engine="torch"),
                       tmp_path, log=lambda s: None)

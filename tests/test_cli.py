@@ -114,7 +114,7 @@ def test_corrupted_and_mismatched_checkpoints(tmp_path, tiny_run, triplet):
     meta["model"]["cond_channels"] = 2
     (five / "config.json").write_text(json.dumps(meta))
     assert "condition channels" in one_error_line(run("fuse", *triplet, "--model", five, "--out", out))
-    assert "no model given" in one_error_line(run("fuse", *triplet, "--out", out))
+    assert "no such checkpoint" in one_error_line(run("fuse", *triplet, "--model", tmp_path / "nope", "--out", out))
     assert not out.exists()
 
 

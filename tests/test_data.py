@@ -96,3 +96,24 @@ def test_make_batch_is_deterministic_and_shaped(synth_dataset):
     full = make_batch(samples, [1], [2], 0, False, np.random.default_rng(0))
     assert full.cond01.shape == (1, 5, 64, 64)
     assert 0 <= float(full.cond01.min()) and float(full.cond01.max()) <= 1
+
+
+def test_make_batch_from_a_stack_matches_the_list_and_the_per_sample_recipe(synth_dataset):
+    from tfsdeploy.fusion import fuse_condition
+    from tfsdeploy.imaging import degrade
+    from training.data import stack_samples
+
+    samples = open_split(synth_dataset, "train", 64).load()
+    a = make_batch(samples, [4, 1, 4], [2, 4, 8], 32, True, np.random.default_rng(3))
+    b = make_batch(stack_samples(samples), [4, 1, 4], [2, 4, 8], 32, True, np.random.default_rng(3))
+    for x, y in zip((a.cond01, a.base01, a.gt01), (b.cond01, b.base01, b.gt01)):
+        assert torch.equal(x, y)
+    assert a.scales == b.scales
+    # without augmentation or crops, each item is exactly degrade + classical fusion of that sample
+    c = make_batch(samples, [0, 2], [2, 8], 0, False, np.random.default_rng(1))
+    for i, n in enumerate([0, 2]):
+        hr = samples[n].hr.float()[None] / 255
+        cond = degrade(hr[:, :5], c.scales[i])
+        assert torch.allclose(c.cond01[i], cond[0], atol=1e-6)
+        assert torch.allclose(c.base01[i], fuse_condition(cond)[0], atol=1e-6)
+        assert torch.equal(c.gt01[i], hr[0, 5:])

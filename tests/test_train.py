@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -94,3 +95,91 @@ def test_ddp_two_processes_with_gloo(tmp_path, synth_dataset):
     ckpt = load_checkpoint(run)
     assert ckpt.step == 3 and ckpt.meta["world_size"] == 2
     assert "2 process(es)" in res.stdout
+
+
+def test_scale_weights_are_inverse_baseline_mse_with_mean_one(tmp_path, synth_dataset):
+    from tfsdeploy.fusion import fuse_condition
+    from tfsdeploy.imaging import degrade
+
+    trainer = Trainer(tmp_path / "r", tiny_configs(scale_balance=True), synth_dataset, log=lambda s: None)
+    w = trainer.scale_weights
+    assert sorted(w) == [2, 4, 8] and sum(w.values()) / 3 == pytest.approx(1.0)
+    # independent reference: the baseline's MSE per scale, image by image
+    mse = {}
+    for s in (2, 4, 8):
+        errs = []
+        for smp in trainer.train_set:
+            hr = smp.hr.float()[None] / 255
+            errs.append(float(((fuse_condition(degrade(hr[:, :5], s)) - hr[:, 5:]) ** 2).mean()))
+        mse[s] = sum(errs) / len(errs)
+    for a in (2, 4, 8):
+        for b in (2, 4, 8):
+            assert w[a] / w[b] == pytest.approx(mse[b] / mse[a], rel=1e-4)
+
+
+def test_scale_balance_weights_each_sample_loss(tmp_path, synth_dataset, monkeypatch):
+    from tfsdeploy.diffusion import Diffusion
+
+    seen = {}
+    real = Diffusion.training_losses
+
+    def spy(self, *a, **kw):
+        seen["w"] = kw.get("sample_weight")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Diffusion, "training_losses", spy)
+    trainer = Trainer(tmp_path / "r", tiny_configs(scale_balance=True, batch_size=4), synth_dataset, log=lambda s: None)
+    trainer.train_step()
+    assert seen["w"].shape == (4,)
+    assert all(any(abs(x - v) < 1e-6 for v in trainer.scale_weights.values()) for x in seen["w"].tolist())
+    off = Trainer(tmp_path / "o", tiny_configs(), synth_dataset, log=lambda s: None)
+    off.train_step()
+    assert seen["w"] is None and off.scale_weights == {}
+
+
+def test_regression_objective_trains_and_samples_in_one_call(tmp_path, synth_dataset):
+    from tfsdeploy.config import DiffusionConfig
+    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+
+    cfg = dataclasses.replace(tiny_configs(steps=2, val_every=2),
+                              diffusion=DiffusionConfig(prediction="x0", target="residual", objective="regression"))
+    train(tmp_path / "r", cfg, data_root=synth_dataset, **QUIET)
+    assert load_checkpoint(tmp_path / "r").configs.diffusion.objective == "regression"
+    calls = []
+
+    def net(x, c, level):
+        calls.append((x.abs().max().item(), level.abs().max().item()))
+        return torch.full_like(x, 0.25)
+
+    d = Diffusion(NoiseSchedule(cfg.schedule), cfg.diffusion)
+    out = d.sample(net, torch.zeros(1, 5, 8, 8), (1, 3, 8, 8), steps=10)
+    assert calls == [(0.0, 0.0)] and torch.all(out == 0.25)  # one call on x_t = 0 at level 0
+    with pytest.raises(UserError, match="regression needs prediction x0"):
+        DiffusionConfig(prediction="eps", objective="regression")
+
+
+def test_time_limit_stops_cleanly_and_the_same_command_resumes(tmp_path, synth_dataset):
+    run = tmp_path / "r"
+    msgs = []
+    train(run, tiny_configs(steps=50, ckpt_every=0), data_root=synth_dataset, show_progress=False,
+          log=msgs.append, time_limit_s=0.0)
+    assert load_checkpoint(run).step == 1  # at least one step, then a clean stop with a checkpoint
+    assert any("time limit" in m for m in msgs)
+    train(run, tiny_configs(steps=3, ckpt_every=0), data_root=synth_dataset, **QUIET)
+    assert load_checkpoint(run).step == 3
+
+
+def test_init_starts_a_new_run_from_other_weights(tmp_path, synth_dataset):
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=2), data_root=synth_dataset, **QUIET)
+    trainer = Trainer(tmp_path / "ft", tiny_configs(steps=2), synth_dataset, log=lambda s: None, init_from=src)
+    ref = load_checkpoint(src).weights
+    assert trainer.step == 0
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    trainer.run(show_progress=False)
+    assert load_checkpoint(tmp_path / "ft").meta["init"]["step"] == 2  # provenance is recorded
+    other = tiny_configs()
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, tmfa="none"))
+    with pytest.raises(UserError, match="model config differs"):
+        Trainer(tmp_path / "ft2", other, synth_dataset, log=lambda s: None, init_from=src)

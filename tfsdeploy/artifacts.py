@@ -9,6 +9,7 @@ not match, or whose source checkpoint has changed since export.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,37 @@ def verify_source(sidecar: dict[str, Any], ckpt: str | Path, artifact: str | Pat
                         f"(or the checkpoint changed since); export again")
 
 
+def cache_dir() -> Path:
+    """$TFSDEPLOY_CACHE, else ~/.cache/tfsdeploy: the built dataset and the default model's exports."""
+    base = os.environ.get("TFSDEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfsdeploy")
+    return Path(base)
+
+
+def display_path(path: str | Path) -> str:
+    """A path as reports show it: relative to the working directory when inside it, else with the
+    home directory as ~ (reports are shared; machine-specific prefixes say nothing)."""
+    p = Path(path).resolve()
+    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
+        try:
+            return prefix + str(p.relative_to(base))
+        except ValueError:
+            continue
+    return str(p)
+
+
 def default_export_dir(ckpt: str | Path) -> Path:
-    """<checkpoint dir>/export for checkpoint folders, <file's folder>/export for a lone file."""
+    """<checkpoint dir>/export for checkpoint folders, <file's folder>/export/<file stem> for a lone
+    file (so the members of a bundle do not collide), and a folder in the cache for the packaged
+    default model, which may sit in a read-only install."""
+    from tfsdeploy.bundle import DEFAULT_BUNDLE
+
     path, _ = read_meta(ckpt)
-    return (path.parent if path.is_file() else path) / EXPORT_DIR
+    if not path.is_file():
+        return path / EXPORT_DIR
+    if path.resolve().parent == DEFAULT_BUNDLE:
+        return cache_dir() / EXPORT_DIR / "default" / path.stem
+    return path.parent / EXPORT_DIR / path.stem
 
 
 __all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
-           "default_export_dir"]
+           "default_export_dir", "cache_dir", "display_path"]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tfsdeploy import __version__
+from tfsdeploy.artifacts import display_path
 from tfsdeploy.errors import UserError
 
 ENGINE_NAMES = ("torch", "torch-compile", "onnx-fp32", "onnx-fp16", "trt")
@@ -43,6 +44,7 @@ class BenchConfig:
     ddpm_measured_steps: int = 50  # DDPM is timed over this many levels and extrapolated to all T
     fuse_size: int = 256
     threads: int = 0
+    cli_repeats: int = 3  # `tfsdeploy fuse` processes timed per engine, when a model is given
 
     def __post_init__(self) -> None:
         bad = [e for e in self.engines if e not in ENGINE_NAMES]
@@ -288,8 +290,47 @@ def measure_fuse(engines: dict, ckpt: Path, cfg: BenchConfig, log: Callable[[str
     return rows
 
 
-def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = print) -> dict:
-    """Measure everything and write bench.md, bench.json and bench.png into out_dir."""
+def measure_cli_fuse(model: Path, cfg: BenchConfig, log: Callable[[str], None]) -> list[dict]:
+    """`tfsdeploy fuse` as a user runs it: a new process per run, from start to the PNG written,
+    on a x4 triplet of fuse_size / 4 pixels, with the default sampler; engine torch and auto."""
+    import re
+    import subprocess
+    import sys
+
+    from tfsdeploy.imaging import resize, write_png
+    from training.data import reference_triplet
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tfsdeploy-cli-") as tmp:
+        tmp = Path(tmp)
+        trip, lr = reference_triplet(cfg.fuse_size), cfg.fuse_size // 4
+        inputs = []
+        for name, img in (("t1", trip.t1), ("t2", trip.t2), ("func", trip.func)):
+            write_png(tmp / f"{name}.png", resize(img[None], (lr, lr))[0])
+            inputs.append(str(tmp / f"{name}.png"))
+        for engine in ("torch", "auto"):
+            cmd = [sys.executable, "-m", "tfsdeploy", "fuse", *inputs, "--scale", "4", "--model", str(model),
+                   "--engine", engine, "--no-progress", "--out", str(tmp / "fused.png")]
+            if cfg.threads:
+                cmd += ["--threads", str(cfg.threads)]
+            times, ran = [], engine
+            for _ in range(cfg.cli_repeats):
+                t0 = time.perf_counter()
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                times.append(time.perf_counter() - t0)
+                if res.returncode != 0:
+                    raise UserError(f"`tfsdeploy fuse` failed while benchmarking: {res.stderr.strip()[-300:]}")
+                m = re.search(r"x4, (.+?), engine (.+?), model", res.stdout)
+                ran = f"{m.group(2)}, {m.group(1)}" if m else engine
+            rows.append({"engine": engine, "ran": ran, "seconds": statistics.median(times), "runs": times})
+            log(f"fuse from the command line, --engine {engine} ({ran}): {statistics.median(times):.2f} s")
+    return rows
+
+
+def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, log: Callable[[str], None] = print,
+              cli_model: Path | None = None) -> dict:
+    """Measure everything and write bench.md, bench.json and bench.png into out_dir. With a model,
+    also time `tfsdeploy fuse` as a command on `cli_model` (default: the checkpoint itself)."""
     from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint
     from tfsdeploy.config import model_preset
     from tfsdeploy.model import build_model, count_parameters
@@ -298,6 +339,7 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, log: Callable[
         torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="tfsdeploy-bench-") as tmp:
         work = Path(tmp)
+        given = ckpt is not None
         if ckpt is None:  # speed does not depend on the weights: a random model of the preset
             torch.manual_seed(0)
             mcfg = model_preset(cfg.preset)
@@ -307,7 +349,7 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, log: Callable[
             ckpt = save_checkpoint(work / "run", Configs(model=mcfg), 0, model.state_dict())
             source = f"random weights, preset {cfg.preset}"
         else:
-            source = str(ckpt)
+            source = display_path(ckpt)
         model, _ = build_from_checkpoint(ckpt)
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         info = device_info(cfg.threads)
@@ -317,9 +359,11 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, log: Callable[
             raise UserError("no engine could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         latency = measure_latency(engines, model, cfg, peak, log)
         fuse = measure_fuse(engines, ckpt, cfg, log)
+        cli = measure_cli_fuse(cli_model or ckpt, cfg, log) if given and cfg.cli_repeats else []
         report = {"config": asdict(cfg), "model": source, "parameters": count_parameters(model),
                   "device": info, "cpu_matmul_gflops": peak, "skipped": skipped, "latency": latency,
-                  "fuse": fuse, "peak_rss_mib": rss_mib()[1], "date": time.strftime("%Y-%m-%d %H:%M")}
+                  "fuse": fuse, "cli_fuse": cli, "peak_rss_mib": rss_mib()[1],
+                  "date": time.strftime("%Y-%m-%d %H:%M")}
     write_bench_report(report, out_dir)
     return report
 
@@ -365,6 +409,15 @@ def write_bench_report(r: dict, out_dir: Path) -> None:
         note = "measured" if x["measured"] else (f"extrapolated from {x['measured_steps']} levels "
                                                  f"({x['measured_seconds']:.2f} s)")
         lines.append(f"| {x['engine']} | {x['sampler']} | {x['steps']} | {x['seconds']:.2f} | {note} |")
+    if r.get("cli_fuse"):
+        lines += ["", f"## `tfsdeploy fuse` from the command line (x4, {r['config']['fuse_size'] // 4}-px inputs, "
+                  "default sampler)", "",
+                  "A new process per run, from its start to the PNG written: imports, model loading, "
+                  "reading, sampling and writing. Median of the runs listed.", "",
+                  "| --engine | ran on, sampler | seconds | runs |", "|---|---|---:|---|"]
+        for x in r["cli_fuse"]:
+            lines.append(f"| {x['engine']} | {x['ran']} | {x['seconds']:.2f} | "
+                         f"{', '.join(f'{t:.2f}' for t in x['runs'])} |")
     with atomic_path(out_dir / "bench.md") as t:
         t.write_text("\n".join(lines) + "\n")
     with atomic_path(out_dir / "bench.json") as t:
@@ -462,7 +515,7 @@ def sampler_study(ckpt: Path, data_root: Path, cfg: StudyConfig, out_dir: Path,
         r["fewer_calls_than_ddpm"] = ref["calls"] / r["calls"]
         if r["delta_psnr_vs_ddpm"] >= -0.3 and r["fewer_calls_than_ddpm"] >= 80 and (pick is None or r["calls"] < pick["calls"]):
             pick = r
-    report = {"model": str(ckpt), "engine": getattr(denoiser, "describe", lambda: denoiser.name)(),
+    report = {"model": display_path(ckpt), "engine": getattr(denoiser, "describe", lambda: denoiser.name)(),
               "device": device_info(0)["device"], "config": asdict(cfg), "images": [samples[i].name for i in picks],
               "rows": rows, "target": "within 0.3 dB PSNR of full DDPM with at least 80x fewer denoiser calls",
               "meets_target": pick, "date": time.strftime("%Y-%m-%d %H:%M")}

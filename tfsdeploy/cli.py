@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -197,10 +198,11 @@ def fuse(
     t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT) image."),
     func: Path = typer.Argument(..., help="SPECT or PET image; a grey one gets the built-in colour map."),
     scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint or run folder."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
+                                         "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
     out: Path = typer.Option(Path("fused.png"), "--out", "-o", help="Output PNG."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
-    steps: int = typer.Option(0, help="Denoiser calls; 0 = 50 for DDIM, all T for DDPM."),
+    steps: int = typer.Option(0, help="Denoiser calls; 0 = 10 for DDIM (chosen by the sampler study), all T for DDPM."),
     spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
     seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
     size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
@@ -216,14 +218,9 @@ def fuse(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
     """Fuse three registered low-resolution images into one high-resolution colour image."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from engines.loader import select_engine
     from tfsdeploy.config import SampleConfig
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.imaging import check_writable, write_png
-    from tfsdeploy.pipeline import check_scale_size, fuse_baseline, fuse_triplet, read_triplet
+    from tfsdeploy.pipeline import fuse_baseline, read_triplet
 
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
     check_writable(out)
@@ -232,8 +229,29 @@ def fuse(
         write_png(out, fuse_baseline(trip, scale, size or 256, method))
         typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
         return
-    if model is None:
-        model = _default_model()
+    img, desc = _fuse_with_model(trip, scale, model, sample, size, engine, export_dir, threads, cuda_graph, compile,
+                                 progress, verbose)
+    write_png(out, img)
+    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {desc})")
+
+
+def _fuse_with_model(trip, scale: int, model: Optional[Path], sample, size: int = 0, engine: str = "auto",
+                     export_dir: Optional[Path] = None, threads: int = 0, cuda_graph: bool = False,
+                     compile: bool = False, progress: bool = True, verbose: bool = False):
+    """The model path of `fuse` (and `demo`): pick the checkpoint and engine, sample, crop back.
+    Returns the image [3,h,w] and a one-line description of what ran."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engines.loader import select_engine
+    from tfsdeploy.bundle import default_ddim_steps, model_for_scale
+    from tfsdeploy.config import DEFAULT_DDIM_STEPS
+    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+    from tfsdeploy.pipeline import check_scale_size, fuse_triplet
+
+    if sample.sampler == "ddim" and not sample.steps:  # the bundle's recommendation, if it has one
+        sample = dataclasses.replace(sample, steps=default_ddim_steps(model, scale))
+    model = model_for_scale(model, scale)
     if threads:
         torch.set_num_threads(threads)
     _check_fusable(model)
@@ -251,10 +269,108 @@ def fuse(
         task = prog.add_task("fuse", total=None)
         img = fuse_triplet(denoiser, diffusion, trip, scale, size, mc.size_multiple, sample,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
-    write_png(out, img)
+    n = sample.steps or (DEFAULT_DDIM_STEPS if sample.sampler == "ddim" else schedule.num_steps)
     engine_desc = denoiser.describe() if hasattr(denoiser, "describe") else denoiser.name
-    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, x{scale}, {sample.sampler}"
-               f"{'-' + str(sample.steps) if sample.steps else ''}, engine {engine_desc}, model {model})")
+    return img, f"x{scale}, {sample.sampler}-{n}, engine {engine_desc}, model {model}"
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+@app.command()
+@user_errors
+def bundle(
+    out: Path = typer.Argument(..., help="Bundle folder to write."),
+    x2: Optional[Path] = typer.Option(None, help="Checkpoint for x2."),
+    x4: Optional[Path] = typer.Option(None, help="Checkpoint for x4."),
+    x8: Optional[Path] = typer.Option(None, help="Checkpoint for x8."),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="Store the weights in half precision."),
+    notes: str = typer.Option("", help="Free text stored in bundle.json."),
+    ddim_steps: str = typer.Option("", help="Recommended DDIM steps per scale, e.g. 2:2,4:2,8:2 (from a "
+                                   "sampler study); used when fuse runs DDIM without --steps."),
+) -> None:
+    """Pack one checkpoint per scale into a bundle that fuse, demo, export, evaluate and bench take."""
+    from tfsdeploy.bundle import make_bundle
+
+    members = {s: p for s, p in ((2, x2), (4, x4), (8, x8)) if p is not None}
+    if not members:
+        raise UserError("give at least one of --x2, --x4, --x8")
+    steps = {}
+    for item in (x for x in ddim_steps.split(",") if x.strip()):
+        try:
+            k, v = (int(t) for t in item.split(":"))
+        except ValueError:
+            raise UserError(f"--ddim-steps takes SCALE:STEPS pairs separated by commas (got {item!r})") from None
+        if k not in members or v < 1:
+            raise UserError(f"--ddim-steps {item!r}: no --x{k} model given, or steps < 1")
+        steps[k] = v
+    path = make_bundle(members, out, fp16=fp16, notes=notes, ddim_steps=steps)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    typer.echo(f"wrote {path} ({', '.join(f'x{s}' for s in sorted(members))}; {size:.1f} MB)")
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Output folder."),
+    scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
+    combo: str = typer.Option("t1-t2-spect", help="Which SPM templates: t1-t2-spect, t1-t2-pet, t1-pd-spect "
+                              "or t1-pd-pet."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
+                                         "(default: the packaged model)."),
+    engine: str = typer.Option("auto", help="auto, torch, onnx, onnx-fp16 or trt (see fuse)."),
+    steps: int = typer.Option(0, help="Denoiser calls (0 = the default sampler's)."),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Cut a held-out triplet from the installed SPM templates, fuse it, and show it beside the baseline."""
+    import time
+
+    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.evaluate import write_montage
+    from tfsdeploy.fusion import fuse_condition
+    from tfsdeploy.imaging import check_writable, resize, write_png
+    from tfsdeploy.metrics import psnr, ssim
+    from tfsdeploy.pipeline import fuse_baseline, make_condition, read_triplet
+    from training.data import reference_triplet
+
+    size = 256
+    if scale not in (2, 4, 8):
+        raise UserError(f"--scale must be 2, 4 or 8, got {scale}")
+    hr = reference_triplet(size, combo)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot create ({e.strerror})") from None
+    check_writable(out / "fused.png")
+    # The inputs a user would have: the held-out slice at 1/scale of the output size.
+    names = {"t1": hr.t1, "t2": hr.t2, "func": hr.func}
+    for name, img in names.items():
+        write_png(out / f"{name}.png", resize(img[None], (size // scale, size // scale))[0])
+    trip = read_triplet(*(out / f"{n}.png" for n in names))  # exactly what `fuse` would read
+    reference = fuse_condition(hr.stacked()[None])[0]
+    baseline = fuse_baseline(trip, scale, size, "classical")
+    t0 = time.perf_counter()
+    fused, desc = _fuse_with_model(trip, scale, model, SampleConfig(steps=steps, seed=seed), size, engine,
+                                   progress=progress)
+    took = time.perf_counter() - t0
+    write_png(out / "reference.png", reference)
+    write_png(out / "baseline.png", baseline)
+    write_png(out / "fused.png", fused)
+    cond01 = make_condition(trip, scale, size)[0][0]  # the bicubic-upsampled inputs the model sees
+    write_montage(out / "side_by_side.png",
+                  {scale: {"T1 (LR)": cond01[0:1], "T2 (LR)": cond01[1:2], "functional (LR)": cond01[2:5],
+                           "bicubic+classical": baseline, "TFS-Diff": fused, "ground truth": reference}},
+                  ["bicubic+classical", "TFS-Diff"])
+    for label, img in (("bicubic + classical", baseline), ("TFS-Diff", fused)):
+        typer.echo(f"{label:>20}: PSNR {float(psnr(img[None], reference[None])):.2f} dB, "
+                   f"SSIM {float(ssim(img[None], reference[None])):.4f} against the HR classical fusion")
+    typer.echo(f"fused in {took:.1f} s ({desc})")
+    typer.echo(f"wrote {out}/t1.png, t2.png, func.png (inputs, {size // scale} px), fused.png, baseline.png, "
+               f"reference.png and side_by_side.png")
 
 
 def _check_fusable(model: Path) -> None:
@@ -272,13 +388,6 @@ def _check_fusable(model: Path) -> None:
                         f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
 
 
-def _default_model() -> Path:
-    env = os.environ.get("TFSDEPLOY_MODEL")
-    if env:
-        return Path(env)
-    raise UserError("no model given: pass --model RUN_OR_CHECKPOINT (train one with `tfsdeploy train`)")
-
-
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -292,7 +401,7 @@ def evaluate(
     scales: str = typer.Option("2,4,8", help="Scales, comma separated."),
     methods: str = typer.Option("classical,laplacian,guided", help="Upsample-then-fuse baselines."),
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
-    steps: int = typer.Option(10, help="Sampler steps (0 = the sampler's default)."),
+    steps: int = typer.Option(0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
     spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
     seed: int = typer.Option(0),
     engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
@@ -342,7 +451,8 @@ def evaluate(
 @app.command()
 @user_errors
 def export(
-    model: Optional[Path] = typer.Argument(None, help="Checkpoint or run folder (default: $TFSDEPLOY_MODEL)."),
+    model: Optional[Path] = typer.Argument(None, help="Checkpoint, run folder or bundle (default: the packaged "
+                                           "model, or $TFSDEPLOY_MODEL)."),
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export the fp32 ONNX."),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Export the fp16 ONNX (fp32 islands and I/O)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (needs TensorRT and a GPU)."),
@@ -354,13 +464,29 @@ def export(
     parity_steps: int = typer.Option(10, help="DDIM steps of the fused-image parity check."),
     workspace_gib: float = typer.Option(8.0, help="TensorRT builder workspace."),
 ) -> None:
-    """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity."""
+    """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity.
+    A bundle exports every member, each into its own folder."""
+    from tfsdeploy.bundle import bundle_members, is_bundle, named_model
+
+    model = named_model(model)
+    if is_bundle(model):
+        if out is not None:
+            raise UserError("--out is per checkpoint; a bundle's members export beside it (or to the cache for "
+                            "the packaged model)")
+        members = bundle_members(model)
+    else:
+        members = {0: model}
+    for member in members.values():
+        _export_one(member, onnx, fp16, trt, out, max_batch, min_size, max_size, opset, parity_steps, workspace_gib)
+
+
+def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Path], max_batch: int,
+                min_size: int, max_size: int, opset: int, parity_steps: int, workspace_gib: float) -> None:
     from export.onnx_export import default_spec, export_onnx
     from export.trt_build import build_engine, build_plan, tensorrt_status
     from tfsdeploy.artifacts import default_export_dir
     from tfsdeploy.checkpoint import build_from_checkpoint
 
-    model = model or _default_model()
     net, _ = build_from_checkpoint(model)
     spec = default_spec(net, max_batch=max_batch, min_size=min_size, max_size=max_size)
     out = out or default_export_dir(model)
@@ -394,8 +520,9 @@ def export(
 @app.command()
 @user_errors
 def bench(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint (default: random weights of "
-                                         "--preset; speed does not depend on the weights)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint or bundle (its --scale member; "
+                                         "default: random weights of --preset; speed does not depend on the "
+                                         "weights, except that exported engines are found beside it)."),
     preset: str = typer.Option("small", help="Model preset when no --model is given."),
     engines: str = typer.Option(",".join(("torch", "torch-compile", "onnx-fp32", "onnx-fp16", "trt")),
                                 help="Engines to measure; unavailable ones are skipped with the reason."),
@@ -408,7 +535,7 @@ def bench(
     quality: bool = typer.Option(False, "--quality", help="Run the sampler study instead (needs a trained --model)."),
     data: Optional[Path] = typer.Option(None, help="Dataset for --quality (default: the built SPM dataset)."),
     images: int = typer.Option(4, help="--quality: held-out slices."),
-    scale: int = typer.Option(4, help="--quality: scale."),
+    scale: int = typer.Option(4, help="Scale: the --quality study's, and which member of a bundle runs."),
     size: int = typer.Option(256, help="--quality: image side."),
     ddim_steps: str = typer.Option("10,25,50,100,250", help="--quality: DDIM step counts."),
     ddpm_full: int = typer.Option(0, help="--quality: DDPM levels (0 = all T, the paper's sampler)."),
@@ -418,12 +545,16 @@ def bench(
 ) -> None:
     """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
     from tfsdeploy.bench import BenchConfig, StudyConfig, run_bench, sampler_study
+    from tfsdeploy.bundle import model_for_scale
 
+    given = model  # a bundle stays a bundle for the command-line fuse timing (its sampler too)
+    if model is not None:
+        model = model_for_scale(model, scale)
     if quality:
         from training.data import build_spm_dataset, default_data_dir
 
         if model is None:
-            model = _default_model()
+            model = model_for_scale(None, scale)
         root = data or default_data_dir()
         if data is None and not (root / "summary.json").is_file():
             typer.echo(f"building the SPM dataset in {root} (first use)")
@@ -439,7 +570,7 @@ def bench(
                       engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
                       fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,
                       threads=threads)
-    r = run_bench(model, cfg, out, log=typer.echo)
+    r = run_bench(model, cfg, out, log=typer.echo, cli_model=given)
     fastest = min((x for x in r["latency"] if x["size"] == max(cfg.sizes) and x["batch"] == min(cfg.batches)),
                   key=lambda x: x["median_ms"])
     typer.echo(f"fastest at {fastest['size']}px batch {fastest['batch']}: {fastest['engine']} "
@@ -487,6 +618,14 @@ def info() -> None:
     typer.echo(f"  trt: tensorrt {trt.__version__}" if trt is not None else f"  trt: no ({reason})")
     d = default_data_dir()
     typer.echo(f"SPM dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
+    try:
+        from tfsdeploy.bundle import bundle_scales, default_model, is_bundle
+
+        m = default_model()
+        scales = f" (bundle: {', '.join(f'x{s}' for s in bundle_scales(m))})" if is_bundle(m) else ""
+        typer.echo(f"default model: {m}{scales}")
+    except UserError as e:
+        typer.echo(f"default model: none ({e})")
 
 
 def main() -> None:

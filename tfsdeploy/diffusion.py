@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tfsdeploy.config import DiffusionConfig, ScheduleConfig
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, DiffusionConfig, ScheduleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.metrics import ssim
 
@@ -197,12 +197,12 @@ class Diffusion:
 
         sampler "ddpm": ancestral sampling over `steps` levels (default: all T, the paper's sampler);
         a sub-sequence uses the respaced posterior. sampler "ddim": deterministic DDIM (eta = 0)
-        over `steps` levels (default 50). The same seed gives the same result.
+        over `steps` levels (default DEFAULT_DDIM_STEPS). The same seed gives the same result.
         """
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps is None:
-            steps = self.schedule.num_steps if sampler == "ddpm" else 50
+            steps = self.schedule.num_steps if sampler == "ddpm" else DEFAULT_DDIM_STEPS
         device = cond.device
         if self.cfg.objective == "regression":  # one deterministic call; sampler settings do not apply
             zero = torch.zeros(shape[0], device=device)

@@ -14,14 +14,14 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from tfsdeploy.config import SCALES, SampleConfig
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, SCALES, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import METHODS, fuse_condition
 from tfsdeploy.imaging import atomic_path, degrade
@@ -35,7 +35,7 @@ class EvalConfig:
     split: str = "test"
     scales: tuple[int, ...] = (2, 4, 8)
     methods: tuple[str, ...] = ("classical", "laplacian", "guided")
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(steps=10))
+    sample: SampleConfig = field(default_factory=SampleConfig)
     engine: str = "auto"
     limit: int = 0  # evaluate at most this many images (0 = all)
     size: int = 0  # image side; 0 = the first model's training size (256 without models)
@@ -55,41 +55,70 @@ class Entry:
     label: str
     kind: str  # "baseline" or "model"
     key: str  # cache key prefix: what makes its numbers what they are
-    run: Callable[[torch.Tensor], torch.Tensor]  # cond01 [1,5,H,W] -> fused [1,3,H,W]
+    run: Callable[[torch.Tensor, int], torch.Tensor]  # (cond01 [1,5,H,W], scale) -> fused [1,3,H,W]
     info: dict = field(default_factory=dict)
 
 
 def _model_entries(models: list[Path], cfg: EvalConfig, log: Callable[[str], None]) -> list[Entry]:
     from engines.loader import select_engine
     from tfsdeploy.artifacts import checkpoint_fingerprint
+    from tfsdeploy.bundle import bundle_fingerprint, bundle_members, default_ddim_steps, is_bundle, named_model
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.pipeline import fuse_tensor
 
     entries, labels = [], set()
     for path in models:
-        denoiser, configs = select_engine(path, cfg.engine)
-        mc = configs.model
-        if mc.cond_channels != 5 or mc.out_channels != 3:
-            raise UserError(f"{path}: the model takes {mc.cond_channels} condition channels; evaluation feeds 5 "
-                            f"(T1, T2, functional RGB)")
-        diffusion = Diffusion(NoiseSchedule(configs.schedule), configs.diffusion)
-        sha = checkpoint_fingerprint(path)["sha256"] if Path(path).suffix not in (".onnx", ".plan") else path.name
+        path = named_model(path)
+        # One checkpoint for every scale, or a bundle's member per scale.
+        members = bundle_members(path) if is_bundle(path) else {scale: path for scale in cfg.scales}
+        missing = [scale for scale in cfg.scales if scale not in members]
+        if missing:
+            raise UserError(f"{path}: no model for {', '.join(f'x{m}' for m in missing)}; pass --scales")
+        loaded = {}
+        for scale in cfg.scales:
+            member = members[scale]
+            if member not in loaded:
+                denoiser, configs = select_engine(member, cfg.engine)
+                mc = configs.model
+                if mc.cond_channels != 5 or mc.out_channels != 3:
+                    raise UserError(f"{member}: the model takes {mc.cond_channels} condition channels; evaluation "
+                                    f"feeds 5 (T1, T2, functional RGB)")
+                loaded[member] = (denoiser, configs, Diffusion(NoiseSchedule(configs.schedule), configs.diffusion))
+        # The sampler per scale: as given, else a bundle's recommendation, else the general default
+        # (named explicitly, since it keys the cache).
+        samples = {}
+        for scale in cfg.scales:
+            s = cfg.sample
+            if s.sampler == "ddim" and not s.steps:
+                s = replace(s, steps=default_ddim_steps(path, scale) or DEFAULT_DDIM_STEPS)
+            samples[scale] = s
+        by_scale = {scale: (*loaded[members[scale]], samples[scale]) for scale in cfg.scales}
+        if is_bundle(path):
+            sha = bundle_fingerprint(path)
+        else:
+            sha = checkpoint_fingerprint(path)["sha256"] if path.suffix not in (".onnx", ".plan") else path.name
         label = _label(path, labels)
         s = cfg.sample
-        key = f"model:{sha[:16]}:{s.sampler}:{s.steps}:{s.spacing}:{s.seed}"
-        tc = configs.train
+        steps = "/".join(str(samples[scale].steps) for scale in cfg.scales)
+        key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
+        denoiser, configs, _, _ = by_scale[cfg.scales[0]]
+        mc, tc = configs.model, configs.train
         info = {"path": str(path), "engine": getattr(denoiser, "describe", lambda: denoiser.name)(),
                 "tmfa": mc.tmfa, "psf": bool(tc.psf_mse > 0 or tc.psf_ssim > 0),
                 "prediction": configs.diffusion.prediction, "target": configs.diffusion.target,
-                "preset_channels": mc.inner_channels, "image_size": mc.image_size}
+                "preset_channels": mc.inner_channels, "image_size": mc.image_size,
+                "sampling": ", ".join(f"x{scale} {samples[scale].sampler}-{samples[scale].steps or 'all T'}"
+                                      for scale in cfg.scales)}
 
-        def run(cond01, denoiser=denoiser, diffusion=diffusion, mult=mc.size_multiple):
+        def run(cond01, scale, by_scale=by_scale):
+            denoiser, configs, diffusion, s = by_scale[scale]
+            mult = configs.model.size_multiple
             if cond01.shape[-1] % mult or cond01.shape[-2] % mult:
                 raise UserError(f"image size {tuple(cond01.shape[-2:])} is not a multiple of {mult}")
             return fuse_tensor(denoiser, diffusion, cond01, s)
 
         entries.append(Entry(label, "model", key, run, info))
-        log(f"{label}: {path} on {info['engine']}, {s.sampler}-{s.steps or 'default'}")
+        log(f"{label}: {path} on {info['engine']}, {info['sampling']}")
     return entries
 
 
@@ -127,7 +156,7 @@ def evaluate(models: list[Path], data_root: Path, out_dir: Path, cfg: EvalConfig
         notes.append(f"LPIPS unavailable: {lpips_reason}")
         log("note: " + notes[-1])
 
-    entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}", lambda c, m=m: fuse_condition(c, m))
+    entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}", lambda c, _scale, m=m: fuse_condition(c, m))
                for m in cfg.methods]
     entries += entries_models
     try:
@@ -154,7 +183,7 @@ def evaluate(models: list[Path], data_root: Path, out_dir: Path, cfg: EvalConfig
                 for e in entries:
                     key = f"{e.key}|x{scale}|{smp.name}"
                     if key not in cache or want_picture:
-                        fused = e.run(cond01)[0].cpu()
+                        fused = e.run(cond01, scale)[0].cpu()
                         if want_picture:
                             montage[scale][e.label] = fused
                     if key not in cache:
@@ -224,8 +253,11 @@ def _write_reports(out_dir: Path, entries: list[Entry], samples, cfg: EvalConfig
     md_all = [f"# Evaluation on the {cfg.split} split ({len(samples)} images)", ""]
     md_all += [f"- {n}" for n in notes] + ([""] if notes else [])
     s = cfg.sample
-    md_all.append(f"Sampler for the models: {s.sampler}, {s.steps or 'default'} steps, {s.spacing} spacing, "
-                  f"seed {s.seed}. Metrics are defined in the README; ↑ higher is better, ↓ lower; best in bold.")
+    md_all.append(f"Samplers ({s.spacing} spacing, seed {s.seed}): "
+                  + "; ".join(f"{e.label}: {e.info['sampling']}" for e in entries if e.kind == "model")
+                  + ". Metrics are defined in the README; ↑ higher is better, ↓ lower; best in bold."
+                  if any(e.kind == "model" for e in entries) else
+                  "Metrics are defined in the README; ↑ higher is better, ↓ lower; best in bold.")
     md_all.append("")
     for scale in cfg.scales:
         rows, src_rows = {}, {}

@@ -15,7 +15,6 @@ Two sources share one on-disk layout, so everything downstream reads one thing:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tfsdeploy.artifacts import cache_dir
 from tfsdeploy.config import COMBOS
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition, fuse_trimodal
@@ -54,8 +54,7 @@ _SPLIT_OF = {"T": "train", "V": "val", "E": "test"}
 
 
 def default_data_dir() -> Path:
-    base = os.environ.get("TFSDEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfsdeploy")
-    return Path(base) / "spm-dataset"
+    return cache_dir() / "spm-dataset"
 
 
 # --------------------------------------------------------------------------- SPM source

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tfsdeploy.artifacts import checkpoint_fingerprint
 from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, resolve, save_checkpoint
 from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
                               from_dict, to_dict)
@@ -175,6 +176,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
         self.step = 0
         self.elapsed = 0.0
+        self.init_info: dict[str, Any] | None = None  # where a fine-tuning run started from
         if has_checkpoint(self.run_dir):
             self._restore()
         elif init_from is not None:
@@ -196,6 +198,7 @@ class Trainer:
             g["lr"] = self.cfg.train.lr
         self.step = ckpt.step
         self.elapsed = float(ckpt.meta.get("elapsed_s", 0.0))
+        self.init_info = ckpt.meta.get("init")
         if self.dist.main:
             self.log(f"resumed {ckpt.path} at step {self.step}")
 
@@ -206,6 +209,8 @@ class Trainer:
             raise UserError(f"{path}: its model config differs from this run's; --init needs the same preset")
         for m in (self.model, self.ema):
             load_weights(m, ckpt.weights, ckpt.path)
+        self.init_info = {"path": str(ckpt.path), "step": ckpt.step,
+                          "sha256": checkpoint_fingerprint(ckpt.path)["sha256"]}
         if self.dist.main:
             self.log(f"initialised from {ckpt.path} (step {ckpt.step})")
 
@@ -234,7 +239,8 @@ class Trainer:
         return save_checkpoint(
             self.run_dir, self.cfg, self.step, self.ema.state_dict(), {**online, **opt_tensors},
             extra={"optim_param_groups": groups, "elapsed_s": round(self.elapsed, 1), "world_size": self.dist.world,
-                   "parameters": count_parameters(self.model)},
+                   "parameters": count_parameters(self.model),
+                   **({"init": self.init_info} if self.init_info else {})},
             keep=self.cfg.train.keep_ckpts)
 
     # ---------------------------------------------------------------- one step

@@ -1,0 +1,188 @@
+"""Bundles (one checkpoint per scale), the packaged default model, and `tfsdeploy demo`."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tfsdeploy import bundle as bundle_mod
+from tfsdeploy.bundle import (DEFAULT_BUNDLE, bundle_members, default_model, is_bundle, make_bundle, model_for_scale,
+                              named_model, read_bundle)
+from tfsdeploy.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
+from tfsdeploy.cli import app
+from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import read_image
+from tfsdeploy.model import build_model
+
+from conftest import randomize_output, tiny_configs
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def tiny_checkpoint(path, scales, seed):
+    cfg = tiny_configs()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scales=tuple(scales)))
+    torch.manual_seed(seed)
+    model = randomize_output(build_model(cfg.model), seed)
+    return save_checkpoint(path, cfg, 1, model.state_dict())
+
+
+@pytest.fixture()
+def three(tmp_path):
+    return {2: tiny_checkpoint(tmp_path / "a", [2, 4, 8], 1), 4: tiny_checkpoint(tmp_path / "b", [4], 2),
+            8: tiny_checkpoint(tmp_path / "c", [8], 3)}
+
+
+def test_bundle_round_trip_in_fp16_and_fp32(tmp_path, three):
+    for fp16 in (True, False):
+        out = make_bundle(three, tmp_path / f"bundle-{fp16}", fp16=fp16, notes="n")
+        meta = read_bundle(out)
+        assert sorted(meta["models"]) == ["2", "4", "8"] and meta["notes"] == "n"
+        assert meta["models"]["4"]["trained_scales"] == [4]
+        members = bundle_members(out)
+        for scale, src in three.items():
+            raw = load_file(str(members[scale]))
+            assert all(v.dtype == (torch.float16 if fp16 else torch.float32) for v in raw.values())
+            original, _ = build_from_checkpoint(src)
+            packed, ckpt = build_from_checkpoint(members[scale])  # a lone file is a whole checkpoint
+            assert ckpt.configs == load_checkpoint(src).configs
+            for (k, a), b in zip(original.state_dict().items(), packed.state_dict().values()):
+                assert b.dtype == torch.float32
+                tol = 1e-3 * a.abs().max().item() + 1e-6 if fp16 else 0
+                assert (a - b).abs().max().item() <= tol, k
+        assert model_for_scale(out, 4) == members[4]
+        assert model_for_scale(three[4], 2) == three[4]  # a plain checkpoint serves every scale
+
+
+def test_bundle_errors(tmp_path, three):
+    with pytest.raises(UserError, match="not x2"):
+        make_bundle({2: three[4]}, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing half-written
+    out = make_bundle({4: three[4]}, tmp_path / "one")
+    with pytest.raises(UserError, match=r"no model for x8 \(this bundle has x4\)"):
+        model_for_scale(out, 8)
+    f = out / "x4.safetensors"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(UserError, match="corrupted"):
+        model_for_scale(out, 4)
+    (out / "bundle.json").write_text("{}")
+    with pytest.raises(UserError, match="not a tfsdeploy bundle"):
+        bundle_members(out)
+
+
+def test_cli_bundle_then_fuse_picks_the_member_for_the_scale(tmp_path, three, synth_dataset):
+    out = tmp_path / "bundle"
+    res = run("bundle", out, "--x2", three[2], "--x4", three[4], "--x8", three[8], "--fp32")
+    assert res.exit_code == 0, res.output
+    trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
+    imgs = {}
+    for scale in (4, 8):
+        res = run("fuse", *trip, "--scale", scale, "--model", out, "--out", tmp_path / f"{scale}.png",
+                  "--no-progress")
+        assert res.exit_code == 0, res.output
+        assert f"x{scale}.safetensors" in res.output and "ddim-10" in res.output
+        # the same result as fusing with that member's own checkpoint
+        res = run("fuse", *trip, "--scale", scale, "--model", three[scale], "--out", tmp_path / f"{scale}-own.png",
+                  "--no-progress")
+        imgs[scale] = read_image(tmp_path / f"{scale}.png")
+        assert torch.equal(imgs[scale], read_image(tmp_path / f"{scale}-own.png"))
+    res = run("bundle", tmp_path / "none")
+    assert res.exit_code != 0 and "at least one" in res.stderr
+
+
+def test_a_bundle_recommends_its_ddim_steps_and_an_explicit_steps_wins(tmp_path, three, synth_dataset):
+    from tfsdeploy.bundle import default_ddim_steps
+
+    out = tmp_path / "bundle"
+    res = run("bundle", out, "--x4", three[4], "--x8", three[8], "--ddim-steps", "4:3")
+    assert res.exit_code == 0, res.output
+    assert default_ddim_steps(out, 4) == 3 and default_ddim_steps(out, 8) == 0 and default_ddim_steps(three[4], 4) == 0
+    trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
+    for scale, extra, want in ((4, [], "ddim-3"), (4, ["--steps", 5], "ddim-5"), (8, [], "ddim-10")):
+        res = run("fuse", *trip, "--scale", scale, "--model", out, "--out", tmp_path / "f.png", "--no-progress", *extra)
+        assert res.exit_code == 0 and want in res.output, res.output
+    for bad in ("4:x", "2:3", "4:0"):
+        res = run("bundle", tmp_path / "bad", "--x4", three[4], "--ddim-steps", bad)
+        assert res.exit_code != 0 and "--ddim-steps" in res.stderr
+    with pytest.raises(UserError, match="exceed"):
+        make_bundle({4: three[4]}, tmp_path / "huge", ddim_steps={4: 10**6})
+
+
+def test_evaluate_runs_each_scale_on_its_member(tmp_path, three, synth_dataset):
+    from tfsdeploy.evaluate import EvalConfig, evaluate
+
+    out = make_bundle(three, tmp_path / "bundle")
+    cfg = EvalConfig(scales=(4, 8), methods=("classical",), limit=1)
+    a = evaluate([out], synth_dataset, tmp_path / "e1", cfg, log=lambda s: None)
+    b = evaluate([three[8]], synth_dataset, tmp_path / "e2", cfg, log=lambda s: None)
+    psnr = {k: a["tables"][k]["reference"]["bundle"]["PSNR"] for k in ("x4", "x8")}
+    assert a["methods"]["bundle"]["sampling"] == "x4 ddim-10, x8 ddim-10"
+    # at x8 the bundle runs the x8 member, so it matches that checkpoint evaluated alone
+    assert psnr["x8"] == pytest.approx(b["tables"]["x8"]["reference"]["c"]["PSNR"], abs=0.05)
+    with pytest.raises(UserError, match="no model for x2"):
+        evaluate([make_bundle({4: three[4]}, tmp_path / "only4")], synth_dataset, tmp_path / "e3",
+                 EvalConfig(scales=(2,), methods=(), limit=1), log=lambda s: None)
+
+
+def test_export_of_a_bundle_writes_one_folder_per_member(tmp_path, three):
+    pytest.importorskip("onnxruntime")
+    out = make_bundle({4: three[4], 8: three[8]}, tmp_path / "bundle")
+    res = run("export", out, "--no-fp16", "--max-size", 64, "--parity-steps", 2)
+    assert res.exit_code == 0, res.output
+    for s in (4, 8):
+        assert (out / "export" / f"x{s}" / "denoiser-fp32.onnx").is_file()
+
+
+def test_default_model_is_packaged_small_and_complete():
+    assert is_bundle(DEFAULT_BUNDLE)
+    members = bundle_members(DEFAULT_BUNDLE)  # checks every sha256
+    assert sorted(members) == [2, 4, 8]
+    assert sum(f.stat().st_size for f in DEFAULT_BUNDLE.iterdir()) <= 25e6
+    for scale, path in members.items():
+        ckpt = load_checkpoint(path)
+        assert scale in ckpt.configs.data.scales
+        assert ckpt.configs.diffusion.objective == "diffusion"  # a diffusion model, not the regression bound
+        assert sum(v.numel() for v in ckpt.weights.values()) < 4.5e6
+    assert default_model() == DEFAULT_BUNDLE and named_model("default") == DEFAULT_BUNDLE
+    # the sampler studies chose DDIM-2 for every member (MODEL_CARD.md, benchmarks/reports/study-default-*)
+    assert all(m["ddim_steps"] == 2 for m in read_bundle(DEFAULT_BUNDLE)["models"].values())
+    assert json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["format"] == "tfsdeploy-bundle"
+
+
+def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch, synth_dataset):
+    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", tmp_path / "nowhere")
+    trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
+    res = run("fuse", *trip, "--out", tmp_path / "f.png")
+    assert res.exit_code != 0 and "packaged default model is missing" in res.stderr
+    monkeypatch.setenv("TFSDEPLOY_MODEL", str(tmp_path / "elsewhere"))
+    assert default_model() == tmp_path / "elsewhere"
+
+
+def test_demo_with_the_default_model_beats_the_baseline(tmp_path):
+    """The shipped x4 model against bicubic + classical fusion on the held-out demo slice."""
+    out = tmp_path / "demo"
+    res = run("demo", "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    for name in ("t1", "t2", "func", "fused", "baseline", "reference", "side_by_side"):
+        assert (out / f"{name}.png").is_file()
+    assert read_image(out / "t1.png").shape == (1, 64, 64)  # the inputs are the low-resolution images
+    fused, base, ref = (read_image(out / f"{n}.png") for n in ("fused", "baseline", "reference"))
+    assert fused.shape == base.shape == ref.shape == (3, 256, 256)
+    mse = {k: float(((v - ref) ** 2).mean()) for k, v in (("fused", fused), ("base", base))}
+    assert mse["fused"] < 0.9 * mse["base"]
+    side = read_image(out / "side_by_side.png")
+    assert side.shape[-1] > 6 * 256 and side.shape[-2] > 256
+
+
+def test_demo_bad_inputs(tmp_path):
+    res = run("demo", "--scale", 3, "--out", tmp_path / "d")
+    assert res.exit_code != 0 and "--scale must be 2, 4 or 8" in res.stderr
+    res = run("demo", "--combo", "t1-ct", "--out", tmp_path / "d")
+    assert res.exit_code != 0 and "unknown combination" in res.stderr

@@ -1,0 +1,158 @@
+"""Model bundles: one checkpoint per scale behind one name, and the default model that ships.
+
+A bundle is a folder holding `bundle.json` and one self-describing checkpoint file per scale
+(safetensors whose header carries the configs, as `tfsdeploy.checkpoint` writes them):
+
+    bundle.json   {"format": "tfsdeploy-bundle", "models": {"4": {"file": "x4.safetensors",
+                   "sha256": "...", "ddim_steps": 2}, ...}, "notes": "..."}
+    x2.safetensors  x4.safetensors  x8.safetensors
+
+Everything that takes `--model` takes a bundle too; the scale decides which checkpoint runs. A
+member may carry the DDIM step count that a sampler study chose for it (`ddim_steps`); it replaces
+the general default when DDIM runs with no `--steps`. The packaged default model is such a bundle
+(see MODEL_CARD.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tfsdeploy.checkpoint import read_meta, sha256_file
+from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import atomic_dir
+
+BUNDLE_FILE = "bundle.json"
+FORMAT = "tfsdeploy-bundle"
+FORMAT_VERSION = 1
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
+MODEL_ENV = "TFSDEPLOY_MODEL"
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / BUNDLE_FILE).is_file()
+
+
+def default_model() -> Path:
+    """$TFSDEPLOY_MODEL if set, else the packaged default bundle."""
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        return Path(env)
+    if not is_bundle(DEFAULT_BUNDLE):
+        raise UserError(f"the packaged default model is missing from {DEFAULT_BUNDLE}; reinstall tfsdeploy, "
+                        f"or pass --model RUN_OR_CHECKPOINT")
+    return DEFAULT_BUNDLE
+
+
+def named_model(path: str | Path | None) -> Path:
+    """A --model value: None or the word "default" (when no such file exists) mean the default model."""
+    if path is None or (str(path) == "default" and not Path(path).exists()):
+        return default_model()
+    return Path(path)
+
+
+def read_bundle(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / BUNDLE_FILE
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("models"), dict):
+        raise UserError(f"{file}: not a tfsdeploy bundle")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{file}: bundle format {meta['format_version']} is newer than this tfsdeploy reads")
+    return meta
+
+
+def bundle_scales(path: str | Path) -> list[int]:
+    return sorted(int(s) for s in read_bundle(path)["models"])
+
+
+def bundle_members(path: str | Path, verify: bool = True) -> dict[int, Path]:
+    """scale -> checkpoint file, each checked against its recorded sha256."""
+    path = Path(path)
+    out = {}
+    for scale, entry in read_bundle(path)["models"].items():
+        file = path / entry["file"]
+        if not file.is_file():
+            raise UserError(f"{path}: {entry['file']} (x{scale}) is missing")
+        if verify and sha256_file(file) != entry.get("sha256"):
+            raise UserError(f"{file}: corrupted (sha256 does not match {BUNDLE_FILE})")
+        out[int(scale)] = file
+    return out
+
+
+def model_for_scale(path: str | Path, scale: int) -> Path:
+    """The checkpoint that fuses at `scale`: the bundle's member for it, or `path` itself."""
+    path = named_model(path)
+    if not is_bundle(path):
+        return path
+    members = bundle_members(path)
+    if scale not in members:
+        raise UserError(f"{path}: no model for x{scale} (this bundle has "
+                        f"{', '.join(f'x{s}' for s in sorted(members))})")
+    return members[scale]
+
+
+def default_ddim_steps(path: str | Path, scale: int) -> int:
+    """The DDIM step count recommended for `scale` by a bundle (0: none; use the general default)."""
+    path = named_model(path)
+    if not is_bundle(path):
+        return 0
+    entry = read_bundle(path)["models"].get(str(scale), {})
+    steps = entry.get("ddim_steps", 0)
+    if not isinstance(steps, int) or steps < 0:
+        raise UserError(f"{path / BUNDLE_FILE}: ddim_steps for x{scale} must be a non-negative integer")
+    return steps
+
+
+def bundle_fingerprint(path: str | Path) -> str:
+    """What identifies a bundle's numbers: the sha256 of its manifest, which lists every member's sha."""
+    return sha256_file(Path(path) / BUNDLE_FILE)
+
+
+def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, notes: str = "",
+                ddim_steps: dict[int, int] | None = None) -> Path:
+    """Write a bundle from one checkpoint (file, checkpoint folder or run folder) per scale.
+
+    Each member is written as one safetensors file with its configs in the header; with `fp16`
+    the weights are stored in half precision (they are cast back to fp32 on load). `ddim_steps`
+    records a recommended DDIM step count per scale."""
+    from safetensors.torch import save_file
+
+    from tfsdeploy.checkpoint import load_checkpoint
+
+    if not members:
+        raise UserError("a bundle needs at least one model")
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        models = {}
+        for scale, src in sorted(members.items()):
+            ckpt = load_checkpoint(src)
+            trained = tuple(ckpt.configs.data.scales)
+            if scale not in trained:
+                raise UserError(f"{src}: trained for {', '.join(f'x{s}' for s in trained)}, not x{scale}")
+            path, meta = read_meta(src)
+            meta = {k: v for k, v in meta.items() if k not in ("files", "optim_param_groups")}  # training-only
+            meta["weights_dtype"] = "float16" if fp16 else "float32"
+            weights = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous()
+                       for k, v in ckpt.weights.items()}
+            name = f"x{scale}.safetensors"
+            save_file(weights, str(tmp / name), metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
+            models[str(scale)] = {"file": name, "sha256": sha256_file(tmp / name), "step": ckpt.step,
+                                  "trained_scales": list(trained)}
+            steps = (ddim_steps or {}).get(scale, 0)
+            if steps:
+                if steps > ckpt.configs.schedule.num_steps:
+                    raise UserError(f"x{scale}: {steps} DDIM steps exceed the schedule's T")
+                models[str(scale)]["ddim_steps"] = steps
+        (tmp / BUNDLE_FILE).write_text(json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "models": models, "notes": notes},
+            indent=2, sort_keys=True) + "\n")
+    return out
+
+
+__all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "default_model", "named_model", "read_bundle", "bundle_scales",
+           "bundle_members", "model_for_scale", "default_ddim_steps", "bundle_fingerprint", "make_bundle"]

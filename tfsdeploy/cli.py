@@ -203,7 +203,7 @@ def fuse(
     out: Path = typer.Option(Path("fused.png"), "--out", "-o", help="Output PNG."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
     steps: int = typer.Option(0, help="Denoiser calls; 0 = 10 for DDIM (chosen by the sampler study), all T for DDPM."),
-    spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
+    spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
     seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
     size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
     engine: str = typer.Option("auto", help="auto, torch, onnx, onnx-fp16 or trt. auto: TensorRT on a GPU, "
@@ -402,7 +402,7 @@ def evaluate(
     methods: str = typer.Option("classical,laplacian,guided", help="Upsample-then-fuse baselines."),
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
     steps: int = typer.Option(0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
-    spacing: str = typer.Option("linear", help="Step spacing: linear or quadratic."),
+    spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
     seed: int = typer.Option(0),
     engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
     limit: int = typer.Option(0, help="Evaluate at most N images (0 = all)."),

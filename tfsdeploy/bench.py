@@ -297,17 +297,13 @@ def measure_cli_fuse(model: Path, cfg: BenchConfig, log: Callable[[str], None]) 
     import subprocess
     import sys
 
-    from tfsdeploy.imaging import resize, write_png
+    from tfsdeploy.pipeline import write_triplet
     from training.data import reference_triplet
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="tfsdeploy-cli-") as tmp:
         tmp = Path(tmp)
-        trip, lr = reference_triplet(cfg.fuse_size), cfg.fuse_size // 4
-        inputs = []
-        for name, img in (("t1", trip.t1), ("t2", trip.t2), ("func", trip.func)):
-            write_png(tmp / f"{name}.png", resize(img[None], (lr, lr))[0])
-            inputs.append(str(tmp / f"{name}.png"))
+        inputs = [str(p) for p in write_triplet(reference_triplet(cfg.fuse_size), tmp, cfg.fuse_size // 4)]
         for engine in ("torch", "auto"):
             cmd = [sys.executable, "-m", "tfsdeploy", "fuse", *inputs, "--scale", "4", "--model", str(model),
                    "--engine", engine, "--no-progress", "--out", str(tmp / "fused.png")]

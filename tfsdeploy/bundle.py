@@ -15,12 +15,14 @@ the general default when DDIM runs with no `--steps`. The packaged default model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import atomic_dir
 
@@ -70,30 +72,33 @@ def bundle_scales(path: str | Path) -> list[int]:
     return sorted(int(s) for s in read_bundle(path)["models"])
 
 
-def bundle_members(path: str | Path, verify: bool = True) -> dict[int, Path]:
+def _member(path: Path, scale: str, entry: dict[str, Any]) -> Path:
+    """One member's file, checked against its recorded sha256."""
+    file = path / entry["file"]
+    if not file.is_file():
+        raise UserError(f"{path}: {entry['file']} (x{scale}) is missing")
+    if sha256_file(file) != entry.get("sha256"):
+        raise UserError(f"{file}: corrupted (sha256 does not match {BUNDLE_FILE})")
+    return file
+
+
+def bundle_members(path: str | Path) -> dict[int, Path]:
     """scale -> checkpoint file, each checked against its recorded sha256."""
     path = Path(path)
-    out = {}
-    for scale, entry in read_bundle(path)["models"].items():
-        file = path / entry["file"]
-        if not file.is_file():
-            raise UserError(f"{path}: {entry['file']} (x{scale}) is missing")
-        if verify and sha256_file(file) != entry.get("sha256"):
-            raise UserError(f"{file}: corrupted (sha256 does not match {BUNDLE_FILE})")
-        out[int(scale)] = file
-    return out
+    return {int(scale): _member(path, scale, entry) for scale, entry in read_bundle(path)["models"].items()}
 
 
 def model_for_scale(path: str | Path, scale: int) -> Path:
-    """The checkpoint that fuses at `scale`: the bundle's member for it, or `path` itself."""
+    """The checkpoint that fuses at `scale`: the bundle's member for it (only that one is read and
+    checked), or `path` itself."""
     path = named_model(path)
     if not is_bundle(path):
         return path
-    members = bundle_members(path)
-    if scale not in members:
+    models = read_bundle(path)["models"]
+    if str(scale) not in models:
         raise UserError(f"{path}: no model for x{scale} (this bundle has "
-                        f"{', '.join(f'x{s}' for s in sorted(members))})")
-    return members[scale]
+                        f"{', '.join(f'x{s}' for s in sorted(int(k) for k in models))})")
+    return _member(path, str(scale), models[str(scale)])
 
 
 def default_ddim_steps(path: str | Path, scale: int) -> int:
@@ -106,6 +111,14 @@ def default_ddim_steps(path: str | Path, scale: int) -> int:
     if not isinstance(steps, int) or steps < 0:
         raise UserError(f"{path / BUNDLE_FILE}: ddim_steps for x{scale} must be a non-negative integer")
     return steps
+
+
+def sample_for(path: str | Path, scale: int, sample: SampleConfig) -> SampleConfig:
+    """The sampler that runs at `scale`: DDIM without a step count gets the bundle's recommendation,
+    else DEFAULT_DDIM_STEPS, so the count is always explicit; anything given is kept."""
+    if sample.sampler != "ddim" or sample.steps:
+        return sample
+    return dataclasses.replace(sample, steps=default_ddim_steps(path, scale) or DEFAULT_DDIM_STEPS)
 
 
 def bundle_fingerprint(path: str | Path) -> str:
@@ -155,4 +168,5 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
 
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "default_model", "named_model", "read_bundle", "bundle_scales",
-           "bundle_members", "model_for_scale", "default_ddim_steps", "bundle_fingerprint", "make_bundle"]
+           "bundle_members", "model_for_scale", "default_ddim_steps", "sample_for", "bundle_fingerprint",
+           "make_bundle"]

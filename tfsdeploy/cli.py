@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import sys
@@ -202,7 +201,8 @@ def fuse(
                                          "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
     out: Path = typer.Option(Path("fused.png"), "--out", "-o", help="Output PNG."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
-    steps: int = typer.Option(0, help="Denoiser calls; 0 = 10 for DDIM (chosen by the sampler study), all T for DDPM."),
+    steps: int = typer.Option(0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
+                              "packaged model) or 10, for DDPM all T."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
     seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
     size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
@@ -244,13 +244,11 @@ def _fuse_with_model(trip, scale: int, model: Optional[Path], sample, size: int 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from engines.loader import select_engine
-    from tfsdeploy.bundle import default_ddim_steps, model_for_scale
-    from tfsdeploy.config import DEFAULT_DDIM_STEPS
+    from tfsdeploy.bundle import model_for_scale, sample_for
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
     from tfsdeploy.pipeline import check_scale_size, fuse_triplet
 
-    if sample.sampler == "ddim" and not sample.steps:  # the bundle's recommendation, if it has one
-        sample = dataclasses.replace(sample, steps=default_ddim_steps(model, scale))
+    sample = sample_for(model, scale, sample)
     model = model_for_scale(model, scale)
     if threads:
         torch.set_num_threads(threads)
@@ -269,7 +267,7 @@ def _fuse_with_model(trip, scale: int, model: Optional[Path], sample, size: int 
         task = prog.add_task("fuse", total=None)
         img = fuse_triplet(denoiser, diffusion, trip, scale, size, mc.size_multiple, sample,
                            progress=lambda i, n: prog.update(task, completed=i, total=n))
-    n = sample.steps or (DEFAULT_DDIM_STEPS if sample.sampler == "ddim" else schedule.num_steps)
+    n = sample.steps or schedule.num_steps  # DDPM without --steps runs all T
     engine_desc = denoiser.describe() if hasattr(denoiser, "describe") else denoiser.name
     return img, f"x{scale}, {sample.sampler}-{n}, engine {engine_desc}, model {model}"
 
@@ -332,9 +330,9 @@ def demo(
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.evaluate import write_montage
     from tfsdeploy.fusion import fuse_condition
-    from tfsdeploy.imaging import check_writable, resize, write_png
+    from tfsdeploy.imaging import check_writable, write_png
     from tfsdeploy.metrics import psnr, ssim
-    from tfsdeploy.pipeline import fuse_baseline, make_condition, read_triplet
+    from tfsdeploy.pipeline import fuse_baseline, make_condition, read_triplet, write_triplet
     from training.data import reference_triplet
 
     size = 256
@@ -346,11 +344,9 @@ def demo(
     except OSError as e:
         raise UserError(f"{out}: cannot create ({e.strerror})") from None
     check_writable(out / "fused.png")
-    # The inputs a user would have: the held-out slice at 1/scale of the output size.
-    names = {"t1": hr.t1, "t2": hr.t2, "func": hr.func}
-    for name, img in names.items():
-        write_png(out / f"{name}.png", resize(img[None], (size // scale, size // scale))[0])
-    trip = read_triplet(*(out / f"{n}.png" for n in names))  # exactly what `fuse` would read
+    # The inputs a user would have: the held-out slice at 1/scale of the output size, read back
+    # exactly as `fuse` reads them.
+    trip = read_triplet(*write_triplet(hr, out, size // scale))
     reference = fuse_condition(hr.stacked()[None])[0]
     baseline = fuse_baseline(trip, scale, size, "classical")
     t0 = time.perf_counter()
@@ -377,15 +373,13 @@ def _check_fusable(model: Path) -> None:
     """Refuse a model that does not take 5 condition channels and give 3, before loading weights."""
     from tfsdeploy.artifacts import read_sidecar
     from tfsdeploy.checkpoint import Configs, read_meta
+    from tfsdeploy.pipeline import check_fusable
 
     if model.suffix in (".onnx", ".plan", ".engine"):
         where, meta = model, read_sidecar(model).get("configs", {})
     else:
         where, meta = read_meta(model)
-    mc = Configs.from_json(meta).model
-    if mc.cond_channels != 5 or mc.out_channels != 3:
-        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
-                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+    check_fusable(Configs.from_json(meta).model, where)
 
 
 # --------------------------------------------------------------------------- evaluate

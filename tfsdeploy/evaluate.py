@@ -14,14 +14,14 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from tfsdeploy.config import DEFAULT_DDIM_STEPS, SCALES, SampleConfig
+from tfsdeploy.config import SCALES, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import METHODS, fuse_condition
 from tfsdeploy.imaging import atomic_path, degrade
@@ -62,36 +62,22 @@ class Entry:
 def _model_entries(models: list[Path], cfg: EvalConfig, log: Callable[[str], None]) -> list[Entry]:
     from engines.loader import select_engine
     from tfsdeploy.artifacts import checkpoint_fingerprint
-    from tfsdeploy.bundle import bundle_fingerprint, bundle_members, default_ddim_steps, is_bundle, named_model
+    from tfsdeploy.bundle import bundle_fingerprint, is_bundle, model_for_scale, named_model, sample_for
     from tfsdeploy.diffusion import Diffusion, NoiseSchedule
-    from tfsdeploy.pipeline import fuse_tensor
+    from tfsdeploy.pipeline import check_fusable, fuse_tensor
 
     entries, labels = [], set()
     for path in models:
         path = named_model(path)
-        # One checkpoint for every scale, or a bundle's member per scale.
-        members = bundle_members(path) if is_bundle(path) else {scale: path for scale in cfg.scales}
-        missing = [scale for scale in cfg.scales if scale not in members]
-        if missing:
-            raise UserError(f"{path}: no model for {', '.join(f'x{m}' for m in missing)}; pass --scales")
+        # One checkpoint for every scale, or a bundle's member per scale; each loaded once. The
+        # sampler's step count is always explicit, since it keys the cache.
+        members = {scale: model_for_scale(path, scale) for scale in cfg.scales}
+        samples = {scale: sample_for(path, scale, cfg.sample) for scale in cfg.scales}
         loaded = {}
-        for scale in cfg.scales:
-            member = members[scale]
-            if member not in loaded:
-                denoiser, configs = select_engine(member, cfg.engine)
-                mc = configs.model
-                if mc.cond_channels != 5 or mc.out_channels != 3:
-                    raise UserError(f"{member}: the model takes {mc.cond_channels} condition channels; evaluation "
-                                    f"feeds 5 (T1, T2, functional RGB)")
-                loaded[member] = (denoiser, configs, Diffusion(NoiseSchedule(configs.schedule), configs.diffusion))
-        # The sampler per scale: as given, else a bundle's recommendation, else the general default
-        # (named explicitly, since it keys the cache).
-        samples = {}
-        for scale in cfg.scales:
-            s = cfg.sample
-            if s.sampler == "ddim" and not s.steps:
-                s = replace(s, steps=default_ddim_steps(path, scale) or DEFAULT_DDIM_STEPS)
-            samples[scale] = s
+        for member in dict.fromkeys(members.values()):
+            denoiser, configs = select_engine(member, cfg.engine)
+            check_fusable(configs.model, member)
+            loaded[member] = (denoiser, configs, Diffusion(NoiseSchedule(configs.schedule), configs.diffusion))
         by_scale = {scale: (*loaded[members[scale]], samples[scale]) for scale in cfg.scales}
         if is_bundle(path):
             sha = bundle_fingerprint(path)

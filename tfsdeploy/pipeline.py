@@ -53,6 +53,24 @@ def read_triplet(t1: str | Path, t2: str | Path, func: str | Path) -> Triplet:
                       names=(str(t1), str(t2), str(func)))
 
 
+def write_triplet(trip: Triplet, folder: str | Path, side: int) -> list[Path]:
+    """Write a triplet as t1.png, t2.png and func.png of `side` pixels (bicubic, antialiased): the
+    low-resolution inputs a user would hand to `fuse`. Returns the three paths."""
+    from tfsdeploy.imaging import write_png
+
+    paths = []
+    for name, img in (("t1", trip.t1), ("t2", trip.t2), ("func", trip.func)):
+        paths.append(write_png(Path(folder) / f"{name}.png", resize(img[None], (side, side))[0]))
+    return paths
+
+
+def check_fusable(mc, where) -> None:
+    """Refuse a model config that does not take 5 condition channels (T1, T2, functional RGB) and give 3."""
+    if mc.cond_channels != 5 or mc.out_channels != 3:
+        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
+                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+
+
 def check_scale_size(scale: int, size: int, multiple: int) -> None:
     if scale not in SCALES:
         raise UserError(f"unsupported scale {scale}; choose one of {', '.join(map(str, SCALES))}")

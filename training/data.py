@@ -307,11 +307,12 @@ def make_batch(samples: list[Sample] | torch.Tensor, indices: Iterable[int], sca
     """Degrade, fuse the baseline and crop, batched on the device that holds the samples (a list of
     samples, or their `stack_samples` tensor). All randomness comes from `rng`, so a batch is a pure
     function of its seed: training resumes exactly where it stopped."""
-    idx = torch.as_tensor(np.asarray(list(indices), dtype=np.int64))
-    stack = samples if torch.is_tensor(samples) else stack_samples([samples[int(i)] for i in idx])
-    if not torch.is_tensor(samples):
-        idx = torch.arange(len(idx))
-    hr = stack[idx.to(stack.device)].float() / 255.0
+    idx = [int(i) for i in indices]
+    if torch.is_tensor(samples):
+        hr = samples[torch.tensor(idx, device=samples.device)]
+    else:
+        hr = stack_samples([samples[i] for i in idx])
+    hr = hr.float() / 255.0
     if train:
         hr = augment(hr, rng)
     n, size = hr.shape[0], hr.shape[-1]

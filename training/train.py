@@ -293,8 +293,6 @@ class Trainer:
             b: Batch = make_batch(self.val_hr, picks, [scale], 0, False, np.random.default_rng(0))
             fused = fuse_tensor(denoiser, self.diffusion, b.cond01,
                                 SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0))
-            b = Batch(b.cond01.cpu(), b.base01.cpu(), b.gt01.cpu(), b.scales)
-            fused = fused.cpu()
             out[f"x{scale}/psnr"] = float(psnr(fused, b.gt01).mean())
             out[f"x{scale}/ssim"] = float(ssim(fused, b.gt01).mean())
             out[f"x{scale}/baseline_psnr"] = float(psnr(b.base01, b.gt01).mean())

@@ -31,6 +31,7 @@ class OnnxDenoiser:
         self.meta = meta if meta is not None else read_sidecar(self.path)
         self.spec = IOSpec.from_json(self.meta["io"])
         self.precision = self.meta.get("precision", "fp32")
+        self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
 
         available = ort.get_available_providers()
         providers = []

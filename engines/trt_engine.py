@@ -4,6 +4,7 @@ optional CUDA graph for static shapes."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,20 +13,49 @@ from tfsdeploy.errors import UserError
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
 
 
+def tensorrt_status() -> tuple[Any, str]:
+    """(tensorrt module or None, reason it cannot be used). Importing can succeed without a GPU, so
+    the GPU is checked too."""
+    try:
+        import tensorrt as trt  # noqa: F401
+    except ImportError:
+        return None, "TensorRT is not installed (pip install 'tfsdeploy[gpu]' on a machine with an NVIDIA GPU)"
+    except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
+        return None, f"TensorRT failed to import ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU is available to build or run a TensorRT engine"
+    return trt, ""
+
+
+def gpu_identity() -> dict[str, str]:
+    p = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}"}
+
+
+def check_engine_meta(meta: dict[str, Any], trt_version: str, gpu: dict[str, str], where: str | Path) -> None:
+    """Refuse an engine built by another TensorRT or for another GPU."""
+    if meta.get("tensorrt") != trt_version:
+        raise UserError(f"{where} was built with TensorRT {meta.get('tensorrt')}, this is {trt_version}; "
+                        f"rebuild it with `tfsdeploy export --trt`")
+    if meta.get("gpu") != gpu["gpu"] or meta.get("compute_capability") != gpu["compute_capability"]:
+        raise UserError(f"{where} was built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), this is "
+                        f"{gpu['gpu']} (sm {gpu['compute_capability']}); rebuild it with `tfsdeploy export --trt`")
+
+
 class TrtDenoiser:
     name = "trt"
 
-    def __init__(self, path: str | Path, cuda_graph: bool = False):
-        from export.trt_build import check_engine_meta, gpu_identity, tensorrt_status
-
+    def __init__(self, path: str | Path, cuda_graph: bool = False, meta: dict[str, Any] | None = None):
+        """`meta` is the sidecar; pass it only for an engine being verified before its sidecar exists."""
         trt, reason = tensorrt_status()
         if trt is None:
             raise UserError(f"cannot run {path}: {reason}")
         self.path = Path(path)
-        self.meta = read_sidecar(self.path)
+        self.meta = meta if meta is not None else read_sidecar(self.path)
         check_engine_meta(self.meta, trt.__version__, gpu_identity(), self.path)
         self.spec = IOSpec.from_json(self.meta["io"])
         self.precision = "fp16"
+        self.dtype = torch.float16
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._logger)

@@ -25,7 +25,9 @@ from torch import nn
 from tfsdeploy import __version__
 from tfsdeploy.artifacts import checkpoint_fingerprint, default_export_dir, sidecar_path, write_sidecar
 from tfsdeploy.checkpoint import build_from_checkpoint
+from tfsdeploy.config import ARTIFACT_FILES
 from tfsdeploy.errors import UserError
+from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
 from tfsdeploy.model import TFSDiffUNet
 
@@ -103,15 +105,14 @@ def write_onnx(module: nn.Module, spec: IOSpec, path: Path, opset: int = DEFAULT
 
 def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path | None = None,
                 spec: IOSpec | None = None, opset: int = DEFAULT_OPSET, parity_steps: int = 10,
-                log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
+                parity_image: Triplet | None = None, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]]:
     """Export one precision; returns the ONNX path and its parity report. Raises UserError when the
-    parity limits are exceeded, leaving no artifact behind."""
+    parity limits are exceeded, leaving no artifact behind. The fused-image check runs on
+    `parity_image` (a real held-out slice, when the caller has one) or on a synthetic phantom."""
     from engines.onnx_engine import OnnxDenoiser
     from engines.torch_engine import TorchDenoiser
-    from export.parity import LIMITS, call_parity, check_limits, fused_parity
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
-    from tfsdeploy.pipeline import make_condition
-    from training.data import reference_triplet
+    from export.parity import parity_condition, parity_report
+    from tfsdeploy.diffusion import Diffusion
 
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -126,7 +127,7 @@ def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path |
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create the export folder ({e.strerror})") from None
-    final = out_dir / f"denoiser-{precision}.onnx"
+    final = out_dir / ARTIFACT_FILES["onnx" if precision == "fp32" else "onnx-fp16"]
     module: nn.Module = model if precision == "fp32" else HalfDenoiser(model).eval()
 
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmpdir:
@@ -139,17 +140,9 @@ def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path |
         meta = {"kind": "onnx", "precision": precision, "opset": opset, "io": spec.to_json(),
                 "checkpoint": fingerprint, "configs": ck.configs.to_json(), "versions": versions()}
         engine = OnnxDenoiser(tmp, device="cpu", meta=meta)
-        reference = TorchDenoiser(model)
-        diffusion = Diffusion(NoiseSchedule(ck.configs.schedule), ck.configs.diffusion)
-        cond01, _ = make_condition(reference_triplet(spec.opt_size), 4, spec.opt_size)
-        t0 = time.perf_counter()
-        rel = call_parity(reference, engine, spec)
-        fused = fused_parity(reference, engine, diffusion, cond01, parity_steps)
-        report = {"relative_l2": rel, "fused_psnr_db": fused, "ddim_steps": parity_steps, "scale": 4,
-                  "size": spec.opt_size, "provider": engine.provider, "limits": dict(zip(
-                      ("max_relative_l2", "min_fused_psnr_db"), LIMITS[precision])),
-                  "export_s": round(export_s, 1), "parity_s": round(time.perf_counter() - t0, 1)}
-        problems = check_limits(precision, rel, fused)
+        report, problems = parity_report(precision, TorchDenoiser(model), engine, Diffusion.from_configs(ck.configs),
+                                         spec, parity_condition(spec, parity_image), parity_steps)
+        report.update(provider=engine.provider, export_s=round(export_s, 1))
         if problems:
             raise UserError(f"{precision} ONNX failed parity against torch fp32: {'; '.join(problems)}; "
                             f"nothing was written")

@@ -19,26 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tfsdeploy.artifacts import read_sidecar, write_sidecar
+from engines.trt_engine import gpu_identity, tensorrt_status
+from tfsdeploy.artifacts import read_sidecar, sidecar_path, write_sidecar
 from tfsdeploy.errors import UserError
-from tfsdeploy.imaging import atomic_path
+from tfsdeploy.fileio import atomic_path
+from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import IOSpec
-
-
-def tensorrt_status() -> tuple[Any, str]:
-    """(tensorrt module or None, reason it cannot be used). Importing can succeed without a GPU, so
-    the GPU is checked too."""
-    try:
-        import tensorrt as trt  # noqa: F401
-    except ImportError:
-        return None, "TensorRT is not installed (pip install 'tfsdeploy[gpu]' on a machine with an NVIDIA GPU)"
-    except Exception as e:  # noqa: BLE001 - a broken install (missing libnvinfer) raises OSError etc.
-        return None, f"TensorRT failed to import ({type(e).__name__}: {e})"
-    import torch
-
-    if not torch.cuda.is_available():
-        return None, "no CUDA GPU is available to build or run a TensorRT engine"
-    return trt, ""
 
 
 def trt_major(version: str) -> int:
@@ -65,13 +51,6 @@ def build_plan(version: str) -> BuildPlan:
     raise UserError(f"TensorRT {version} is not supported; use 10.x or 11.x")
 
 
-def gpu_identity() -> dict[str, str]:
-    import torch
-
-    p = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {"gpu": p.name, "compute_capability": f"{p.major}.{p.minor}"}
-
-
 def engine_key(onnx_sha256: str, trt_version: str, gpu: str, compute_capability: str, precision: str,
                spec: IOSpec) -> str:
     """The engine cache key: any change in these makes a different engine."""
@@ -84,19 +63,14 @@ def engine_path(out_dir: Path, key: str, precision: str = "fp16") -> Path:
     return out_dir / f"denoiser-{precision}-{key[:16]}.plan"
 
 
-def check_engine_meta(meta: dict[str, Any], trt_version: str, gpu: dict[str, str], where: str | Path) -> None:
-    """Refuse an engine built by another TensorRT or for another GPU."""
-    if meta.get("tensorrt") != trt_version:
-        raise UserError(f"{where} was built with TensorRT {meta.get('tensorrt')}, this is {trt_version}; "
-                        f"rebuild it with `tfsdeploy export --trt`")
-    if meta.get("gpu") != gpu["gpu"] or meta.get("compute_capability") != gpu["compute_capability"]:
-        raise UserError(f"{where} was built for {meta.get('gpu')} (sm {meta.get('compute_capability')}), this is "
-                        f"{gpu['gpu']} (sm {gpu['compute_capability']}); rebuild it with `tfsdeploy export --trt`")
-
-
-def build_engine(onnx_path: Path, out_dir: Path, workspace_gib: float = 8.0,
+def build_engine(onnx_path: Path, out_dir: Path, ckpt: str | Path, workspace_gib: float = 8.0,
+                 parity_steps: int = 10, parity_image: Triplet | None = None,
                  log: Callable[[str], None] = print) -> Path:
-    """Build (or reuse a matching cached) FP16 engine from an exported ONNX and its sidecar."""
+    """Build (or reuse a matching cached) FP16 engine from an exported ONNX and its sidecar.
+
+    A new engine passes the same parity gate as the ONNX files (one call, and a whole fused image,
+    against torch fp32 from `ckpt`, the fp16 limits) before it is published; its sidecar records
+    the result. An engine that misses the limits is deleted and the build fails."""
     trt, reason = tensorrt_status()
     if trt is None:
         raise UserError(f"--trt: {reason}")
@@ -151,15 +125,39 @@ def build_engine(onnx_path: Path, out_dir: Path, workspace_gib: float = 8.0,
     build_s = time.perf_counter() - t0
     with atomic_path(cache_file) as tmp:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    meta = {"kind": "tensorrt", "precision": "fp16", "key": key, "tensorrt": trt.__version__, **gpu,
+            "strongly_typed": plan.strongly_typed, "onnx": {"file": onnx_path.name, "sha256": onnx_meta["sha256"]},
+            "io": onnx_meta["io"], "checkpoint": onnx_meta["checkpoint"], "configs": onnx_meta["configs"],
+            "versions": onnx_meta.get("versions", {}), "build_s": round(build_s, 1)}
+    # Publish only after parity: an old sidecar never describes a new file, and the sidecar goes last.
+    sidecar_path(target).unlink(missing_ok=True)
     with atomic_path(target) as tmp:
         tmp.write_bytes(bytes(serialized))
-    write_sidecar(target, {
-        "kind": "tensorrt", "precision": "fp16", "key": key, "tensorrt": trt.__version__, **gpu,
-        "strongly_typed": plan.strongly_typed, "onnx": {"file": onnx_path.name, "sha256": onnx_meta["sha256"]},
-        "io": onnx_meta["io"], "checkpoint": onnx_meta["checkpoint"], "configs": onnx_meta["configs"],
-        "versions": onnx_meta.get("versions", {}), "build_s": round(build_s, 1),
-    })
+        report = _engine_parity(tmp, meta, ckpt, spec, parity_steps, parity_image, log)
+    write_sidecar(target, {**meta, "parity": report})
     return target
+
+
+def _engine_parity(path: Path, meta: dict[str, Any], ckpt: str | Path, spec: IOSpec, steps: int,
+                   image: Triplet | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run a freshly built engine against torch fp32 on the GPU; raise (so nothing is published)
+    when it misses the fp16 limits."""
+    from engines.torch_engine import TorchDenoiser
+    from engines.trt_engine import TrtDenoiser
+    from export.parity import parity_condition, parity_report
+    from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.diffusion import Diffusion
+
+    model, ck = build_from_checkpoint(ckpt)
+    engine = TrtDenoiser(path, meta=meta)
+    reference = TorchDenoiser(model, engine.device)
+    report, problems = parity_report("fp16", reference, engine, Diffusion.from_configs(ck.configs), spec,
+                                     parity_condition(spec, image), steps)
+    if problems:
+        raise UserError(f"TensorRT engine failed parity against torch fp32: {'; '.join(problems)}; nothing was written")
+    log(f"  TensorRT parity vs torch fp32: relative L2 {report['relative_l2']:.2e}, fused PSNR "
+        f"{report['fused_psnr_db']:.1f} dB")
+    return report
 
 
 def _pin_fp32_islands(trt, network, config) -> None:

@@ -40,6 +40,19 @@ def write_folder(root: Path, names: list[str], size: int = 64, seed: int = 0, gt
     return root
 
 
+class AnalyticDenoiser:
+    """A plain function behind the Denoiser protocol (diffusers-style contract tests)."""
+
+    def __init__(self, fn, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.fn, self.device, self.dtype = fn, torch.device(device), dtype
+
+    def describe(self) -> str:
+        return f"analytic ({self.device.type})"
+
+    def __call__(self, x_t, cond, noise_level):
+        return self.fn(x_t, cond, noise_level)
+
+
 def randomize_output(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """The output conv starts at zero by design; give it random weights so outputs carry signal."""
     g = torch.Generator().manual_seed(seed)
@@ -85,7 +98,7 @@ def tiny_run(tmp_path_factory, synth_dataset) -> Path:
 @pytest.fixture(scope="session")
 def spm_dataset(tmp_path_factory) -> Path:
     """The real SPM dataset at 64x64 (built once per test session)."""
-    from training.data import build_spm_dataset
+    from tfsdeploy.data import build_spm_dataset
 
     out = tmp_path_factory.mktemp("spm") / "ds"
     build_spm_dataset(out, size=64)

@@ -116,7 +116,8 @@ def test_a_bundle_recommends_its_ddim_steps_and_an_explicit_steps_wins(tmp_path,
 
 
 def test_evaluate_runs_each_scale_on_its_member(tmp_path, three, synth_dataset):
-    from tfsdeploy.evaluate import EvalConfig, evaluate
+    from test_evaluate import evaluate
+    from tfsdeploy.tools.evaluate import EvalConfig
 
     out = make_bundle(three, tmp_path / "bundle")
     cfg = EvalConfig(scales=(4, 8), methods=("classical",), limit=1)
@@ -183,6 +184,6 @@ def test_demo_with_the_default_model_beats_the_baseline(tmp_path):
 
 def test_demo_bad_inputs(tmp_path):
     res = run("demo", "--scale", 3, "--out", tmp_path / "d")
-    assert res.exit_code != 0 and "--scale must be 2, 4 or 8" in res.stderr
+    assert res.exit_code != 0 and "unsupported scale 3; choose one of 2, 4, 8" in res.stderr
     res = run("demo", "--combo", "t1-ct", "--out", tmp_path / "d")
     assert res.exit_code != 0 and "unknown combination" in res.stderr

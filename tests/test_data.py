@@ -8,7 +8,9 @@ from PIL import Image
 from conftest import write_folder
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import read_image
-from training.data import FolderSource, brain_slices, load_spm_volumes, make_batch, open_split, split_by_blocks
+from tfsdeploy.data import FolderSource, load_spm_volumes, make_batch, open_split
+from tfsdeploy.data.spm import brain_slices, split_by_blocks
+from training.augment import augment
 
 
 def test_split_by_blocks_is_contiguous_with_guards():
@@ -86,14 +88,14 @@ def test_folder_source_errors(tmp_path):
 
 def test_make_batch_is_deterministic_and_shaped(synth_dataset):
     samples = FolderSource(synth_dataset / "train", size=64).load()
-    a = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(5))
-    b = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(5))
-    c = make_batch(samples, [0, 3], [4, 8], 32, True, np.random.default_rng(6))
+    a = make_batch(samples, [0, 3], [4, 8], 32, np.random.default_rng(5), augment)
+    b = make_batch(samples, [0, 3], [4, 8], 32, np.random.default_rng(5), augment)
+    c = make_batch(samples, [0, 3], [4, 8], 32, np.random.default_rng(6), augment)
     assert a.cond01.shape == (2, 5, 32, 32) and a.base01.shape == a.gt01.shape == (2, 3, 32, 32)
     assert torch.equal(a.cond01, b.cond01) and torch.equal(a.gt01, b.gt01)
     assert not torch.equal(a.gt01, c.gt01)
     assert set(a.scales) <= {4, 8}
-    full = make_batch(samples, [1], [2], 0, False, np.random.default_rng(0))
+    full = make_batch(samples, [1], [2], 0, np.random.default_rng(0))
     assert full.cond01.shape == (1, 5, 64, 64)
     assert 0 <= float(full.cond01.min()) and float(full.cond01.max()) <= 1
 
@@ -101,16 +103,16 @@ def test_make_batch_is_deterministic_and_shaped(synth_dataset):
 def test_make_batch_from_a_stack_matches_the_list_and_the_per_sample_recipe(synth_dataset):
     from tfsdeploy.fusion import fuse_condition
     from tfsdeploy.imaging import degrade
-    from training.data import stack_samples
+    from tfsdeploy.data import stack_samples
 
     samples = open_split(synth_dataset, "train", 64).load()
-    a = make_batch(samples, [4, 1, 4], [2, 4, 8], 32, True, np.random.default_rng(3))
-    b = make_batch(stack_samples(samples), [4, 1, 4], [2, 4, 8], 32, True, np.random.default_rng(3))
+    a = make_batch(samples, [4, 1, 4], [2, 4, 8], 32, np.random.default_rng(3), augment)
+    b = make_batch(stack_samples(samples), [4, 1, 4], [2, 4, 8], 32, np.random.default_rng(3), augment)
     for x, y in zip((a.cond01, a.base01, a.gt01), (b.cond01, b.base01, b.gt01)):
         assert torch.equal(x, y)
     assert a.scales == b.scales
     # without augmentation or crops, each item is exactly degrade + classical fusion of that sample
-    c = make_batch(samples, [0, 2], [2, 8], 0, False, np.random.default_rng(1))
+    c = make_batch(samples, [0, 2], [2, 8], 0, np.random.default_rng(1))
     for i, n in enumerate([0, 2]):
         hr = samples[n].hr.float()[None] / 255
         cond = degrade(hr[:, :5], c.scales[i])

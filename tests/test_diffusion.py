@@ -8,6 +8,8 @@ from tfsdeploy.config import DiffusionConfig, ScheduleConfig
 from tfsdeploy.diffusion import Diffusion, NoiseSchedule
 from tfsdeploy.errors import UserError
 
+from conftest import AnalyticDenoiser
+
 
 def test_linear_schedule_matches_closed_form():
     s = NoiseSchedule(ScheduleConfig())
@@ -59,10 +61,11 @@ def test_split_inverts_target_for(prediction):
     torch.testing.assert_close(p.eps, eps, atol=2e-3, rtol=1e-3)
 
 
-class GaussianOracle:
+class GaussianOracle(AnalyticDenoiser):
     """The exact MMSE denoiser for data x0 ~ N(mu, sigma^2), elementwise, in any parameterisation."""
 
     def __init__(self, diffusion, mu, sigma):
+        super().__init__(None)
         self.d, self.mu, self.var = diffusion, mu, sigma**2
 
     def __call__(self, x_t, cond, lvl):
@@ -105,7 +108,7 @@ def test_sampling_is_seeded():
 
 def test_clip_bounds_the_estimate():
     d = Diffusion(NoiseSchedule(ScheduleConfig(num_steps=100)), DiffusionConfig(prediction="x0"))
-    big = lambda x, c, l: torch.full_like(x, 5.0)  # noqa: E731
+    big = AnalyticDenoiser(lambda x, c, l: torch.full_like(x, 5.0))
     lo, hi = -torch.ones(1, 3, 4, 4), torch.ones(1, 3, 4, 4) * 0.5
     x = d.sample(big, torch.zeros(1), (1, 3, 4, 4), steps=5, clip=(lo, hi))
     torch.testing.assert_close(x, hi)

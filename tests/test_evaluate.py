@@ -10,13 +10,15 @@ from sewar.full_ref import vifp
 from typer.testing import CliRunner
 
 from conftest import write_folder
-from tfsdeploy.cli import app
+from tfsdeploy.cli import app, evaluation_inputs
+from tfsdeploy.config import EngineConfig
 from tfsdeploy.errors import UserError
-from tfsdeploy.evaluate import EvalConfig, evaluate
 from tfsdeploy.fusion import METHODS, fuse_trimodal
 from tfsdeploy.lpips import LPIPS, load_lpips
-from tfsdeploy.metrics import (average_gradient, entropy, qabf, reference_metrics, spatial_frequency, std_dev,
-                               vif)
+from tfsdeploy.report_metrics import (average_gradient, entropy, qabf, reference_metrics, spatial_frequency, std_dev,
+                                      vif)
+from tfsdeploy.tools.evaluate import EvalConfig
+from tfsdeploy.tools.evaluate import evaluate as evaluate_entries
 
 
 def test_vif_matches_sewar_and_is_one_for_identical_images():
@@ -79,6 +81,12 @@ def test_lpips_from_local_files(tmp_path):
     torch.save({"wrong": torch.zeros(1)}, tmp_path / "bad.pth")
     fn3, reason3 = load_lpips(tmp_path / "bad.pth", tmp_path / "alex.pth")
     assert fn3 is None and "wrong layout" in reason3
+
+
+def evaluate(models, root, out, cfg, log=lambda s: None):
+    """What `tfsdeploy evaluate` runs: the CLI's wiring, then the tool."""
+    entries, samples = evaluation_inputs(models, root, cfg, EngineConfig(engine=cfg.engine))
+    return evaluate_entries(entries, samples, out, cfg, log=log)
 
 
 def test_every_baseline_method_fuses():

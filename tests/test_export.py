@@ -4,24 +4,30 @@ import dataclasses
 import json
 import shutil
 
+import hashlib
+
 import numpy as np
-import onnx
 import pytest
 import torch
 
-from conftest import randomize_output
-from engines.loader import find_artifact, load_denoiser, select_engine
-from engines.onnx_engine import OnnxDenoiser
-from engines.torch_engine import TorchDenoiser
-from export.onnx_export import HalfDenoiser, default_spec, export_onnx
-from export.parity import check_limits, relative_l2
-from export.trt_build import build_plan, check_engine_meta, engine_key, engine_path, tensorrt_status
-from tfsdeploy.artifacts import read_sidecar, sidecar_path
-from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint
-from tfsdeploy.config import PRESETS, DiffusionConfig
-from tfsdeploy.errors import UserError
-from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
-from tfsdeploy.model import build_model
+onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+
+from conftest import randomize_output  # noqa: E402
+from engines.loader import find_artifact, load_artifact  # noqa: E402
+from engines.onnx_engine import OnnxDenoiser  # noqa: E402
+from engines.torch_engine import TorchDenoiser  # noqa: E402
+from engines.trt_engine import check_engine_meta, tensorrt_status  # noqa: E402
+from export.onnx_export import HalfDenoiser, default_spec, export_onnx  # noqa: E402
+from export.parity import check_limits, relative_l2  # noqa: E402
+from export.trt_build import build_plan, engine_key, engine_path  # noqa: E402
+from tfsdeploy.artifacts import read_sidecar, sidecar_path  # noqa: E402
+from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint  # noqa: E402
+from tfsdeploy.config import PRESETS, DiffusionConfig, EngineConfig  # noqa: E402
+from tfsdeploy.pipeline import load_denoiser  # noqa: E402
+from tfsdeploy.errors import UserError  # noqa: E402
+from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec  # noqa: E402
+from tfsdeploy.model import build_model  # noqa: E402
 
 SPEC = IOSpec(size_multiple=4, min_batch=1, opt_batch=1, max_batch=3, min_size=32, opt_size=64, max_size=128)
 
@@ -95,7 +101,9 @@ def test_parity_reports_are_within_limits_and_recorded(exported, ckpt):
     for p, (path, rep) in exported.items():
         side = read_sidecar(path)
         assert side["precision"] == p and side["opset"] >= 18 and side["parity"] == rep
-        assert side["checkpoint"]["sha256"] == read_sidecar(path)["checkpoint"]["sha256"]
+        weights = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+        assert side["checkpoint"]["sha256"] == weights
+        assert side["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert {"torch", "onnx", "onnxruntime"} <= set(side["versions"])
     assert exported["fp32"][1]["relative_l2"] <= 1e-4 and exported["fp32"][1]["fused_psnr_db"] >= 45
     assert 0 < exported["fp16"][1]["relative_l2"] <= 1e-2 and exported["fp16"][1]["fused_psnr_db"] >= 35
@@ -136,7 +144,7 @@ def test_tampered_onnx_is_refused(exported, tmp_path):
         OnnxDenoiser(dst)
     sidecar_path(dst).unlink()
     with pytest.raises(UserError, match="no sidecar"):
-        load_denoiser(dst)
+        load_artifact(dst)
 
 
 def test_checkpoint_changed_after_export_is_refused(ckpt, exported, tmp_path):
@@ -155,27 +163,27 @@ def test_checkpoint_changed_after_export_is_refused(ckpt, exported, tmp_path):
     with pytest.raises(UserError, match="different checkpoint"):
         find_artifact(run, "onnx")
     # auto then falls back to torch rather than use a stale artifact
-    den, _ = select_engine(run, "auto")
+    den, _ = load_denoiser(run)
     assert den.name == "torch"
 
 
-def test_select_engine_auto_prefers_onnx_on_cpu(ckpt, exported):
-    den, cfg = select_engine(ckpt, "auto")
-    assert den.name == "onnx" and den.precision == "fp32"
+def test_auto_prefers_onnx_on_cpu(ckpt, exported):
+    den, cfg = load_denoiser(ckpt)
+    assert den.name == "onnx" and den.precision == "fp32" and den.device.type == "cpu"
     assert cfg.diffusion.prediction == "eps"
-    den16, _ = select_engine(ckpt, "onnx-fp16")
-    assert den16.precision == "fp16"
-    direct, cfg2 = load_denoiser(exported["fp16"][0])
+    den16, _ = load_denoiser(ckpt, EngineConfig(engine="onnx-fp16"))
+    assert den16.precision == "fp16" and den16.dtype == torch.float16
+    direct, cfg2 = load_artifact(exported["fp16"][0])
     assert direct.precision == "fp16" and cfg2 == cfg
     with pytest.raises(UserError, match="engine must be"):
-        select_engine(ckpt, "cuda-magic")
+        EngineConfig(engine="cuda-magic")
 
 
 def test_missing_export_says_how_to_fix(tmp_path):
     cfg = Configs(model=PRESETS["tiny"])
     ck = save_checkpoint(tmp_path, cfg, 1, build_model(cfg.model).state_dict())
     with pytest.raises(UserError, match="tfsdeploy export"):
-        select_engine(ck, "onnx")
+        load_denoiser(ck, EngineConfig(engine="onnx"))
 
 
 def test_half_wrapper_keeps_fp32_io():
@@ -236,7 +244,7 @@ def test_trt_unavailable_is_one_clear_reason(ckpt):
     trt, reason = tensorrt_status()
     assert trt is None and reason
     with pytest.raises(UserError, match="engine trt"):
-        select_engine(ckpt, "trt")
+        load_denoiser(ckpt, EngineConfig(engine="trt"))
 
 
 needs_trt = pytest.mark.skipif(tensorrt_status()[0] is None, reason=f"needs TensorRT: {tensorrt_status()[1]}")
@@ -249,8 +257,10 @@ def test_trt_engine_builds_caches_and_matches_torch(ckpt, exported):
     from export.trt_build import build_engine
 
     onnx_path = exported[build_plan(tensorrt_status()[0].__version__).onnx_precision][0]
-    eng_path = build_engine(onnx_path, onnx_path.parent, log=lambda s: None)
-    assert build_engine(onnx_path, onnx_path.parent, log=lambda s: None) == eng_path  # cache hit
+    eng_path = build_engine(onnx_path, onnx_path.parent, ckpt, parity_steps=3, log=lambda s: None)
+    assert build_engine(onnx_path, onnx_path.parent, ckpt, log=lambda s: None) == eng_path  # cache hit
+    parity = read_sidecar(eng_path)["parity"]
+    assert parity["relative_l2"] <= 1e-2 and parity["fused_psnr_db"] >= 35
     model, _ = build_from_checkpoint(ckpt)
     ref = TorchDenoiser(model, "cuda")
     x, c, l = torch.randn(1, 3, 64, 64), torch.randn(1, 5, 64, 64), torch.rand(1)

@@ -15,8 +15,52 @@ def test_paper_preset_has_about_98m_parameters():
     assert 97.0e6 <= n <= 99.0e6, n
 
 
-def test_small_preset_is_at_most_8m_parameters():
-    assert count_parameters(build_model(PRESETS["small"])) <= 8_000_000
+def expected_parameters(cfg: ModelConfig) -> int:
+    """The U-Net's parameter count from its config, by the architecture's arithmetic (DESIGN.md 1):
+    convs and linears with biases, GroupNorms with a scale and a shift per channel."""
+    conv = lambda k, i, o: k * k * i * o + o  # noqa: E731
+    lin = lambda i, o: i * o + o  # noqa: E731
+    norm = lambda c: 2 * c  # noqa: E731
+    ch, emb = cfg.inner_channels, cfg.inner_channels
+
+    def res(i, o):
+        return lin(emb, o) + norm(i) + conv(3, i, o) + norm(o) + conv(3, o, o) + (conv(1, i, o) if i != o else 0)
+
+    def attn(c):
+        return norm(c) + 3 * c * c + conv(1, c, c)  # qkv has no bias
+
+    cond = cfg.cond_channels
+    n = {"paper": lin(cond, cond // 4) + lin(cond // 4, cond), "none": 0,
+         "all": lin(cond + 3, (cond + 3) // 4) + lin((cond + 3) // 4, cond + 3)}[cfg.tmfa]
+    n += lin(ch, 4 * ch) + lin(4 * ch, emb) + conv(3, cond + 3, ch)
+    skips, now, r = [ch], ch, cfg.image_size
+    for level, mult in enumerate(cfg.channel_mults):
+        for _ in range(cfg.res_blocks):
+            n += res(now, ch * mult) + (attn(ch * mult) if r in cfg.attn_res else 0)
+            now = ch * mult
+            skips.append(now)
+        if level < len(cfg.channel_mults) - 1:
+            n += conv(3, now, now)
+            skips.append(now)
+            r //= 2
+    n += 2 * res(now, now) + attn(now)
+    for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+        for _ in range(cfg.res_blocks + 1):
+            n += res(now + skips.pop(), ch * mult) + (attn(ch * mult) if r in cfg.attn_res else 0)
+            now = ch * mult
+        if level:
+            n += conv(3, now, now)
+            r *= 2
+    return n + norm(now) + conv(3, now, cfg.out_channels)
+
+
+@pytest.mark.parametrize("preset", ["paper", "small", "tiny"])
+def test_parameter_counts_follow_the_preset_arithmetic(preset):
+    assert count_parameters(build_model(PRESETS[preset])) == expected_parameters(PRESETS[preset])
+
+
+def test_small_preset_has_4_0m_parameters():
+    assert round(count_parameters(build_model(PRESETS["small"])) / 1e6, 1) == 4.0
 
 
 @pytest.mark.parametrize("tmfa", ["paper", "all", "none"])
@@ -39,10 +83,21 @@ def test_tmfa_placements_differ_in_what_they_attend_to():
 
 
 def test_tmfa_is_squeeze_excitation():
+    # Weights chosen so the answer is known: the hidden unit is ReLU(mean of channel 0), and every
+    # channel's gate is sigmoid(hidden * k) with k = 0, 1, 2, 3, 4 for the five channels.
     se = TMFA(5, 4)
-    x = torch.randn(2, 5, 8, 8)
-    w = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3))))))
-    torch.testing.assert_close(se(x), x * w[:, :, None, None])
+    with torch.no_grad():
+        se.fc1.weight.copy_(torch.tensor([[1.0, 0, 0, 0, 0]]))
+        se.fc1.bias.zero_()
+        se.fc2.weight.copy_(torch.arange(5.0)[:, None])
+        se.fc2.bias.zero_()
+    x = torch.ones(2, 5, 4, 4)
+    x[0, 0] = torch.tensor([1.0, 3.0]).repeat(8).view(4, 4)  # mean 2, not constant: the pool is a mean
+    x[1, 0] = -1.0  # negative mean: ReLU gives 0, every gate is sigmoid(0) = 1/2
+    y = se(x)
+    gates0 = 1 / (1 + torch.exp(-2.0 * torch.arange(5.0)))
+    torch.testing.assert_close(y[0], x[0] * gates0[:, None, None])
+    torch.testing.assert_close(y[1], x[1] * 0.5)
 
 
 def test_output_starts_at_zero():
@@ -60,9 +115,16 @@ def test_noise_level_changes_the_output():
 
 
 def test_size_must_be_divisible():
-    m = build_model(PRESETS["tiny"]).eval()
-    with pytest.raises(RuntimeError):
-        m(torch.randn(1, 3, 30, 30), torch.randn(1, 5, 30, 30), torch.rand(1))
+    from engines.torch_engine import TorchDenoiser
+    from tfsdeploy.checkpoint import Configs
+    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.pipeline import FusionPipeline
+
+    cfg = PRESETS["tiny"]
+    pipe = FusionPipeline(TorchDenoiser(build_model(cfg)), Configs(model=cfg), 2, SampleConfig(steps=2))
+    with pytest.raises(UserError, match=f"30x30 is not a multiple of {cfg.size_multiple}"):
+        pipe(torch.rand(1, 5, 30, 30))
+    assert pipe(torch.rand(1, 5, 32, 32)).shape == (1, 3, 32, 32)
 
 
 def test_groupnorm_computes_in_fp32_for_half_inputs():
@@ -107,12 +169,12 @@ def test_config_round_trip_and_validation():
 
 @pytest.mark.slow
 def test_paper_preset_trains_one_step_and_denoises_at_256():
-    from tfsdeploy.config import DiffusionConfig, ScheduleConfig
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+    from tfsdeploy.checkpoint import Configs
+    from tfsdeploy.diffusion import Diffusion
 
     torch.manual_seed(0)
     m = build_model(PRESETS["paper"])
-    diff = Diffusion(NoiseSchedule(ScheduleConfig()), DiffusionConfig())
+    diff = Diffusion.from_configs(Configs(model=PRESETS["paper"]))
     opt = torch.optim.Adam(m.parameters(), lr=1e-4)
     x0, cond = torch.rand(1, 3, 256, 256) * 2 - 1, torch.rand(1, 5, 256, 256) * 2 - 1
     before = m.final.conv.weight.detach().clone()

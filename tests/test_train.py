@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_configs
+from conftest import AnalyticDenoiser, tiny_configs
 from tfsdeploy.checkpoint import load_checkpoint
 from tfsdeploy.config import PRESETS
 from tfsdeploy.errors import UserError
@@ -139,7 +139,7 @@ def test_scale_balance_weights_each_sample_loss(tmp_path, synth_dataset, monkeyp
 
 def test_regression_objective_trains_and_samples_in_one_call(tmp_path, synth_dataset):
     from tfsdeploy.config import DiffusionConfig
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+    from tfsdeploy.diffusion import Diffusion
 
     cfg = dataclasses.replace(tiny_configs(steps=2, val_every=2),
                               diffusion=DiffusionConfig(prediction="x0", target="residual", objective="regression"))
@@ -151,8 +151,8 @@ def test_regression_objective_trains_and_samples_in_one_call(tmp_path, synth_dat
         calls.append((x.abs().max().item(), level.abs().max().item()))
         return torch.full_like(x, 0.25)
 
-    d = Diffusion(NoiseSchedule(cfg.schedule), cfg.diffusion)
-    out = d.sample(net, torch.zeros(1, 5, 8, 8), (1, 3, 8, 8), steps=10)
+    d = Diffusion.from_configs(cfg)
+    out = d.sample(AnalyticDenoiser(net), torch.zeros(1, 5, 8, 8), (1, 3, 8, 8), steps=10)
     assert calls == [(0.0, 0.0)] and torch.all(out == 0.25)  # one call on x_t = 0 at level 0
     with pytest.raises(UserError, match="regression needs prediction x0"):
         DiffusionConfig(prediction="eps", objective="regression")

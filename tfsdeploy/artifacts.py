@@ -9,13 +9,13 @@ not match, or whose source checkpoint has changed since export.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tfsdeploy.checkpoint import MODEL_FILE, read_meta, sha256_file
 from tfsdeploy.errors import UserError
-from tfsdeploy.imaging import atomic_path
+from tfsdeploy.fileio import atomic_path
+from tfsdeploy.paths import cache_dir
 
 SIDECAR_FORMAT = "tfsdeploy-artifact"
 EXPORT_DIR = "export"
@@ -68,24 +68,6 @@ def verify_source(sidecar: dict[str, Any], ckpt: str | Path, artifact: str | Pat
                         f"(or the checkpoint changed since); export again")
 
 
-def cache_dir() -> Path:
-    """$TFSDEPLOY_CACHE, else ~/.cache/tfsdeploy: the built dataset and the default model's exports."""
-    base = os.environ.get("TFSDEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tfsdeploy")
-    return Path(base)
-
-
-def display_path(path: str | Path) -> str:
-    """A path as reports show it: relative to the working directory when inside it, else with the
-    home directory as ~ (reports are shared; machine-specific prefixes say nothing)."""
-    p = Path(path).resolve()
-    for base, prefix in ((Path.cwd().resolve(), ""), (Path.home().resolve(), "~/")):
-        try:
-            return prefix + str(p.relative_to(base))
-        except ValueError:
-            continue
-    return str(p)
-
-
 def default_export_dir(ckpt: str | Path) -> Path:
     """<checkpoint dir>/export for checkpoint folders, <file's folder>/export/<file stem> for a lone
     file (so the members of a bundle do not collide), and a folder in the cache for the packaged
@@ -101,4 +83,4 @@ def default_export_dir(ckpt: str | Path) -> Path:
 
 
 __all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
-           "default_export_dir", "cache_dir", "display_path"]
+           "default_export_dir"]

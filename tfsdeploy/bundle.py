@@ -24,7 +24,7 @@ from typing import Any
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.config import DEFAULT_DDIM_STEPS, SampleConfig
 from tfsdeploy.errors import UserError
-from tfsdeploy.imaging import atomic_dir
+from tfsdeploy.fileio import atomic_dir
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "tfsdeploy-bundle"

@@ -26,7 +26,7 @@ import torch
 from tfsdeploy import __version__
 from tfsdeploy.config import DataConfig, DiffusionConfig, ModelConfig, ScheduleConfig, TrainConfig, from_dict, to_dict
 from tfsdeploy.errors import UserError
-from tfsdeploy.imaging import atomic_dir, atomic_path
+from tfsdeploy.fileio import atomic_dir, atomic_path
 
 FORMAT = "tfsdeploy-checkpoint"
 FORMAT_VERSION = 1

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -64,7 +64,7 @@ def data_build(
     """Cut registered tri-modal slices from the installed SPM templates into ROOT/{train,val,test}/{t1,t2,func,gt}."""
     from rich.progress import Progress
 
-    from training.data import build_spm_dataset, default_data_dir
+    from tfsdeploy.data import build_spm_dataset, default_data_dir
 
     out = out or default_data_dir()
     if size % 8 or size < 32:
@@ -100,6 +100,7 @@ def _ranges(zs: list[int]) -> str:
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/small"), "--out", "-o", help="Run folder; an existing run is resumed."),
     preset: str = typer.Option("small", help="Model preset: paper, small or tiny."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the built SPM dataset, built if missing)."),
@@ -134,7 +135,7 @@ def train(
 ) -> None:
     """Train (or resume) a TFS-Diff model. Run under `torchrun --nproc_per_node N` for DDP."""
     from tfsdeploy.config import model_preset
-    from training.data import build_spm_dataset, default_data_dir
+    from tfsdeploy.data import ensure_dataset
     from training.train import has_checkpoint, resolve_configs
     from training.train import train as run_training
 
@@ -152,16 +153,9 @@ def train(
                   "scale_balance": scale_balance},
     }
     configs = resolve_configs(out, model, overrides)
-    if has_checkpoint(out) and model != configs.model and _explicit("preset"):
+    if has_checkpoint(out) and model != configs.model and _explicit(ctx, "preset"):
         raise UserError(f"{out} holds a different model than preset {preset!r}; use a new --out for a new run")
-    root = Path(configs.data.root) if configs.data.root else None
-    if root is None:
-        default = default_data_dir()
-        if not (default / "summary.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(f"building the SPM dataset in {default} (first use)")
-            build_spm_dataset(default)
-        _wait_for(default / "summary.json")
-        root = default
+    root = ensure_dataset(configs.data.root, log=typer.echo)
     if init is not None and has_checkpoint(out):
         raise UserError(f"{out} already holds a run; --init starts a new one (use a new --out)")
     if time_limit is not None and time_limit <= 0:
@@ -170,106 +164,135 @@ def train(
                  time_limit_s=None if time_limit is None else time_limit * 60)
 
 
-def _explicit(name: str) -> bool:
-    ctx = typer.get_current_context()
+def _explicit(ctx: typer.Context, name: str) -> bool:
     src = ctx.get_parameter_source(name)
     return src is not None and src.name != "DEFAULT"
-
-
-def _wait_for(path: Path, timeout: float = 600.0) -> None:
-    """Other DDP ranks wait while rank 0 builds the dataset."""
-    import time
-
-    t0 = time.time()
-    while not path.is_file():
-        if time.time() - t0 > timeout:
-            raise UserError(f"timed out waiting for {path}")
-        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------- fuse
 
 
+ENGINE_HELP = ("auto, torch, onnx, onnx-fp16 or trt. auto: on a GPU a valid TensorRT engine, else torch "
+               "(fp16, channels-last, CUDA graphs); on a CPU a valid fp32 ONNX export, else torch.")
+
+
+def _engine_config(engine: str = "auto", device: str = "auto", precision: str = "auto",
+                   cuda_graph: Optional[bool] = None, compile: bool = False, threads: int = 0,
+                   export_dir: Optional[Path] = None):
+    from tfsdeploy.config import EngineConfig
+
+    return EngineConfig(engine=engine, device=device, precision=precision, cuda_graph=cuda_graph, compile=compile,
+                        threads=threads, export_dir=str(export_dir) if export_dir else None)
+
+
 @app.command()
 @user_errors
 def fuse(
-    t1: Path = typer.Argument(..., help="MR-T1 image (PNG, JPEG or TIFF; 8 or 16 bit)."),
-    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT) image."),
-    func: Path = typer.Argument(..., help="SPECT or PET image; a grey one gets the built-in colour map."),
+    t1: Path = typer.Argument(..., help="MR-T1: an image (PNG, JPEG or TIFF; 8 or 16 bit), a NIfTI volume "
+                              "(.nii, .nii.gz) or a folder of slices."),
+    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT), of the same kind."),
+    func: Path = typer.Argument(..., help="SPECT or PET, of the same kind; grey images get the built-in colour map."),
     scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
                                          "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
-    out: Path = typer.Option(Path("fused.png"), "--out", "-o", help="Output PNG."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output: a PNG for images (default fused.png), "
+                                       "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
+                                       "(default fused/); scans also get OUT_montage.png."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
     steps: int = typer.Option(0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
                               "packaged model) or 10, for DDPM all T."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
-    seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image."),
+    seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image (every slice of a scan "
+                             "uses it)."),
     size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
-    engine: str = typer.Option("auto", help="auto, torch, onnx, onnx-fp16 or trt. auto: TensorRT on a GPU, "
-                               "else ONNX Runtime fp32, else torch, whichever is exported and valid."),
-    export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: CKPT/export)."),
-    cuda_graph: bool = typer.Option(False, help="Replay the TensorRT engine from a CUDA graph."),
-    compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    precision: str = typer.Option("auto", help="torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                              help="Replay denoiser calls from CUDA graphs (default: on for torch "
+                                              "on CUDA, off for TensorRT)."),
+    compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
+                                 "seconds once per process; worth it for long scans on a GPU)."),
+    batch_size: int = typer.Option(0, help="Scans: slices per batch (0 = as many as half the free memory holds)."),
+    export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: beside the model)."),
     method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
                                "classical, laplacian, guided."),
     threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
-    """Fuse three registered low-resolution images into one high-resolution colour image."""
+    """Fuse three registered low-resolution images (or volumes, or folders of slices) into one
+    high-resolution colour image (or volume, or folder)."""
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.imaging import check_writable, write_png
-    from tfsdeploy.pipeline import fuse_baseline, read_triplet
+    from tfsdeploy.inputs import check_scale, fuse_baseline, read_triplet
+    from tfsdeploy.pipeline import FusionPipeline
+    from tfsdeploy.scans import scan_kind
 
+    check_scale(scale)
+    kind = scan_kind(t1)
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    engine_cfg = _engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir)
+    if kind is not None:
+        _fuse_scan(kind, t1, t2, func, scale, model, out, sample, size, engine_cfg, batch_size, method, progress,
+                   verbose)
+        return
+    out = out or Path("fused.png")
     check_writable(out)
-    trip = read_triplet(t1, t2, func)
     if method != "diffusion":
+        trip = read_triplet(t1, t2, func)
         write_png(out, fuse_baseline(trip, scale, size or 256, method))
         typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
         return
-    img, desc = _fuse_with_model(trip, scale, model, sample, size, engine, export_dir, threads, cuda_graph, compile,
-                                 progress, verbose)
-    write_png(out, img)
-    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {desc})")
+    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    with _progress_bar(sample.sampler, progress) as bar:
+        img = pipe.fuse_files(t1, t2, func, out, size, progress=bar)
+    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {pipe.describe()})")
 
 
-def _fuse_with_model(trip, scale: int, model: Optional[Path], sample, size: int = 0, engine: str = "auto",
-                     export_dir: Optional[Path] = None, threads: int = 0, cuda_graph: bool = False,
-                     compile: bool = False, progress: bool = True, verbose: bool = False):
-    """The model path of `fuse` (and `demo`): pick the checkpoint and engine, sample, crop back.
-    Returns the image [3,h,w] and a one-line description of what ran."""
-    import torch
+def _verbose_log(verbose: bool):
+    return (lambda s: typer.echo(s, err=True)) if verbose else (lambda s: None)
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, enabled: bool, unit: str = ""):
+    """A rich progress bar; yields the callback (done, total) the library reports progress to."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engines.loader import select_engine
-    from tfsdeploy.bundle import model_for_scale, sample_for
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
-    from tfsdeploy.pipeline import check_scale_size, fuse_triplet
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                  TimeElapsedColumn(), disable=not enabled, transient=True) as prog:
+        task = prog.add_task(label, total=None)
+        yield lambda done, total: prog.update(task, completed=done, total=total)
 
-    sample = sample_for(model, scale, sample)
-    model = model_for_scale(model, scale)
-    if threads:
-        torch.set_num_threads(threads)
-    _check_fusable(model)
-    denoiser, configs = select_engine(model, engine, export_dir, threads=threads, cuda_graph=cuda_graph,
-                                      compile=compile, log=lambda s: typer.echo(s, err=True) if verbose else None)
-    mc = configs.model
-    size = size or mc.image_size
-    check_scale_size(scale, size, mc.size_multiple)
-    schedule = NoiseSchedule(configs.schedule)
-    if sample.steps > schedule.num_steps:
-        raise UserError(f"--steps {sample.steps} exceeds the schedule's T = {schedule.num_steps}")
-    diffusion = Diffusion(schedule, configs.diffusion)
-    with Progress(TextColumn(f"[bold]{sample.sampler}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress, transient=True) as prog:
-        task = prog.add_task("fuse", total=None)
-        img = fuse_triplet(denoiser, diffusion, trip, scale, size, mc.size_multiple, sample,
-                           progress=lambda i, n: prog.update(task, completed=i, total=n))
-    n = sample.steps or schedule.num_steps  # DDPM without --steps runs all T
-    engine_desc = denoiser.describe() if hasattr(denoiser, "describe") else denoiser.name
-    return img, f"x{scale}, {sample.sampler}-{n}, engine {engine_desc}, model {model}"
+
+def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Optional[Path], out: Optional[Path],
+               sample, size: int, engine_cfg, batch_size: int, method: str, progress: bool, verbose: bool) -> None:
+    """`fuse` on three NIfTI volumes or three folders of slices: every axial slice, in batches."""
+    from tfsdeploy.imaging import check_writable
+    from tfsdeploy.pipeline import FusionPipeline
+    from tfsdeploy.scans import open_scan, write_montage
+
+    if method != "diffusion":
+        raise UserError("--method applies to single images; scans are fused with the model")
+    if batch_size < 0:
+        raise UserError(f"--batch-size must be >= 0, got {batch_size}")
+    out = out or Path("fused.nii.gz" if kind == "nifti" else "fused")
+    montage = out.parent / f"{out.name.split('.')[0]}_montage.png"
+    check_writable(montage)
+    if kind == "folder" and out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; folder input writes a folder of PNGs")
+    scan = open_scan(t1, t2, func)
+    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    batch = batch_size or pipe.max_batch(pipe.check_size(size))
+    typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {batch} "
+               f"({pipe.describe()})", err=True)
+    with _progress_bar("fuse", progress, "slices") as bar:
+        fused = pipe.fuse_scan(scan, size, batch, progress=bar)
+    written = scan.write_output(out, fused)
+    write_montage(montage, fused, scan.names)
+    where = out if kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
+    typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
+               f"{pipe.describe()})")
 
 
 # --------------------------------------------------------------------------- bundle
@@ -325,61 +348,22 @@ def demo(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Cut a held-out triplet from the installed SPM templates, fuse it, and show it beside the baseline."""
-    import time
-
     from tfsdeploy.config import SampleConfig
-    from tfsdeploy.evaluate import write_montage
-    from tfsdeploy.fusion import fuse_condition
-    from tfsdeploy.imaging import check_writable, write_png
-    from tfsdeploy.metrics import psnr, ssim
-    from tfsdeploy.pipeline import fuse_baseline, make_condition, read_triplet, write_triplet
-    from training.data import reference_triplet
+    from tfsdeploy.data import reference_triplet
+    from tfsdeploy.inputs import check_scale
+    from tfsdeploy.pipeline import FusionPipeline
+    from tfsdeploy.tools.demo import run_demo
 
     size = 256
-    if scale not in (2, 4, 8):
-        raise UserError(f"--scale must be 2, 4 or 8, got {scale}")
-    hr = reference_triplet(size, combo)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot create ({e.strerror})") from None
-    check_writable(out / "fused.png")
-    # The inputs a user would have: the held-out slice at 1/scale of the output size, read back
-    # exactly as `fuse` reads them.
-    trip = read_triplet(*write_triplet(hr, out, size // scale))
-    reference = fuse_condition(hr.stacked()[None])[0]
-    baseline = fuse_baseline(trip, scale, size, "classical")
-    t0 = time.perf_counter()
-    fused, desc = _fuse_with_model(trip, scale, model, SampleConfig(steps=steps, seed=seed), size, engine,
-                                   progress=progress)
-    took = time.perf_counter() - t0
-    write_png(out / "reference.png", reference)
-    write_png(out / "baseline.png", baseline)
-    write_png(out / "fused.png", fused)
-    cond01 = make_condition(trip, scale, size)[0][0]  # the bicubic-upsampled inputs the model sees
-    write_montage(out / "side_by_side.png",
-                  {scale: {"T1 (LR)": cond01[0:1], "T2 (LR)": cond01[1:2], "functional (LR)": cond01[2:5],
-                           "bicubic+classical": baseline, "TFS-Diff": fused, "ground truth": reference}},
-                  ["bicubic+classical", "TFS-Diff"])
-    for label, img in (("bicubic + classical", baseline), ("TFS-Diff", fused)):
-        typer.echo(f"{label:>20}: PSNR {float(psnr(img[None], reference[None])):.2f} dB, "
-                   f"SSIM {float(ssim(img[None], reference[None])):.4f} against the HR classical fusion")
-    typer.echo(f"fused in {took:.1f} s ({desc})")
-    typer.echo(f"wrote {out}/t1.png, t2.png, func.png (inputs, {size // scale} px), fused.png, baseline.png, "
+    check_scale(scale)
+    pipe = FusionPipeline.load(model, scale, SampleConfig(steps=steps, seed=seed), _engine_config(engine))
+    with _progress_bar("demo", progress):
+        r = run_demo(pipe, reference_triplet(size, combo), out, size)
+    for label, v in r["scores"].items():
+        typer.echo(f"{label:>20}: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f} against the HR classical fusion")
+    typer.echo(f"fused in {r['seconds']:.1f} s ({pipe.describe()})")
+    typer.echo(f"wrote {out}/t1.png, t2.png, func.png (inputs, {r['input_side']} px), fused.png, baseline.png, "
                f"reference.png and side_by_side.png")
-
-
-def _check_fusable(model: Path) -> None:
-    """Refuse a model that does not take 5 condition channels and give 3, before loading weights."""
-    from tfsdeploy.artifacts import read_sidecar
-    from tfsdeploy.checkpoint import Configs, read_meta
-    from tfsdeploy.pipeline import check_fusable
-
-    if model.suffix in (".onnx", ".plan", ".engine"):
-        where, meta = model, read_sidecar(model).get("configs", {})
-    else:
-        where, meta = read_meta(model)
-    check_fusable(Configs.from_json(meta).model, where)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -409,34 +393,39 @@ def evaluate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Table-1 style metrics of each baseline and model, per scale, with a Fig-2 style montage."""
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from tfsdeploy.config import SampleConfig
-    from tfsdeploy.evaluate import EvalConfig
-    from tfsdeploy.evaluate import evaluate as run_evaluation
-    from training.data import default_data_dir
+    from tfsdeploy.tools.evaluate import EvalConfig
+    from tfsdeploy.tools.evaluate import evaluate as run_evaluation
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = EvalConfig(split=split, scales=_parse_scales(scales) or (), methods=tuple(m for m in methods.split(",") if m),
                      sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed), engine=engine,
                      limit=limit, size=size, montage_image=montage_image)
-    root = data or default_data_dir()
-    if data is None and not (root / "summary.json").is_file():
-        from training.data import build_spm_dataset
-
-        typer.echo(f"building the SPM dataset in {root} (first use)")
-        build_spm_dataset(root)
-    with Progress(TextColumn("[bold]evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress, transient=True) as prog:
-        task = prog.add_task("evaluate", total=None)
-        summary = run_evaluation(list(model), root, out, cfg, lpips_backbone, lpips_lin,
-                                 progress=lambda d, t: prog.update(task, completed=d, total=t), log=typer.echo)
+    if limit < 0:
+        raise UserError(f"--limit must be >= 0, got {limit}")
+    entries, samples = evaluation_inputs(list(model), data, cfg, _engine_config(engine, threads=threads), typer.echo)
+    with _progress_bar("evaluate", progress) as bar:
+        summary = run_evaluation(entries, samples, out, cfg, lpips_backbone, lpips_lin, progress=bar, log=typer.echo)
     for scale, tables in summary["tables"].items():
         typer.echo(f"{scale}: " + "; ".join(f"{k} {v['PSNR']:.2f} dB / {v['SSIM']:.4f}"
                                             for k, v in tables["reference"].items()))
     typer.echo(f"wrote {out}/report.md, table1_x*.md/.csv, values.json and montage.png")
+
+
+def evaluation_inputs(models: list[Path], data: Optional[Path], cfg, engine_cfg, log=lambda s: None):
+    """What `evaluate` is handed: one entry per model (its pipeline at every scale) and the split's
+    samples, at --size or the first model's training size."""
+    from tfsdeploy.bundle import named_model
+    from tfsdeploy.data import ensure_dataset, open_split
+    from tfsdeploy.pipeline import FusionPipeline
+    from tfsdeploy.tools.evaluate import model_entry
+
+    entries, labels, first_size = [], set(), 0
+    for path in (named_model(m) for m in models):
+        pipes = {s: FusionPipeline.load(path, s, cfg.sample, engine_cfg) for s in cfg.scales}
+        first_size = first_size or pipes[cfg.scales[0]].image_size
+        entries.append(model_entry(path, pipes, cfg, labels))
+    samples = open_split(ensure_dataset(data, log=log), cfg.split, cfg.size or first_size or 256).load()
+    return entries, samples
 
 
 # --------------------------------------------------------------------------- export
@@ -476,10 +465,12 @@ def export(
 
 def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Path], max_batch: int,
                 min_size: int, max_size: int, opset: int, parity_steps: int, workspace_gib: float) -> None:
+    from engines.trt_engine import tensorrt_status
     from export.onnx_export import default_spec, export_onnx
-    from export.trt_build import build_engine, build_plan, tensorrt_status
+    from export.trt_build import build_engine, build_plan
     from tfsdeploy.artifacts import default_export_dir
     from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.data import reference_triplet
 
     net, _ = build_from_checkpoint(model)
     spec = default_spec(net, max_batch=max_batch, min_size=min_size, max_size=max_size)
@@ -493,8 +484,9 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
     typer.echo(f"exporting {model} -> {out} (batch {spec.min_batch}..{spec.max_batch}, "
                f"size {spec.min_size}..{spec.max_size}, multiple of {spec.size_multiple}, opset {opset})")
     done = {}
+    parity_image = reference_triplet(spec.opt_size)  # a held-out slice, for the fused-image parity check
     for p in precisions:
-        path, rep = export_onnx(model, p, out, spec, opset, parity_steps, log=typer.echo)
+        path, rep = export_onnx(model, p, out, spec, opset, parity_steps, parity_image, log=typer.echo)
         done[p] = path
         typer.echo(f"  {path.name}: parity vs torch fp32: relative L2 {rep['relative_l2']:.2e} "
                    f"(limit {rep['limits']['max_relative_l2']:g}), fused PSNR {rep['fused_psnr_db']:.1f} dB "
@@ -502,9 +494,10 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
                    f"{rep['provider']})")
     if trt:
         if trt_mod is None:
-            raise UserError(f"--trt: {trt_reason}; the ONNX files above were written")
+            written = "; the ONNX files above were written" if done else ""
+            raise UserError(f"--trt: {trt_reason}{written}")
         onnx_path = done[build_plan(trt_mod.__version__).onnx_precision]
-        engine = build_engine(onnx_path, out, workspace_gib, log=typer.echo)
+        engine = build_engine(onnx_path, out, model, workspace_gib, parity_steps, parity_image, log=typer.echo)
         typer.echo(f"  {engine.name}: TensorRT FP16 engine")
 
 
@@ -518,8 +511,9 @@ def bench(
                                          "default: random weights of --preset; speed does not depend on the "
                                          "weights, except that exported engines are found beside it)."),
     preset: str = typer.Option("small", help="Model preset when no --model is given."),
-    engines: str = typer.Option(",".join(("torch", "torch-compile", "onnx-fp32", "onnx-fp16", "trt")),
-                                help="Engines to measure; unavailable ones are skipped with the reason."),
+    engines: str = typer.Option("torch,torch-fast,torch-compile,onnx,onnx-fp16,trt",
+                                help="Engines to measure (torch is eager fp32, torch-fast the default GPU path); "
+                                "unavailable ones are skipped with the reason."),
     sizes: str = typer.Option("128,256", help="Image sides for the per-call latency."),
     batches: str = typer.Option("1,4", help="Batch sizes for the per-call latency."),
     repeats: int = typer.Option(10, help="Timed calls per engine and shape."),
@@ -538,33 +532,31 @@ def bench(
     out: Path = typer.Option(Path("benchmarks/reports/latest"), "--out", "-o", help="Report folder."),
 ) -> None:
     """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
-    from tfsdeploy.bench import BenchConfig, StudyConfig, run_bench, sampler_study
     from tfsdeploy.bundle import model_for_scale
+    from tfsdeploy.data import reference_triplet
 
-    given = model  # a bundle stays a bundle for the command-line fuse timing (its sampler too)
-    if model is not None:
-        model = model_for_scale(model, scale)
     if quality:
-        from training.data import build_spm_dataset, default_data_dir
+        from tfsdeploy.data import ensure_dataset, open_split
+        from tfsdeploy.pipeline import FusionPipeline
+        from tfsdeploy.tools.study import StudyConfig, sampler_study
 
-        if model is None:
-            model = model_for_scale(None, scale)
-        root = data or default_data_dir()
-        if data is None and not (root / "summary.json").is_file():
-            typer.echo(f"building the SPM dataset in {root} (first use)")
-            build_spm_dataset(root)
-        r = sampler_study(model, root, StudyConfig(scale=scale, images=images, size=size,
-                                                   ddim_steps=_parse_ints(ddim_steps, "--ddim-steps"),
-                                                   ddpm_steps=ddpm_full, engine=engine), out, log=typer.echo)
+        pipe = FusionPipeline.load(model, scale, engine=_engine_config(engine, threads=threads))
+        samples = open_split(ensure_dataset(data, log=typer.echo), "test", size).load()
+        r = sampler_study(pipe, samples, StudyConfig(images=images, size=size,
+                                                     ddim_steps=_parse_ints(ddim_steps, "--ddim-steps"),
+                                                     ddpm_steps=ddpm_full), out, log=typer.echo)
         met = r["meets_target"]
         typer.echo(f"target ({r['target']}): " + (f"met by {met['sampler']}-{met['steps']}" if met else "not met"))
         typer.echo(f"wrote {out}/study.md, study.json and study.png")
         return
+    from tfsdeploy.tools.bench import BenchConfig, run_bench
+
     cfg = BenchConfig(preset=preset, sizes=_parse_ints(sizes, "--sizes"), batches=_parse_ints(batches, "--batches"),
                       engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
                       fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,
                       threads=threads)
-    r = run_bench(model, cfg, out, log=typer.echo, cli_model=given)
+    ckpt = model_for_scale(model, scale) if model is not None else None  # a bundle's member for --scale
+    r = run_bench(ckpt, cfg, out, reference_triplet(cfg.fuse_size), log=typer.echo, cli_model=model)
     fastest = min((x for x in r["latency"] if x["size"] == max(cfg.sizes) and x["batch"] == min(cfg.batches)),
                   key=lambda x: x["median_ms"])
     typer.echo(f"fastest at {fastest['size']}px batch {fastest['batch']}: {fastest['engine']} "
@@ -588,9 +580,9 @@ def info() -> None:
 
     import torch
 
-    from export.trt_build import tensorrt_status
+    from engines.trt_engine import tensorrt_status
     from tfsdeploy import __version__
-    from training.data import default_data_dir
+    from tfsdeploy.data import default_data_dir
 
     typer.echo(f"tfsdeploy {__version__}, python {platform.python_version()}, torch {torch.__version__}")
     typer.echo(f"cpu threads (torch): {torch.get_num_threads()}")

@@ -172,6 +172,40 @@ class SampleConfig:
                f"spacing must be linear, quadratic or trailing, got {self.spacing!r}")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+# The engines, named once. `auto` picks among them. Each compiled engine runs one exported file
+# (TensorRT's name carries its cache key, hence the glob), and a file's suffix says which engine
+# runs it when it is handed over directly.
+ENGINES = ("torch", "onnx", "onnx-fp16", "trt")
+ARTIFACT_FILES = {"onnx": "denoiser-fp32.onnx", "onnx-fp16": "denoiser-fp16.onnx", "trt": "denoiser-fp16-*.plan"}
+ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the denoiser runs: which engine, on which device, in which precision, and whether its
+    calls are compiled or replayed from CUDA graphs. "auto" (and None) pick the fast path for the
+    device: on CUDA, the torch engine runs fp16, channels-last, from CUDA graphs; on a CPU, fp32."""
+
+    engine: str = "auto"  # auto, torch, onnx, onnx-fp16 or trt
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    precision: str = "auto"  # torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16
+    cuda_graph: bool | None = None  # None: on for the torch engine on CUDA, off for TensorRT
+    channels_last: bool | None = None  # None: on for the torch engine on CUDA
+    compile: bool = False  # torch.compile the model first (paid once per process)
+    threads: int = 0  # CPU threads for torch and ONNX Runtime (0 = their default)
+    export_dir: str | None = None  # where exported engines live (None: beside the checkpoint)
+
+    def __post_init__(self) -> None:
+        _check(self.engine in ("auto", *ENGINES), f"engine must be auto or one of {', '.join(ENGINES)}, "
+                                                   f"got {self.engine!r}")
+        _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, "
+                                             f"got {self.precision!r}")
+        _check(self.threads >= 0, "threads must be >= 0")
+
+
 PRESETS: dict[str, ModelConfig] = {
     # The authors' 128->256 SR3 configuration: about 98 M parameters.
     "paper": ModelConfig(),
@@ -181,6 +215,12 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(inner_channels=8, channel_mults=(1, 2, 2), res_blocks=1, attn_res=(),
                         dropout=0.0, norm_groups=4),
 }
+
+
+def artifact_engine(path: Any) -> str | None:
+    """The engine family that runs an exported file ("onnx" or "trt"), or None for a checkpoint."""
+    name = str(path)
+    return next((e for suffix, e in ARTIFACT_SUFFIXES.items() if name.endswith(suffix)), None)
 
 
 def model_preset(name: str) -> ModelConfig:

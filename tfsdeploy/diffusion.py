@@ -15,17 +15,33 @@ DiffusionConfig says; this module is the only place that converts between them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
-from tfsdeploy.config import DEFAULT_DDIM_STEPS, DiffusionConfig, ScheduleConfig
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, DiffusionConfig, SampleConfig, ScheduleConfig
 from tfsdeploy.errors import UserError
+from tfsdeploy.fusion import fuse_condition
 from tfsdeploy.metrics import ssim
 
-# model(x_t [B,3,H,W], cond [B,5,H,W], noise_level [B]) -> prediction [B,3,H,W]
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """What every engine is: `denoiser(x_t, cond, noise_level) -> prediction`.
+
+    x_t [B,3,H,W], cond [B,5,H,W] and noise_level [B] (sqrt(gamma)) are float32 tensors on
+    `device`; the prediction [B,3,H,W] comes back float32 on `device`. `dtype` is the precision the
+    engine computes in, and `describe()` says in one line what runs (engine, precision, device).
+    The samplers keep their state on `device` and never ask which engine they drive.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def describe(self) -> str: ...
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor: ...
 
 SAMPLERS = ("ddpm", "ddim")
 SPACINGS = ("linear", "quadratic", "trailing")
@@ -84,6 +100,11 @@ class Diffusion:
     def __init__(self, schedule: NoiseSchedule, cfg: DiffusionConfig = DiffusionConfig()):
         self.schedule = schedule
         self.cfg = cfg
+
+    @classmethod
+    def from_configs(cls, configs: Any) -> "Diffusion":
+        """The diffusion object a checkpoint's configs (anything with .schedule and .diffusion) describe."""
+        return cls(NoiseSchedule(configs.schedule), configs.diffusion)
 
     # ------------------------------------------------------------------ conversions
     def q_sample(self, x0: torch.Tensor, noise_level: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -190,32 +211,45 @@ class Diffusion:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, model: Denoiser, cond: torch.Tensor, shape: tuple[int, ...], *, sampler: str = "ddim",
-               steps: int | None = None, spacing: str = "linear", seed: int = 0,
+               steps: int | None = None, spacing: str = "linear", seed: int | Sequence[int] = 0,
                clip: tuple[torch.Tensor, torch.Tensor] | None = None,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Draw x0 [B,3,H,W] given cond.
+        """Draw x0 [B,3,H,W] given cond [B,5,H,W]; the result lives on `model.device`.
 
         sampler "ddpm": ancestral sampling over `steps` levels (default: all T, the paper's sampler);
         a sub-sequence uses the respaced posterior. sampler "ddim": deterministic DDIM (eta = 0)
-        over `steps` levels (default DEFAULT_DDIM_STEPS). The same seed gives the same result.
+        over `steps` levels (default DEFAULT_DDIM_STEPS).
+
+        `seed` is one seed for every slice or one per slice. Each slice draws its noise from its own
+        generator, on the CPU, so a slice's result depends on its seed alone: not on its batch-mates,
+        its place in the batch, or the device.
         """
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if steps is None:
             steps = self.schedule.num_steps if sampler == "ddpm" else DEFAULT_DDIM_STEPS
-        device = cond.device
+        device = model.device
+        b = shape[0]
+        cond = cond.to(device)  # once, not at every step
+        if clip is not None:
+            clip = (clip[0].to(device), clip[1].to(device))
         if self.cfg.objective == "regression":  # one deterministic call; sampler settings do not apply
-            zero = torch.zeros(shape[0], device=device)
-            out = self.split(model(torch.zeros(shape, device=device), cond, zero), torch.zeros(shape, device=device),
-                             zero, clip).x0
+            zero, x = torch.zeros(b, device=device), torch.zeros(shape, device=device)
+            out = self.split(model(x, cond, zero), x, zero, clip).x0
             if progress is not None:
                 progress(1, 1)
             return out
+        seeds = [int(seed)] * b if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != b:
+            raise UserError(f"{len(seeds)} seeds for a batch of {b}")
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+        def noise() -> torch.Tensor:
+            return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+
         ts = self.schedule.timesteps(steps, spacing)
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(shape, generator=gen).to(device)
+        x = noise()
         abar = self.schedule.alphas_cumprod
-        b = shape[0]
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
             a_t, a_prev = float(abar[t]), float(abar[t_prev])
@@ -228,9 +262,23 @@ class Diffusion:
                 mean = (a_prev**0.5 * beta / (1 - a_t)) * pred.x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
                 if t_prev > 0:
                     var = beta * (1 - a_prev) / (1 - a_t)
-                    x = mean + var**0.5 * torch.randn(shape, generator=gen).to(device)
+                    x = mean + var**0.5 * noise()
                 else:
                     x = mean
             if progress is not None:
                 progress(i + 1, len(ts))
         return x
+
+    def fuse(self, model: Denoiser, cond01: torch.Tensor, sample: SampleConfig = SampleConfig(),
+             seeds: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Condition [B,5,H,W] in [0, 1] -> fused RGB [B,3,H,W] in [0, 1], on `model.device`.
+
+        The condition moves to the model's device once; the baseline, the clip range and the
+        sampler state are made there. `seeds` (one per slice) replaces `sample.seed`."""
+        cond01 = cond01.to(model.device)
+        base01 = fuse_condition(cond01)
+        x0 = self.sample(model, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
+                         sampler=sample.sampler, steps=sample.steps or None, spacing=sample.spacing,
+                         seed=sample.seed if seeds is None else seeds, clip=self.clip_range(base01),
+                         progress=progress)
+        return self.decode(x0, base01)

@@ -7,9 +7,6 @@ or [B,C,H,W]; grey images have C = 1, colour images C = 3 (RGB). The network see
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tfsdeploy.errors import UserError
+from tfsdeploy.fileio import atomic_path
 
 # The functional colour map: a fixed look-up table, linear between these control points.
 # It runs black -> blue -> cyan -> green -> yellow -> red -> white, like the rainbow maps used
@@ -104,6 +102,14 @@ def pad_to_square(img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int,
     if n == h == w:
         return img, pads
     return F.pad(img, (pads[2], pads[3], pads[0], pads[1])), pads
+
+
+def normalise_volume(v: np.ndarray) -> np.ndarray:
+    """Robust [0, 1]: 0 maps to the 1st percentile, 1 to the 99.5th percentile of the foreground."""
+    lo = float(np.percentile(v, 1.0))
+    fg = v[v > lo]
+    hi = float(np.percentile(fg, 99.5)) if fg.size else lo + 1.0
+    return np.clip((v - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- file I/O
@@ -205,64 +211,3 @@ def write_png(path: str | Path, img: torch.Tensor) -> Path:
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
     return path
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class atomic_path:
-    """Context manager giving a temporary path beside `path`; renamed onto `path` only on success."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        if not parent.is_dir():
-            raise UserError(f"{self.path}: directory {parent} does not exist")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise UserError(f"{self.path}: cannot write here ({e.strerror})") from None
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file normal permissions
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                os.replace(self.tmp, self.path)
-                return
-            except OSError as e:
-                self.tmp.unlink(missing_ok=True)
-                raise UserError(f"{self.path}: cannot write here ({e.strerror})") from None
-        self.tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory beside `path`; on success it replaces `path` (a previous version
-    is removed first), on failure it is deleted. A reader never sees a half-written directory."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise UserError(f"{path}: cannot write here ({e.strerror})") from None
-    try:
-        yield tmp
-        mask = current_umask()
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, 0o666 & ~mask)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

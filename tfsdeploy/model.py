@@ -217,3 +217,22 @@ def build_model(cfg: ModelConfig) -> TFSDiffUNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def activation_bytes(cfg: ModelConfig, size: int, dtype_bytes: int = 4) -> int:
+    """An upper estimate of the memory one slice of `size` x `size` needs in one no-grad forward
+    pass: every skip tensor the U-Net keeps for its decoder, plus room for the largest block's
+    temporaries, plus the attention scores (fp32, (h*w)^2 per attention layer's resolution)."""
+    ch, n_levels = cfg.inner_channels, len(cfg.channel_mults)
+    skips, largest, attn, res, feat = ch * size * size, ch * size * size, 0, cfg.image_size, size
+    for level, mult in enumerate(cfg.channel_mults):
+        c = ch * mult
+        skips += cfg.res_blocks * c * feat * feat
+        largest = max(largest, 2 * c * feat * feat)  # a decoder block's input: itself plus its skip
+        if res in cfg.attn_res:
+            attn = max(attn, 2 * 4 * (feat * feat) ** 2)
+        if level != n_levels - 1:
+            skips += c * feat * feat
+            res, feat = res // 2, feat // 2
+    attn = max(attn, 2 * 4 * (feat * feat) ** 2)  # the middle block always attends
+    return skips * dtype_bytes + 6 * largest * dtype_bytes + attn

@@ -1,124 +1,246 @@
-"""From three image files to one fused image: the library behind `tfsdeploy fuse`.
+"""FusionPipeline: from a model to fused images, the one path behind fuse, demo, evaluate and bench.
 
-The input rule (documented in the README):
-  * the three inputs must have the same height and width;
-  * a non-square input is zero-padded to a centred square;
-  * each input is then brought to size/scale (bicubic, antialiased when shrinking: this is a
-    no-op for a true low-resolution input of that size, and the paper's degradation for an input
-    that is already high-resolution), and bicubic-upsampled by `scale` to `size`;
-  * the output is size x size, with the padding cropped off again, so it keeps the input's
-    aspect ratio.
-So the scale always divides the output size; `size` defaults to the model's training size (256).
+It owns everything between "this model, this scale" and a fused image:
+
+- the checkpoint that runs (a bundle's member for the scale) and its default sampler steps;
+- the engine (`auto`: a valid TensorRT engine on CUDA, else the torch fast path; on a CPU a valid
+  fp32 ONNX export, else torch), its device and precision, and its compile / CUDA-graph mode;
+- the sampler, whose state lives on the engine's device (the condition moves there once);
+- batching by the memory the device has, for whole scans.
+
+    pipe = FusionPipeline.load(model, scale=4)
+    fused = pipe(cond01)                       # [B,5,H,W] in [0, 1] -> [B,3,H,W] on pipe.device
+    img = pipe.fuse_triplet(read_triplet(t1, t2, func))   # [3,h,w] on the CPU
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from tfsdeploy.config import SCALES, SampleConfig
+from tfsdeploy.bundle import model_for_scale, named_model, sample_for
+from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
+from tfsdeploy.config import ENGINES, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.errors import UserError
-from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import apply_colormap, pad_to_square, read_image, resize, to_grey
+from tfsdeploy.inputs import Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition
+from tfsdeploy.model import activation_bytes
+
+Progress = Callable[[int, int], None]
+# Batch caps for scans: a GPU keeps gaining throughput up to large batches; a CPU gains nothing
+# from batching and only spends memory.
+MAX_BATCH = {"cuda": 64, "cpu": 4}
 
 
-@dataclass
-class Triplet:
-    """Sources in [0, 1]: t1 [1,H,W], t2 [1,H,W] (or PD), func [3,H,W] (colour-mapped if it was grey)."""
-
-    t1: torch.Tensor
-    t2: torch.Tensor
-    func: torch.Tensor
-
-    def stacked(self) -> torch.Tensor:
-        return torch.cat([self.t1, self.t2, self.func], dim=0)
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to torch here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
-def as_triplet(t1: torch.Tensor, t2: torch.Tensor, func: torch.Tensor, names=("T1", "T2", "functional")) -> Triplet:
-    """Grey MR images and an RGB functional image; a grey functional image gets the colour map."""
-    sizes = {n: tuple(x.shape[-2:]) for n, x in zip(names, (t1, t2, func))}
-    if len(set(sizes.values())) != 1:
-        desc = ", ".join(f"{n} {h}x{w}" for n, (h, w) in sizes.items())
-        raise UserError(f"inputs have different sizes ({desc}); register and resample them to one grid first")
-    func_rgb = apply_colormap(func) if func.shape[0] == 1 else func
-    return Triplet(to_grey(t1), to_grey(t2), func_rgb)
+def torch_denoiser(ckpt: str | Path, device: torch.device, cfg: EngineConfig) -> tuple[Denoiser, Configs]:
+    """The torch engine for a checkpoint, on the fast path for its device unless told otherwise."""
+    from engines.torch_engine import TorchDenoiser
+
+    cuda = device.type == "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32")
+    model, ck = build_from_checkpoint(ckpt)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return TorchDenoiser(model, device, dtype, compile=cfg.compile,
+                         channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
+                         cuda_graph=cuda if cfg.cuda_graph is None else cfg.cuda_graph), ck.configs
 
 
-def read_triplet(t1: str | Path, t2: str | Path, func: str | Path) -> Triplet:
-    return as_triplet(read_image(t1), read_image(t2), read_image(func),
-                      names=(str(t1), str(t2), str(func)))
+def load_denoiser(ckpt: str | Path, cfg: EngineConfig = EngineConfig(),
+                  log: Callable[[str], None] = lambda s: None) -> tuple[Denoiser, Configs]:
+    """The denoiser for a checkpoint or an exported artifact, as `cfg` asks. `auto` never leaves a
+    GPU idle: on CUDA it takes a valid TensorRT engine, else the torch fast path; on a CPU a valid
+    fp32 ONNX export, else torch."""
+    from engines.loader import find_artifact, load_artifact
+
+    device = resolve_device(cfg.device)
+    trt_graph = bool(cfg.cuda_graph)
+    kind = artifact_engine(ckpt)
+    if kind is not None:
+        if cfg.engine not in ("auto", *(e for e in ENGINES if e.startswith(kind))):
+            raise UserError(f"{ckpt} is an exported artifact; it cannot run on engine {cfg.engine}")
+        return load_artifact(ckpt, device.type, cfg.threads, trt_graph)
+    if cfg.engine == "torch":
+        return torch_denoiser(ckpt, device, cfg)
+    if cfg.engine != "auto":
+        return load_artifact(find_artifact(ckpt, cfg.engine, cfg.export_dir), device.type, cfg.threads, trt_graph)
+    for candidate in ("trt",) if device.type == "cuda" else ("onnx",):
+        try:
+            return load_artifact(find_artifact(ckpt, candidate, cfg.export_dir), device.type, cfg.threads,
+                                 trt_graph)
+        except UserError as e:
+            log(f"auto: skipping {candidate}: {e}")
+    return torch_denoiser(ckpt, device, cfg)
 
 
-def write_triplet(trip: Triplet, folder: str | Path, side: int) -> list[Path]:
-    """Write a triplet as t1.png, t2.png and func.png of `side` pixels (bicubic, antialiased): the
-    low-resolution inputs a user would hand to `fuse`. Returns the three paths."""
-    from tfsdeploy.imaging import write_png
+def check_fusable_file(ckpt: str | Path) -> None:
+    """Refuse a model that does not take 5 condition channels and give 3, before loading weights."""
+    from tfsdeploy.artifacts import read_sidecar
 
-    paths = []
-    for name, img in (("t1", trip.t1), ("t2", trip.t2), ("func", trip.func)):
-        paths.append(write_png(Path(folder) / f"{name}.png", resize(img[None], (side, side))[0]))
-    return paths
-
-
-def check_fusable(mc, where) -> None:
-    """Refuse a model config that does not take 5 condition channels (T1, T2, functional RGB) and give 3."""
-    if mc.cond_channels != 5 or mc.out_channels != 3:
-        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
-                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+    if artifact_engine(ckpt) is not None:
+        where, meta = Path(ckpt), read_sidecar(ckpt).get("configs", {})
+    else:
+        where, meta = read_meta(ckpt)
+    check_fusable(Configs.from_json(meta).model, where)
 
 
-def check_scale_size(scale: int, size: int, multiple: int) -> None:
-    if scale not in SCALES:
-        raise UserError(f"unsupported scale {scale}; choose one of {', '.join(map(str, SCALES))}")
-    if size % scale:
-        raise UserError(f"output size {size} is not divisible by scale {scale}")
-    if size % multiple:
-        raise UserError(f"output size {size} must be a multiple of {multiple} for this model")
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still use on `device`: free GPU memory, or the CPU's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
-    the real image inside the padded square, in output pixels."""
-    square, pads = pad_to_square(trip.stacked())
-    side = square.shape[-1]
-    lr = resize(square[None], (size // scale, size // scale))
-    cond01 = resize(lr, (size, size))
-    f = size / side
-    box = (round(pads[0] * f), size - round(pads[1] * f), round(pads[2] * f), size - round(pads[3] * f))
-    return cond01, box
+class FusionPipeline:
+    """A loaded model at one scale, ready to fuse. See the module docstring."""
+
+    def __init__(self, denoiser: Denoiser, configs: Configs, scale: int, sample: SampleConfig,
+                 source: str | Path = ""):
+        check_scale(scale)
+        check_fusable(configs.model, source or "model")
+        self.denoiser = denoiser
+        self.configs = configs
+        self.diffusion = Diffusion.from_configs(configs)
+        if sample.steps > self.diffusion.schedule.num_steps:
+            raise UserError(f"--steps {sample.steps} exceeds the schedule's T = {self.diffusion.schedule.num_steps}")
+        self.scale = scale
+        self.sample = sample
+        self.source = Path(source) if source else None
+
+    @classmethod
+    def load(cls, model: str | Path | None, scale: int, sample: SampleConfig = SampleConfig(),
+             engine: EngineConfig = EngineConfig(), log: Callable[[str], None] = lambda s: None) -> "FusionPipeline":
+        """The pipeline for `model` (checkpoint, run folder, bundle, exported artifact, or None for the
+        default model) at `scale`: a bundle's member for the scale, with its recommended DDIM steps
+        when `sample` gives none."""
+        check_scale(scale)
+        model = named_model(model)
+        sample = sample_for(model, scale, sample)
+        member = model_for_scale(model, scale)
+        check_fusable_file(member)
+        if engine.threads:
+            torch.set_num_threads(engine.threads)
+        denoiser, configs = load_denoiser(member, engine, log)
+        return cls(denoiser, configs, scale, sample, member)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def image_size(self) -> int:
+        return self.configs.model.image_size
+
+    @property
+    def size_multiple(self) -> int:
+        return self.configs.model.size_multiple
+
+    @property
+    def steps(self) -> int:
+        """Denoiser calls per image (DDPM without a count runs all T)."""
+        if self.configs.diffusion.objective == "regression":
+            return 1
+        return self.sample.steps or self.diffusion.schedule.num_steps
+
+    def describe(self) -> str:
+        where = f", model {self.source}" if self.source else ""
+        return f"x{self.scale}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}{where}"
+
+    def check_size(self, size: int) -> int:
+        """The output side for `size` (0 = the model's training size), validated."""
+        size = size or self.image_size
+        if size < 1:
+            raise UserError(f"--size must be positive, got {size}")
+        check_scale_size(self.scale, size, self.size_multiple)
+        return size
+
+    def slice_bytes(self, size: int) -> int:
+        """Memory one slice of `size` needs: the network's activations in its precision, plus the
+        sampler's state (a few [3,size,size] and [5,size,size] fp32 tensors)."""
+        elem = torch.tensor([], dtype=self.denoiser.dtype).element_size()
+        return activation_bytes(self.configs.model, size, elem) + 40 * 4 * size * size
+
+    def max_batch(self, size: int, cap: int = 0) -> int:
+        """The largest batch of `size` slices that fits in half the device's free memory (at most
+        `cap`, or MAX_BATCH for the device). Refuses a size whose single slice does not fit."""
+        need, free = self.slice_bytes(size), free_memory(self.device)
+        budget = free // 2
+        if need > budget:
+            raise UserError(f"a {size}x{size} slice needs about {need / 2**30:.1f} GiB with this model, and "
+                            f"{free / 2**30:.1f} GiB are free on {self.device.type}; use a smaller --size")
+        return max(1, min(cap or MAX_BATCH.get(self.device.type, 4), budget // need))
+
+    # ------------------------------------------------------------------ fusing
+    def __call__(self, cond01: torch.Tensor, seeds: list[int] | None = None,
+                 progress: Progress | None = None) -> torch.Tensor:
+        """Condition [B,5,H,W] in [0, 1] -> fused RGB [B,3,H,W] in [0, 1], on the engine's device.
+        Each slice's noise comes from its own seed (`seeds`, else the sampler's seed), so a slice
+        comes out the same alone or in any batch."""
+        h, w = cond01.shape[-2:]
+        if h % self.size_multiple or w % self.size_multiple:
+            raise UserError(f"image size {h}x{w} is not a multiple of {self.size_multiple} for this model")
+        return self.diffusion.fuse(self.denoiser, cond01, self.sample, seeds, progress)
+
+    def fuse_triplet(self, trip: Triplet, size: int = 0, progress: Progress | None = None) -> torch.Tensor:
+        """Three registered images -> fused RGB [3,h,w] on the CPU, cropped back to the input's
+        aspect ratio (see tfsdeploy.inputs for the input rule)."""
+        size = self.check_size(size)
+        self.max_batch(size, cap=1)  # refuse, before any work, a size this device cannot hold
+        cond01, (top, bottom, left, right) = make_condition(trip, self.scale, size)
+        return self(cond01, progress=progress)[0, :, top:bottom, left:right].float().cpu()
+
+    def fuse_files(self, t1: str | Path, t2: str | Path, func: str | Path, out: str | Path, size: int = 0,
+                   progress: Progress | None = None) -> torch.Tensor:
+        """Read three image files, fuse them and write the PNG (atomically); returns the image."""
+        from tfsdeploy.imaging import check_writable, write_png
+        from tfsdeploy.inputs import read_triplet
+
+        check_writable(out)
+        img = self.fuse_triplet(read_triplet(t1, t2, func), size, progress)
+        write_png(out, img)
+        return img
+
+    def fuse_scan(self, scan, size: int = 0, batch_size: int = 0, progress: Progress | None = None) -> np.ndarray:
+        """Every slice of a scan (tfsdeploy.scans.Scan) -> uint8 [N,3,h,w], fused in batches sized to
+        the device's memory; only the uint8 result is kept for the whole scan."""
+        size = self.check_size(size)
+        batch = batch_size or self.max_batch(size)
+        out: np.ndarray | None = None
+        n = len(scan)
+        for start in range(0, n, batch):
+            conds, box = [], None
+            for i in range(start, min(start + batch, n)):
+                s = scan.slice(i)
+                cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size)
+                conds.append(cond01)
+            top, bottom, left, right = box
+            fused = self(torch.cat(conds))[:, :, top:bottom, left:right]
+            u8 = (fused.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+            if out is None:
+                out = np.empty((n, *u8.shape[1:]), dtype=np.uint8)
+            out[start:start + len(u8)] = u8
+            if progress is not None:
+                progress(start + len(u8), n)
+        assert out is not None  # a scan has at least one slice
+        return out
 
 
-def fuse_tensor(denoiser: Denoiser, diffusion: Diffusion, cond01: torch.Tensor, sample: SampleConfig,
-                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Condition [B,5,H,W] in [0, 1] -> fused RGB [B,3,H,W] in [0, 1]."""
-    base01 = fuse_condition(cond01)
-    x0 = diffusion.sample(
-        denoiser, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
-        sampler=sample.sampler, steps=sample.steps or None, spacing=sample.spacing, seed=sample.seed,
-        clip=diffusion.clip_range(base01), progress=progress,
-    )
-    return diffusion.decode(x0, base01)
-
-
-def fuse_triplet(denoiser: Denoiser, diffusion: Diffusion, trip: Triplet, scale: int, size: int, multiple: int,
-                 sample: SampleConfig, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Triplet -> fused RGB [3,h,w] in [0, 1], cropped back to the input's aspect ratio."""
-    check_scale_size(scale, size, multiple)
-    cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
-    fused = fuse_tensor(denoiser, diffusion, cond01, sample, progress)[0]
-    return fused[:, top:bottom, left:right]
-
-
-def fuse_baseline(trip: Triplet, scale: int, size: int, method: str = "classical") -> torch.Tensor:
-    """The "upsample, then fuse" baseline under the same input rule: [3,h,w] in [0, 1]."""
-    from tfsdeploy.fusion import METHODS
-
-    if method not in METHODS:
-        raise UserError(f"method must be diffusion or one of {', '.join(METHODS)}, got {method!r}")
-    check_scale_size(scale, size, 1)
-    cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
-    return fuse_condition(cond01, method)[0][:, top:bottom, left:right]
+__all__ = ["FusionPipeline", "load_denoiser", "torch_denoiser", "resolve_device", "free_memory", "MAX_BATCH"]

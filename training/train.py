@@ -25,12 +25,12 @@ from tfsdeploy.artifacts import checkpoint_fingerprint
 from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, resolve, save_checkpoint
 from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
                               from_dict, to_dict)
-from tfsdeploy.diffusion import Diffusion, NoiseSchedule
+from tfsdeploy.data import Batch, Sample, default_data_dir, make_batch, open_split, stack_samples
+from tfsdeploy.diffusion import Diffusion
 from tfsdeploy.errors import UserError
 from tfsdeploy.metrics import psnr, ssim
 from tfsdeploy.model import build_model, count_parameters
-from tfsdeploy.pipeline import fuse_tensor
-from training.data import Batch, Sample, default_data_dir, make_batch, open_split, stack_samples
+from training.augment import augment
 
 # Train options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
@@ -168,8 +168,7 @@ class Trainer:
         self.val_hr = stack_samples(self.val_set, self.device) if self.val_set else None
         self.scale_weights = self._scale_weights() if tc.scale_balance else {}
 
-        self.schedule = NoiseSchedule(configs.schedule)
-        self.diffusion = Diffusion(self.schedule, configs.diffusion)
+        self.diffusion = Diffusion.from_configs(configs)
         torch.manual_seed(tc.seed)  # the same seed gives the same initial weights on every rank
         self.model = build_model(configs.model).to(self.device)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -221,7 +220,7 @@ class Trainer:
         for s in self.cfg.data.scales:
             errs = []
             for i in range(0, len(self.train_set), 32):
-                b = make_batch(self.train_hr, range(i, min(i + 32, len(self.train_set))), [s], 0, False,
+                b = make_batch(self.train_hr, range(i, min(i + 32, len(self.train_set))), [s], 0,
                                np.random.default_rng(0))
                 errs.append(((b.base01 - b.gt01) ** 2).mean(dim=(1, 2, 3)))
             inv[s] = 1.0 / max(float(torch.cat(errs).mean()), 1e-10)
@@ -250,7 +249,7 @@ class Trainer:
         torch.manual_seed(int(rng.integers(2**62)))  # dropout
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, len(self.train_set), size=tc.batch_size)
-        b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, dc.augment, rng)
+        b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None)
         cond = b.cond01 * 2 - 1
         x0 = self.diffusion.encode(b.gt01, b.base01)
         weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
@@ -290,9 +289,8 @@ class Trainer:
         denoiser = TorchDenoiser(self.ema, self.device)
         out: dict[str, float] = {}
         for scale in self.cfg.data.scales:
-            b: Batch = make_batch(self.val_hr, picks, [scale], 0, False, np.random.default_rng(0))
-            fused = fuse_tensor(denoiser, self.diffusion, b.cond01,
-                                SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0))
+            b: Batch = make_batch(self.val_hr, picks, [scale], 0, np.random.default_rng(0))
+            fused = self.diffusion.fuse(denoiser, b.cond01, SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0))
             out[f"x{scale}/psnr"] = float(psnr(fused, b.gt01).mean())
             out[f"x{scale}/ssim"] = float(ssim(fused, b.gt01).mean())
             out[f"x{scale}/baseline_psnr"] = float(psnr(b.base01, b.gt01).mean())

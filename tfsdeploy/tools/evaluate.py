@@ -21,11 +21,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tfsdeploy.config import SCALES, SampleConfig
+from tfsdeploy.config import SCALES, SampleConfig, artifact_engine
+from tfsdeploy.data import Sample
 from tfsdeploy.errors import UserError
+from tfsdeploy.fileio import atomic_path
 from tfsdeploy.fusion import METHODS, fuse_condition
-from tfsdeploy.imaging import atomic_path, degrade
-from tfsdeploy.metrics import HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics, source_metrics
+from tfsdeploy.imaging import degrade
+from tfsdeploy.pipeline import FusionPipeline
+from tfsdeploy.report_metrics import (HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics,
+                                      source_metrics)
 
 CACHE_FILE = "values.jsonl"
 
@@ -59,53 +63,28 @@ class Entry:
     info: dict = field(default_factory=dict)
 
 
-def _model_entries(models: list[Path], cfg: EvalConfig, log: Callable[[str], None]) -> list[Entry]:
-    from engines.loader import select_engine
+def model_entry(path: Path, pipelines: dict[int, FusionPipeline], cfg: EvalConfig, taken: set) -> Entry:
+    """A model under test: its pipeline per scale (a bundle's member each), labelled, with a cache
+    key made of its hash and the sampler settings each scale runs."""
     from tfsdeploy.artifacts import checkpoint_fingerprint
-    from tfsdeploy.bundle import bundle_fingerprint, is_bundle, model_for_scale, named_model, sample_for
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
-    from tfsdeploy.pipeline import check_fusable, fuse_tensor
+    from tfsdeploy.bundle import bundle_fingerprint, is_bundle
 
-    entries, labels = [], set()
-    for path in models:
-        path = named_model(path)
-        # One checkpoint for every scale, or a bundle's member per scale; each loaded once. The
-        # sampler's step count is always explicit, since it keys the cache.
-        members = {scale: model_for_scale(path, scale) for scale in cfg.scales}
-        samples = {scale: sample_for(path, scale, cfg.sample) for scale in cfg.scales}
-        loaded = {}
-        for member in dict.fromkeys(members.values()):
-            denoiser, configs = select_engine(member, cfg.engine)
-            check_fusable(configs.model, member)
-            loaded[member] = (denoiser, configs, Diffusion(NoiseSchedule(configs.schedule), configs.diffusion))
-        by_scale = {scale: (*loaded[members[scale]], samples[scale]) for scale in cfg.scales}
-        if is_bundle(path):
-            sha = bundle_fingerprint(path)
-        else:
-            sha = checkpoint_fingerprint(path)["sha256"] if path.suffix not in (".onnx", ".plan") else path.name
-        label = _label(path, labels)
-        s = cfg.sample
-        steps = "/".join(str(samples[scale].steps) for scale in cfg.scales)
-        key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
-        denoiser, configs, _, _ = by_scale[cfg.scales[0]]
-        mc, tc = configs.model, configs.train
-        info = {"path": str(path), "engine": getattr(denoiser, "describe", lambda: denoiser.name)(),
-                "tmfa": mc.tmfa, "psf": bool(tc.psf_mse > 0 or tc.psf_ssim > 0),
-                "prediction": configs.diffusion.prediction, "target": configs.diffusion.target,
-                "preset_channels": mc.inner_channels, "image_size": mc.image_size,
-                "sampling": ", ".join(f"x{scale} {samples[scale].sampler}-{samples[scale].steps or 'all T'}"
-                                      for scale in cfg.scales)}
-
-        def run(cond01, scale, by_scale=by_scale):
-            denoiser, configs, diffusion, s = by_scale[scale]
-            mult = configs.model.size_multiple
-            if cond01.shape[-1] % mult or cond01.shape[-2] % mult:
-                raise UserError(f"image size {tuple(cond01.shape[-2:])} is not a multiple of {mult}")
-            return fuse_tensor(denoiser, diffusion, cond01, s)
-
-        entries.append(Entry(label, "model", key, run, info))
-        log(f"{label}: {path} on {info['engine']}, {info['sampling']}")
-    return entries
+    if is_bundle(path):
+        sha = bundle_fingerprint(path)
+    else:
+        sha = checkpoint_fingerprint(path)["sha256"] if artifact_engine(path) is None else path.name
+    s = cfg.sample
+    steps = "/".join(str(pipelines[scale].sample.steps) for scale in cfg.scales)
+    key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
+    first = pipelines[cfg.scales[0]]
+    mc, tc = first.configs.model, first.configs.train
+    info = {"path": str(path), "engine": first.denoiser.describe(),
+            "tmfa": mc.tmfa, "psf": bool(tc.psf_mse > 0 or tc.psf_ssim > 0),
+            "prediction": first.configs.diffusion.prediction, "target": first.configs.diffusion.target,
+            "preset_channels": mc.inner_channels, "image_size": mc.image_size,
+            "sampling": ", ".join(f"x{scale} {pipelines[scale].sample.sampler}-{pipelines[scale].steps}"
+                                  for scale in cfg.scales)}
+    return Entry(_label(path, taken), "model", key, lambda cond01, scale: pipelines[scale](cond01).cpu(), info)
 
 
 def _label(path: Path, taken: set) -> str:
@@ -118,20 +97,19 @@ def _label(path: Path, taken: set) -> str:
     return label
 
 
-def evaluate(models: list[Path], data_root: Path, out_dir: Path, cfg: EvalConfig = EvalConfig(),
+def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: EvalConfig = EvalConfig(),
              lpips_backbone: Path | None = None, lpips_lin: Path | None = None,
              progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Every baseline and every model (`model_entry`) on `samples` (a split, already limited), at
+    every scale; writes the reports into out_dir and returns the summary."""
     from tfsdeploy.lpips import load_lpips
-    from training.data import open_split
 
-    entries_models = _model_entries(models, cfg, log)
-    size = cfg.size or (entries_models[0].info["image_size"] if entries_models else 256)
-    source = open_split(data_root, cfg.split, size)
-    samples = source.load()
     if cfg.limit:
         samples = samples[: cfg.limit]
     if not samples:
-        raise UserError(f"{data_root}: the {cfg.split} split is empty")
+        raise UserError(f"the {cfg.split} split is empty")
+    for e in models:
+        log(f"{e.label}: {e.info['path']} on {e.info['engine']}, {e.info['sampling']}")
     notes = []
     if any(s.gt_made for s in samples):
         notes.append("ground truth missing for some images: made with the classical tri-modal fusion of the "
@@ -144,7 +122,7 @@ def evaluate(models: list[Path], data_root: Path, out_dir: Path, cfg: EvalConfig
 
     entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}", lambda c, _scale, m=m: fuse_condition(c, m))
                for m in cfg.methods]
-    entries += entries_models
+    entries += models
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -320,4 +298,4 @@ def write_montage(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_la
         canvas.save(tmp, format="PNG")
 
 
-__all__ = ["EvalConfig", "evaluate", "write_montage"]
+__all__ = ["EvalConfig", "Entry", "model_entry", "evaluate", "write_montage"]

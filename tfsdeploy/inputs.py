@@ -1,0 +1,105 @@
+"""What the model is fed: three registered images -> the condition it sees.
+
+The input rule (documented in the README):
+  * the three inputs must have the same height and width;
+  * a non-square input is zero-padded to a centred square;
+  * each input is then brought to size/scale (bicubic, antialiased when shrinking: this is a
+    no-op for a true low-resolution input of that size, and the paper's degradation for an input
+    that is already high-resolution), and bicubic-upsampled by `scale` to `size`;
+  * the output is size x size, with the padding cropped off again, so it keeps the input's
+    aspect ratio.
+So the scale always divides the output size; `size` defaults to the model's training size (256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tfsdeploy.config import SCALES
+from tfsdeploy.errors import UserError
+from tfsdeploy.fusion import fuse_condition
+from tfsdeploy.imaging import apply_colormap, pad_to_square, read_image, resize, to_grey
+
+
+@dataclass
+class Triplet:
+    """Sources in [0, 1]: t1 [1,H,W], t2 [1,H,W] (or PD), func [3,H,W] (colour-mapped if it was grey)."""
+
+    t1: torch.Tensor
+    t2: torch.Tensor
+    func: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat([self.t1, self.t2, self.func], dim=0)
+
+
+def as_triplet(t1: torch.Tensor, t2: torch.Tensor, func: torch.Tensor, names=("T1", "T2", "functional")) -> Triplet:
+    """Grey MR images and an RGB functional image; a grey functional image gets the colour map."""
+    sizes = {n: tuple(x.shape[-2:]) for n, x in zip(names, (t1, t2, func))}
+    if len(set(sizes.values())) != 1:
+        desc = ", ".join(f"{n} {h}x{w}" for n, (h, w) in sizes.items())
+        raise UserError(f"inputs have different sizes ({desc}); register and resample them to one grid first")
+    func_rgb = apply_colormap(func) if func.shape[0] == 1 else func
+    return Triplet(to_grey(t1), to_grey(t2), func_rgb)
+
+
+def read_triplet(t1: str | Path, t2: str | Path, func: str | Path) -> Triplet:
+    return as_triplet(read_image(t1), read_image(t2), read_image(func),
+                      names=(str(t1), str(t2), str(func)))
+
+
+def write_triplet(trip: Triplet, folder: str | Path, side: int) -> list[Path]:
+    """Write a triplet as t1.png, t2.png and func.png of `side` pixels (bicubic, antialiased): the
+    low-resolution inputs a user would hand to `fuse`. Returns the three paths."""
+    from tfsdeploy.imaging import write_png
+
+    paths = []
+    for name, img in (("t1", trip.t1), ("t2", trip.t2), ("func", trip.func)):
+        paths.append(write_png(Path(folder) / f"{name}.png", resize(img[None], (side, side))[0]))
+    return paths
+
+
+def check_fusable(mc, where) -> None:
+    """Refuse a model config that does not take 5 condition channels (T1, T2, functional RGB) and give 3."""
+    if mc.cond_channels != 5 or mc.out_channels != 3:
+        raise UserError(f"{where}: model takes {mc.cond_channels} condition channels and gives "
+                        f"{mc.out_channels}; fusing needs 5 (T1, T2, functional RGB) and 3")
+
+
+def check_scale(scale: int) -> None:
+    if scale not in SCALES:
+        raise UserError(f"unsupported scale {scale}; choose one of {', '.join(map(str, SCALES))}")
+
+
+def check_scale_size(scale: int, size: int, multiple: int) -> None:
+    check_scale(scale)
+    if size % scale:
+        raise UserError(f"output size {size} is not divisible by scale {scale}")
+    if size % multiple:
+        raise UserError(f"output size {size} must be a multiple of {multiple} for this model")
+
+
+def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
+    the real image inside the padded square, in output pixels."""
+    square, pads = pad_to_square(trip.stacked())
+    side = square.shape[-1]
+    lr = resize(square[None], (size // scale, size // scale))
+    cond01 = resize(lr, (size, size))
+    f = size / side
+    box = (round(pads[0] * f), size - round(pads[1] * f), round(pads[2] * f), size - round(pads[3] * f))
+    return cond01, box
+
+
+def fuse_baseline(trip: Triplet, scale: int, size: int, method: str = "classical") -> torch.Tensor:
+    """The "upsample, then fuse" baseline under the same input rule: [3,h,w] in [0, 1]."""
+    from tfsdeploy.fusion import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"method must be diffusion or one of {', '.join(METHODS)}, got {method!r}")
+    check_scale_size(scale, size, 1)
+    cond01, (top, bottom, left, right) = make_condition(trip, scale, size)
+    return fuse_condition(cond01, method)[0][:, top:bottom, left:right]

@@ -1,0 +1,157 @@
+"""What the machine is and what it can do: device facts, FLOP and byte counts of a denoiser call,
+measured CPU peak, data-sheet GPU peaks, memory in use. Shared by `bench`, the sampler study and the
+GPU check."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tfsdeploy import __version__
+
+# Data-sheet dense peaks (TFLOP/s; fp16/bf16 on tensor cores with fp32 accumulation) and memory
+# bandwidth (GB/s), for the "of peak" columns and for projections onto cards that are not here.
+GPU_PEAKS = {
+    "H200": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "bandwidth_gbs": 4800.0},
+    "H100": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "bandwidth_gbs": 3350.0},
+    "A100": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0, "bandwidth_gbs": 2039.0},
+    "RTX 3090": {"fp32": 35.6, "fp16": 71.0, "bf16": 71.0, "bandwidth_gbs": 936.0},
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def count_flops(model: torch.nn.Module, batch: int, size: int) -> int:
+    """FLOPs of one denoiser call (torch's FlopCounterMode; a multiply-add counts as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    args = (torch.zeros(batch, 3, size, size, device=p.device), torch.zeros(batch, 5, size, size, device=p.device),
+            torch.full((batch,), 0.5, device=p.device))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(*args)
+    return int(fc.get_total_flops())
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Measured fp32 matrix-multiply throughput on the CPU, through torch and through ONNX Runtime's
+    MLAS; the better one is the peak CPU engines are held to."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    out = {"torch": 2 * n**3 / ((time.perf_counter() - t0) / repeats) / 1e9}
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ABC"]
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", info[:2], info[2:])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {"A": a.numpy(), "B": b.numpy()}
+        sess.run(None, feed)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            sess.run(None, feed)
+        out["onnxruntime"] = 2 * n**3 / ((time.perf_counter() - t0) / repeats) / 1e9
+    except ImportError:
+        pass
+    out["peak"] = max(out.values())
+    return out
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB, from /proc."""
+    cur = peak = float("nan")
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                cur = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return cur, peak
+
+
+def device_info(threads: int) -> dict:
+    import subprocess
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "tfsdeploy": __version__,
+            "threads": threads or torch.get_num_threads(), "cpu": _cpu_name(), "logical_cpus": os.cpu_count()}
+    for mod in ("onnxruntime", "tensorrt"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: just not recorded
+            pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = p.name
+        info["compute_capability"] = f"{p.major}.{p.minor}"
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    info["device"] = info.get("gpu") or f"CPU: {info['cpu']} ({info['logical_cpus']} logical cores)"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gpu_peak_tflops(name: str, precision: str) -> float | None:
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks.get(precision)
+    return None
+
+
+def count_bytes(model: torch.nn.Module, batch: int, size: int) -> int:
+    """Bytes one denoiser call moves at the least: every weight read once, every layer's output
+    written once and read once (forward hooks on the leaf modules, in the model's own dtype)."""
+    p = next(model.parameters())
+    total = sum(q.numel() * q.element_size() for q in model.parameters())
+
+    def hook(_m, _inp, out):
+        nonlocal total
+        if torch.is_tensor(out):
+            total += 2 * out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        args = (torch.zeros(batch, 3, size, size, device=p.device, dtype=p.dtype),
+                torch.zeros(batch, 5, size, size, device=p.device, dtype=p.dtype),
+                torch.full((batch,), 0.5, device=p.device))
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def project_ms(flops: int, nbytes: int, card: str, precision: str, efficiency: float | None = None) -> dict:
+    """A call's time on `card` from its data-sheet peaks: the roofline floor max(FLOPs / peak,
+    bytes / bandwidth), and, given the fraction of peak measured on the GPU at hand, the floor
+    divided by it. A projection, never a measurement."""
+    peaks = GPU_PEAKS[card]
+    floor = max(flops / (peaks[precision] * 1e12), nbytes / (peaks["bandwidth_gbs"] * 1e9)) * 1e3
+    return {"card": card, "floor_ms": floor, "at_measured_efficiency_ms": floor / efficiency if efficiency else None}

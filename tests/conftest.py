@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tfsdeploy.checkpoint import Configs
+from tfsdeploy.checkpoint import Configs, save_checkpoint
 from tfsdeploy.config import PRESETS, DataConfig, DiffusionConfig, ScheduleConfig, TrainConfig
+from tfsdeploy.iospec import IOSpec
 
 torch.set_num_threads(2)
 
@@ -111,3 +112,27 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("TFSDEPLOY_MODEL", raising=False)
     yield
     os.environ.pop("WORLD_SIZE", None)
+
+
+EXPORT_SPEC = IOSpec(size_multiple=4, min_batch=1, opt_batch=1, max_batch=3, min_size=32, opt_size=64, max_size=128)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint with random (non-zero) output weights, so parity compares real numbers."""
+    from tfsdeploy.model import build_model
+
+    cfg = Configs(model=dataclasses.replace(PRESETS["tiny"], image_size=64),
+                  diffusion=DiffusionConfig(prediction="eps", target="fused"))
+    torch.manual_seed(0)
+    model = randomize_output(build_model(cfg.model))
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "run", cfg, 5, model.state_dict())
+
+
+@pytest.fixture(scope="session")
+def exported(ckpt):
+    """The tiny checkpoint exported to fp32 and fp16 ONNX: precision -> (path, parity report)."""
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
+    from export.onnx_export import export_onnx
+
+    return {p: export_onnx(ckpt, p, spec=EXPORT_SPEC, parity_steps=3, log=lambda s: None) for p in ("fp32", "fp16")}

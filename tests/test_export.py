@@ -13,7 +13,7 @@ import torch
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
 
-from conftest import randomize_output  # noqa: E402
+from conftest import EXPORT_SPEC, randomize_output  # noqa: E402
 from engines.loader import find_artifact, load_artifact  # noqa: E402
 from engines.onnx_engine import OnnxDenoiser  # noqa: E402
 from engines.torch_engine import TorchDenoiser  # noqa: E402
@@ -29,25 +29,7 @@ from tfsdeploy.errors import UserError  # noqa: E402
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec  # noqa: E402
 from tfsdeploy.model import build_model  # noqa: E402
 
-SPEC = IOSpec(size_multiple=4, min_batch=1, opt_batch=1, max_batch=3, min_size=32, opt_size=64, max_size=128)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A tiny checkpoint with random (non-zero) output weights, so parity compares real numbers."""
-    cfg = Configs(model=dataclasses.replace(PRESETS["tiny"], image_size=64),
-                  diffusion=DiffusionConfig(prediction="eps", target="fused"))
-    torch.manual_seed(0)
-    model = randomize_output(build_model(cfg.model))
-    return save_checkpoint(tmp_path_factory.mktemp("ck") / "run", cfg, 5, model.state_dict())
-
-
-@pytest.fixture(scope="module")
-def exported(ckpt):
-    out = {}
-    for p in ("fp32", "fp16"):
-        out[p] = export_onnx(ckpt, p, spec=SPEC, parity_steps=3, log=lambda s: None)
-    return out
+SPEC = EXPORT_SPEC
 
 
 def test_io_spec_drives_shapes_and_profile():

@@ -230,7 +230,7 @@ def fuse(
     from tfsdeploy.scans import scan_kind
 
     check_scale(scale)
-    kind = scan_kind(t1)
+    kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
     engine_cfg = _engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir)
     if kind is not None:

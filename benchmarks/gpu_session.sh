@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session, as a single command: a side-by-side comparison of training formulations (four
-# runs share the GPU for the same wall time), then the paper-preset benchmark (benchmarks/gpu_run.py).
+# runs share the GPU for the same wall time), then the paper-preset latency table (benchmarks/gpu_check.py --skip-cli).
 #
 #   benchmarks/gpu_session.sh DATA WORK OUT [TRAIN_MINUTES] [BENCH_SECONDS]
 #
@@ -45,6 +45,6 @@ for run in sorted((work / "runs").iterdir()):
         shutil.copy(ckpt / "config.json", work / "runs" / f"{run.name}.config.json")
 PY
 
-timeout "$BENCH_S" "$PY" benchmarks/gpu_run.py --data "$DATA" --out "$WORK/bench" --repeats 10 --warmup 3
+timeout "$BENCH_S" "$PY" benchmarks/gpu_check.py --skip-cli --out "$WORK/bench" --repeats 10 --warmup 3
 tar -czf "$OUT/results.tgz" -C "$WORK" bench $(cd "$WORK" && ls runs/*.log runs/*/log.jsonl runs/*.config.json 2>/dev/null)
 ls -la "$OUT"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import BATCHES, ENGINES, SIZES
-from tfsdeploy.bench import rss_mib, sync
+from tfsdeploy.tools.hardware import rss_mib, sync
 
 
 def _engine(bench_setup, name):
@@ -19,7 +19,7 @@ def _engine(bench_setup, name):
 @pytest.mark.parametrize("name", ENGINES)
 def test_denoiser_call(benchmark, bench_setup, name, size, batch):
     eng = _engine(bench_setup, name)
-    dev = getattr(eng, "device", torch.device("cpu"))
+    dev = eng.device
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(batch, 3, size, size, generator=g).to(dev), torch.randn(batch, 5, size, size, generator=g).to(dev),
             torch.rand(batch, generator=g).to(dev))
@@ -38,25 +38,22 @@ def test_denoiser_call(benchmark, bench_setup, name, size, batch):
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddpm", 20)])
-@pytest.mark.parametrize("name", ["torch", "onnx-fp32"])
+@pytest.mark.parametrize("name", ["torch", "onnx"])
 def test_fuse_end_to_end(benchmark, bench_setup, name, sampler, steps):
     """DDPM is timed over 20 respaced levels; the per-level time times T is its full cost
     (recorded as extra_info['ddpm_full_T_seconds_estimate'])."""
     from tfsdeploy.checkpoint import load_checkpoint
     from tfsdeploy.config import SampleConfig
-    from tfsdeploy.diffusion import Diffusion, NoiseSchedule
-    from tfsdeploy.pipeline import fuse_triplet
-    from training.data import reference_triplet
+    from tfsdeploy.data import reference_triplet
+    from tfsdeploy.pipeline import FusionPipeline
 
     eng = _engine(bench_setup, name)
     ck = load_checkpoint(bench_setup[0])
-    diffusion = Diffusion(NoiseSchedule(ck.configs.schedule), ck.configs.diffusion)
     size = max(SIZES)
     trip = reference_triplet(size)
     benchmark.group = f"fuse x4 {size}px"
-    sample = SampleConfig(sampler=sampler, steps=steps)
-    out = benchmark.pedantic(fuse_triplet, args=(eng, diffusion, trip, 4, size, ck.configs.model.size_multiple, sample),
-                             rounds=2, warmup_rounds=1)
+    pipe = FusionPipeline(eng, ck.configs, 4, SampleConfig(sampler=sampler, steps=steps))
+    out = benchmark.pedantic(pipe.fuse_triplet, args=(trip, size), rounds=2, warmup_rounds=1)
     if sampler == "ddpm" and benchmark.stats is not None:
         benchmark.extra_info["ddpm_full_T_seconds_estimate"] = benchmark.stats.stats.median / steps * \
             ck.configs.schedule.num_steps

@@ -23,7 +23,7 @@ from export.parity import check_limits, relative_l2  # noqa: E402
 from export.trt_build import build_plan, engine_key, engine_path  # noqa: E402
 from tfsdeploy.artifacts import read_sidecar, sidecar_path  # noqa: E402
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint  # noqa: E402
-from tfsdeploy.config import PRESETS, DiffusionConfig, EngineConfig  # noqa: E402
+from tfsdeploy.config import PRESETS, EngineConfig  # noqa: E402
 from tfsdeploy.pipeline import load_denoiser  # noqa: E402
 from tfsdeploy.errors import UserError  # noqa: E402
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec  # noqa: E402

@@ -520,6 +520,8 @@ def bench(
     warmup: int = typer.Option(2, help="Untimed calls first."),
     fuse_steps: str = typer.Option("10,25,50", help="DDIM step counts for the end-to-end fuse time."),
     ddpm_steps: int = typer.Option(50, help="DDPM levels actually timed, extrapolated to all T."),
+    cold_runs: int = typer.Option(3, help="With --model: one-shot fuse processes timed per engine setting "
+                                  "(0 = none)."),
     quality: bool = typer.Option(False, "--quality", help="Run the sampler study instead (needs a trained --model)."),
     data: Optional[Path] = typer.Option(None, help="Dataset for --quality (default: the built SPM dataset)."),
     images: int = typer.Option(4, help="--quality: held-out slices."),
@@ -554,7 +556,7 @@ def bench(
     cfg = BenchConfig(preset=preset, sizes=_parse_ints(sizes, "--sizes"), batches=_parse_ints(batches, "--batches"),
                       engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
                       fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,
-                      threads=threads)
+                      threads=threads, cli_repeats=cold_runs)
     ckpt = model_for_scale(model, scale) if model is not None else None  # a bundle's member for --scale
     r = run_bench(ckpt, cfg, out, reference_triplet(cfg.fuse_size), log=typer.echo, cli_model=model)
     fastest = min((x for x in r["latency"] if x["size"] == max(cfg.sizes) and x["batch"] == min(cfg.batches)),

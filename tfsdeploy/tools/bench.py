@@ -60,9 +60,26 @@ class BenchConfig:
             raise UserError("repeats must be >= 1 and warmup >= 0")
         if not self.sizes or not self.batches or min(self.sizes) < 1 or min(self.batches) < 1:
             raise UserError("sizes and batches must be positive")
+        if self.cli_repeats < 0 or self.ddpm_measured_steps < 1 or not self.fuse_steps or min(self.fuse_steps) < 1:
+            raise UserError("cold runs must be >= 0, and fuse and DDPM steps >= 1")
 
 
 # --------------------------------------------------------------------------- engines
+
+
+def random_checkpoint(preset: str, run_dir: Path, seed: int = 0) -> Path:
+    """A checkpoint of `preset` with random weights (the zero-initialised output layer made random
+    too, so outputs carry signal): speed does not depend on the weights."""
+    from tfsdeploy.checkpoint import Configs, save_checkpoint
+    from tfsdeploy.config import model_preset
+    from tfsdeploy.model import build_model
+
+    torch.manual_seed(seed)
+    cfg = model_preset(preset)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.final.conv.weight.normal_(0, 0.02)
+    return save_checkpoint(run_dir, Configs(model=cfg), 0, model.state_dict())
 
 
 def build_engines(ckpt: Path, cfg: BenchConfig, workdir: Path, log: Callable[[str], None],
@@ -244,9 +261,8 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet 
     triplet fused end to end (a held-out slice; without one, the synthetic parity phantom). With a
     model, also time a cold one-shot fuse of `cli_model` (default: the checkpoint itself)."""
     from export.parity import phantom_triplet
-    from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint
-    from tfsdeploy.config import model_preset
-    from tfsdeploy.model import build_model, count_parameters
+    from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.model import count_parameters
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -255,12 +271,7 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet 
         work = Path(tmp)
         given = ckpt is not None
         if ckpt is None:  # speed does not depend on the weights: a random model of the preset
-            torch.manual_seed(0)
-            mcfg = model_preset(cfg.preset)
-            model = build_model(mcfg)
-            with torch.no_grad():
-                model.final.conv.weight.normal_(0, 0.02)
-            ckpt = save_checkpoint(work / "run", Configs(model=mcfg), 0, model.state_dict())
+            ckpt = random_checkpoint(cfg.preset, work / "run")
             source = f"random weights, preset {cfg.preset}"
         else:
             source = display_path(ckpt)

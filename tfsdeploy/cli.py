@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import sys
 from pathlib import Path
 from typing import Optional
@@ -62,6 +63,7 @@ def data_build(
     force: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
 ) -> None:
     """Cut registered tri-modal slices from the installed SPM templates into ROOT/{train,val,test}/{t1,t2,func,gt}."""
+    _long_running()
     from rich.progress import Progress
 
     from tfsdeploy.data import build_spm_dataset, default_data_dir
@@ -134,6 +136,7 @@ def train(
                                                "command resumes."),
 ) -> None:
     """Train (or resume) a TFS-Diff model. Run under `torchrun --nproc_per_node N` for DDP."""
+    _long_running()
     from tfsdeploy.config import model_preset
     from tfsdeploy.data import ensure_dataset
     from training.train import has_checkpoint, resolve_configs
@@ -268,6 +271,7 @@ def _progress_bar(label: str, enabled: bool, unit: str = ""):
 def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Optional[Path], out: Optional[Path],
                sample, size: int, engine_cfg, batch_size: int, method: str, progress: bool, verbose: bool) -> None:
     """`fuse` on three NIfTI volumes or three folders of slices: every axial slice, in batches."""
+    _long_running()
     from tfsdeploy.imaging import check_writable
     from tfsdeploy.pipeline import FusionPipeline
     from tfsdeploy.scans import open_scan, write_montage
@@ -311,6 +315,7 @@ def bundle(
                                    "sampler study); used when fuse runs DDIM without --steps."),
 ) -> None:
     """Pack one checkpoint per scale into a bundle that fuse, demo, export, evaluate and bench take."""
+    _long_running()
     from tfsdeploy.bundle import make_bundle
 
     members = {s: p for s, p in ((2, x2), (4, x4), (8, x8)) if p is not None}
@@ -393,6 +398,7 @@ def evaluate(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Table-1 style metrics of each baseline and model, per scale, with a Fig-2 style montage."""
+    _long_running()
     from tfsdeploy.config import SampleConfig
     from tfsdeploy.tools.evaluate import EvalConfig
     from tfsdeploy.tools.evaluate import evaluate as run_evaluation
@@ -449,6 +455,7 @@ def export(
 ) -> None:
     """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity.
     A bundle exports every member, each into its own folder."""
+    _long_running()
     from tfsdeploy.bundle import bundle_members, is_bundle, named_model
 
     model = named_model(model)
@@ -534,6 +541,7 @@ def bench(
     out: Path = typer.Option(Path("benchmarks/reports/latest"), "--out", "-o", help="Report folder."),
 ) -> None:
     """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
+    _long_running()
     from tfsdeploy.bundle import model_for_scale
     from tfsdeploy.data import reference_triplet
 
@@ -617,7 +625,20 @@ def info() -> None:
 
 
 def main() -> None:
-    app()
+    # A one-shot command spends about a second of its life in the cyclic garbage collector: while
+    # torch's thousands of modules are imported, and again at exit. Reference counting frees the
+    # tensors of a fuse by itself, so the collector is off until a long-running command turns it
+    # back on (`_long_running`), and what is alive at exit is frozen instead of traversed.
+    gc.disable()
+    try:
+        app()
+    finally:
+        gc.freeze()
+
+
+def _long_running() -> None:
+    """Training, evaluation, export and benchmarks run long enough to need the cyclic collector."""
+    gc.enable()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class TorchDenoiser:
         self._run = torch.compile(self.model, mode=mode) if compile else self.model  # compiles on the first call
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and not compile
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.graph_error = ""  # why capture failed, when it did (describe() then no longer says CUDA graph)
 
     def describe(self) -> str:
         kind = "compiled" if self.compiled else "eager"
@@ -57,7 +58,12 @@ class TorchDenoiser:
     def _replay(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         key = (tuple(x_t.shape), tuple(cond.shape))
         if key not in self._graphs:
-            self._graphs[key] = self._capture(x_t, cond, noise_level)
+            try:
+                self._graphs[key] = self._capture(x_t, cond, noise_level)
+            except RuntimeError as e:  # a driver or op that cannot be captured: stay correct, run eagerly
+                self.cuda_graph, self.graph_error = False, f"{type(e).__name__}: {e}"
+                with torch.inference_mode():
+                    return self._forward(x_t, cond, noise_level)
         graph, static, out = self._graphs[key]
         for buf, new in zip(static, (x_t, cond, noise_level)):
             buf.copy_(new, non_blocking=True)

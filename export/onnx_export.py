@@ -114,6 +114,11 @@ def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path |
     from export.parity import parity_condition, parity_report
     from tfsdeploy.diffusion import Diffusion
 
+    for needed in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(needed)
+        except ImportError:
+            raise UserError(f"exporting to ONNX needs {needed}: pip install 'tfsdeploy[onnx]'") from None
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if opset < 18:

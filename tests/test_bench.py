@@ -42,6 +42,7 @@ def test_flop_count_agrees_with_an_independent_count(preset, size):
 
 
 def test_bench_writes_markdown_json_and_plot(tmp_path):
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
     cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch", "onnx", "trt"), repeats=2,
                       warmup=1, fuse_steps=(2,), ddpm_measured_steps=2, fuse_size=64)
     r = run_bench(None, cfg, tmp_path, log=lambda s: None)

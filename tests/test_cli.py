@@ -1,5 +1,6 @@
 """The command line: end to end on a tiny trained model, and every bad-input path."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from tfsdeploy.cli import app
 from tfsdeploy.imaging import read_image
 
 runner = CliRunner()
+needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                                reason="needs the onnx extra: pip install -e '.[onnx]'")
 
 
 @pytest.fixture()
@@ -162,6 +165,7 @@ def test_data_build_and_train_resume_from_the_cli(tmp_path, synth_dataset):
     assert "cannot change" in one_error_line(run(*args, "--steps", 4, "--tmfa", "none"))
 
 
+@needs_onnx
 def test_export_then_fuse_with_each_engine(tmp_path, tiny_run, triplet):
     res = run("export", tiny_run, "--parity-steps", 2, "--min-size", 32, "--max-size", 128)
     assert res.exit_code == 0, res.output
@@ -180,6 +184,7 @@ def test_export_then_fuse_with_each_engine(tmp_path, tiny_run, triplet):
     assert float(psnr(outs["onnx-fp16"][None], outs["torch"][None])) >= 35
 
 
+@needs_onnx
 def test_export_trt_without_tensorrt_fails_cleanly_but_keeps_onnx(tmp_path, tiny_run, triplet):
     from export.trt_build import tensorrt_status
 
@@ -197,6 +202,7 @@ def test_export_trt_without_tensorrt_fails_cleanly_but_keeps_onnx(tmp_path, tiny
     assert not fused.exists()
 
 
+@needs_onnx
 def test_info_lists_engines():
     res = run("info")
     assert res.exit_code == 0

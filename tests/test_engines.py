@@ -18,7 +18,7 @@ from tfsdeploy.pipeline import FusionPipeline
 TOLERANCE = {"torch": 1e-6, "torch-bf16": 3e-2, "onnx": 1e-4, "onnx-fp16": 1e-2, "trt": 1e-2}
 
 
-def make_engine(name, ckpt, exported):
+def make_engine(name, ckpt, request):
     from engines.loader import find_artifact, load_artifact
     from engines.trt_engine import tensorrt_status
 
@@ -26,6 +26,7 @@ def make_engine(name, ckpt, exported):
         return TorchDenoiser(build_from_checkpoint(ckpt)[0])
     if name == "torch-bf16":  # reduced precision on the CPU: the same code path as fp16 on a GPU
         return TorchDenoiser(build_from_checkpoint(ckpt)[0], dtype=torch.bfloat16, channels_last=True)
+    exported = request.getfixturevalue("exported")  # skips without the onnx extra
     if name in ("onnx", "onnx-fp16"):
         return load_artifact(exported["fp16" if name == "onnx-fp16" else "fp32"][0])[0]
     trt, reason = tensorrt_status()
@@ -45,8 +46,8 @@ def inputs(batch, size=64, seed=0):
 
 
 @pytest.fixture(scope="module", params=list(TOLERANCE))
-def engine(request, ckpt, exported):
-    return request.param, make_engine(request.param, ckpt, exported)
+def engine(request, ckpt):
+    return request.param, make_engine(request.param, ckpt, request)
 
 
 def test_engine_declares_device_dtype_and_a_one_line_description(engine):
@@ -164,3 +165,17 @@ def test_the_cuda_fast_path_matches_the_cpu(ckpt):
     b2 = gpu(cond).cpu()  # replayed from the captured graph
     assert torch.equal(b, b2)
     assert float(((a - b) ** 2).mean()) < 1e-4
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_and_says_so(ckpt, monkeypatch):
+    engine = TorchDenoiser(build_from_checkpoint(ckpt)[0])
+    engine.cuda_graph = True  # as on CUDA; here the capture is made to fail the way a driver would
+
+    def fail(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "_capture", fail)
+    x, c, lvl = inputs(1)
+    out = engine(x, c, lvl)
+    assert torch.equal(out, TorchDenoiser(build_from_checkpoint(ckpt)[0])(x, c, lvl))
+    assert not engine.cuda_graph and "capturing" in engine.graph_error and "CUDA graph" not in engine.describe()

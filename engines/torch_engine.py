@@ -14,7 +14,7 @@ import torch
 
 from tfsdeploy.model import TFSDiffUNet
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchDenoiser:

@@ -46,13 +46,12 @@ def resolve_device(name: str) -> torch.device:
 
 def torch_denoiser(ckpt: str | Path, device: torch.device, cfg: EngineConfig) -> tuple[Denoiser, Configs]:
     """The torch engine for a checkpoint, on the fast path for its device unless told otherwise."""
-    from engines.torch_engine import TorchDenoiser
+    from engines.torch_engine import DTYPES, TorchDenoiser
 
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32")
     model, ck = build_from_checkpoint(ckpt)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return TorchDenoiser(model, device, dtype, compile=cfg.compile,
+    return TorchDenoiser(model, device, DTYPES[precision], compile=cfg.compile,
                          channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
                          cuda_graph=cuda if cfg.cuda_graph is None else cfg.cuda_graph), ck.configs
 

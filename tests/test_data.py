@@ -10,7 +10,7 @@ from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import read_image
 from tfsdeploy.data import FolderSource, load_spm_volumes, make_batch, open_split
 from tfsdeploy.data.spm import brain_slices, split_by_blocks
-from training.augment import augment
+from tfsdeploy.data.augment import augment
 
 
 def test_split_by_blocks_is_contiguous_with_guards():

@@ -30,7 +30,7 @@ from tfsdeploy.diffusion import Diffusion
 from tfsdeploy.errors import UserError
 from tfsdeploy.metrics import psnr, ssim
 from tfsdeploy.model import build_model, count_parameters
-from training.augment import augment
+from tfsdeploy.data.augment import augment
 
 # Train options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",

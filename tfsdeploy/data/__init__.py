@@ -2,16 +2,18 @@
 
 - `folder`: the one on-disk layout (ROOT/[split/]{t1,t2,func}[/gt]/NAME.png), matched by name;
 - `spm`: the registered SPM templates that install with the package, cut into that layout;
-- `batches`: degradation, the upsample-then-fuse baseline and cropping, batched on a device.
+- `batches`: degradation, the upsample-then-fuse baseline and cropping, batched on a device;
+- `augment`: joint augmentation of sources and targets.
 
 Importing this package does not import nibabel or read `spm-runtime`; only the functions that
 read the templates do.
 """
 
+from tfsdeploy.data.augment import augment
 from tfsdeploy.data.batches import Batch, make_batch, stack_samples
 from tfsdeploy.data.folder import MODALITY_DIRS, SPLITS, FolderSource, Sample, open_split, standardise
 from tfsdeploy.data.spm import build_spm_dataset, default_data_dir, ensure_dataset, load_spm_volumes, reference_triplet
 
-__all__ = ["Batch", "make_batch", "stack_samples", "MODALITY_DIRS", "SPLITS", "FolderSource", "Sample", "open_split",
-           "standardise", "build_spm_dataset", "default_data_dir", "ensure_dataset", "load_spm_volumes",
+__all__ = ["augment", "Batch", "make_batch", "stack_samples", "MODALITY_DIRS", "SPLITS", "FolderSource", "Sample",
+           "open_split", "standardise", "build_spm_dataset", "default_data_dir", "ensure_dataset", "load_spm_volumes",
            "reference_triplet"]

@@ -207,3 +207,81 @@ def test_info_lists_engines():
     res = run("info")
     assert res.exit_code == 0
     assert "engines:" in res.output and "onnx: onnxruntime" in res.output and "trt:" in res.output
+
+
+# --------------------------------------------------------------------------- the bad-input sweep's finds
+
+
+def test_resuming_a_run_without_repeating_its_preset(tmp_path, synth_dataset):
+    """`train --out RUN` on a tiny-preset run, with no --preset, resumes with the run's own model
+    (it used to crash in the preset check); an explicit, different --preset is one clear line."""
+    args = ["train", "--out", tmp_path / "r", "--data", synth_dataset, "--crop", 32, "--batch-size", 2,
+            "--val-every", 0, "--no-progress"]
+    assert run(*args, "--preset", "tiny", "--steps", 1).exit_code == 0
+    res = run(*args, "--steps", 2)
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+    assert "different model than preset 'small'" in one_error_line(run(*args, "--steps", 3, "--preset", "small"))
+
+
+def test_a_size_that_does_not_fit_in_memory_is_refused_before_sampling(tmp_path, tiny_run, triplet, monkeypatch):
+    import tfsdeploy.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: 2**20)  # 1 MiB free
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--size", 4096, "--out", tmp_path / "o.png"))
+    assert "4096x4096 slice needs about" in line and "smaller --size" in line
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                              "549755813888 bytes. Error code 12 (Cannot allocate memory)"),
+                                 "cuda"])
+def test_allocator_failures_are_one_line(tmp_path, tiny_run, triplet, monkeypatch, exc):
+    """The CPU allocator's RuntimeError and torch.OutOfMemoryError used to escape as tracebacks."""
+    import torch
+
+    from tfsdeploy.pipeline import FusionPipeline
+
+    if exc == "cuda":
+        exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(FusionPipeline, "__call__", fail)
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", tmp_path / "o.png"))
+    assert line == "error: out of memory; try a smaller --size or --batch-size"
+
+
+def test_other_runtime_errors_are_not_disguised(tmp_path, tiny_run, triplet, monkeypatch):
+    from tfsdeploy.pipeline import FusionPipeline
+
+    def fail(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(FusionPipeline, "__call__", fail)
+    res = run("fuse", *triplet, "--model", tiny_run, "--out", tmp_path / "o.png")
+    assert isinstance(res.exception, RuntimeError)  # a bug stays a bug, with its traceback
+
+
+def test_files_where_folders_belong_and_parse_errors(tmp_path, tiny_run, triplet):
+    a_file = tmp_path / "a"
+    a_file.write_text("x")
+    line = one_error_line(run("data", "build", "--out", a_file, "--size", 32))
+    assert "is a file" in line  # used to be a NotADirectoryError traceback
+    assert a_file.read_text() == "x"
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", a_file / "b.png"))
+    assert f"{a_file} is a file" in line
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--steps", "abc"))
+    assert "'--steps'" in line  # the parser's own errors are one line too
+    assert "Missing argument" in one_error_line(run("fuse", triplet[0]))
+    assert "unsupported scale 0" in one_error_line(run("fuse", *triplet, "--model", tiny_run, "--scale", 0))
+
+
+def test_export_trt_without_onnx_does_not_claim_onnx_files(tmp_path, tiny_run):
+    from engines.trt_engine import tensorrt_status
+
+    if tensorrt_status()[0] is not None:
+        pytest.skip("TensorRT is installed here")
+    line = one_error_line(run("export", tiny_run, "--trt", "--no-onnx", "--no-fp16", "--out", tmp_path / "e"))
+    assert "--trt" in line and "ONNX files" not in line
+    assert not (tmp_path / "e").exists()

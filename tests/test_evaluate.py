@@ -64,7 +64,7 @@ def test_qabf_prefers_the_image_that_keeps_edges():
     assert qabf(src, [src]) > qabf(blurred, [src])
 
 
-def test_lpips_from_local_files(tmp_path):
+def test_lpips_from_local_files(tmp_path, monkeypatch):
     net = LPIPS()
     backbone = {f"features.{i}.weight": c.weight.detach() for i, c in zip((0, 3, 6, 8, 10), net.convs)}
     backbone |= {f"features.{i}.bias": c.bias.detach() for i, c in zip((0, 3, 6, 8, 10), net.convs)}
@@ -76,11 +76,19 @@ def test_lpips_from_local_files(tmp_path):
     a, b = torch.rand(3, 64, 64), torch.rand(3, 64, 64)
     assert fn(a, a) == pytest.approx(0.0, abs=1e-7)
     assert fn(a, b) > 0 and fn(a, b) == pytest.approx(fn(b, a), rel=1e-5)
-    fn2, reason2 = load_lpips(tmp_path / "missing.pth", tmp_path / "alex.pth")
-    assert fn2 is None and "not found" in reason2
+    # Files named explicitly must be usable: asking for LPIPS and not getting it is an error ...
+    with pytest.raises(UserError, match="not found"):
+        load_lpips(tmp_path / "missing.pth", tmp_path / "alex.pth")
     torch.save({"wrong": torch.zeros(1)}, tmp_path / "bad.pth")
-    fn3, reason3 = load_lpips(tmp_path / "bad.pth", tmp_path / "alex.pth")
-    assert fn3 is None and "wrong layout" in reason3
+    with pytest.raises(UserError, match="wrong layout"):
+        load_lpips(tmp_path / "bad.pth", tmp_path / "alex.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="unreadable"):
+        load_lpips(tmp_path / "alexnet.pth", tmp_path / "junk.pth")
+    # ... while default locations that hold nothing only leave LPIPS out, with the reason.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    fn4, reason4 = load_lpips()
+    assert fn4 is None and "not found" in reason4
 
 
 def evaluate(models, root, out, cfg, log=lambda s: None):

@@ -39,6 +39,36 @@ def test_reads_16bit_png_and_tiff(tmp_path):
     torch.testing.assert_close(t[1], torch.from_numpy((arr // 2) / 65535.0).float())
 
 
+def test_12bit_data_in_a_16bit_png_fills_the_range(tmp_path):
+    """12-bit data stored in 16 bits is divided by 4095, not 65535 (it used to come out 16x too dim)."""
+    arr = np.linspace(0, 4095, 256).astype(np.uint16).reshape(16, 16)
+    Image.fromarray(arr).save(tmp_path / "a12.png")
+    torch.testing.assert_close(read_image(tmp_path / "a12.png")[0], torch.from_numpy(arr / 4095.0).float())
+    ten = (arr // 4).astype(np.uint16)  # 10-bit: max 1023
+    tifffile.imwrite(tmp_path / "a10.tif", ten)
+    torch.testing.assert_close(read_image(tmp_path / "a10.tif")[0], torch.from_numpy(ten / 1023.0).float())
+
+
+def test_float_images_outside_unit_range_are_normalised_robustly(tmp_path):
+    """A float TIFF of 0..1000 used to be clipped to [0, 1] (almost all white); it is mapped by the
+    volume rule instead: 1st percentile -> 0, 99.5th percentile of the foreground -> 1."""
+    rng = np.random.default_rng(0)
+    arr = (rng.random((32, 32)) * 1000).astype(np.float32)
+    tifffile.imwrite(tmp_path / "f.tif", arr)
+    t = read_image(tmp_path / "f.tif")[0].numpy()
+    lo = np.percentile(arr, 1.0)
+    hi = np.percentile(arr[arr > lo], 99.5)
+    np.testing.assert_allclose(t, np.clip((arr - lo) / (hi - lo), 0, 1), atol=1e-5)
+    assert 0.4 < t.mean() < 0.6  # not saturated
+    unit = rng.random((8, 8)).astype(np.float32)  # floats already in [0, 1] are kept as they are
+    tifffile.imwrite(tmp_path / "u.tif", unit)
+    torch.testing.assert_close(read_image(tmp_path / "u.tif")[0], torch.from_numpy(unit))
+    signed = (rng.random((16, 16)) * 2000 - 1000).astype(np.int16)  # CT numbers
+    tifffile.imwrite(tmp_path / "ct.tif", signed)
+    t = read_image(tmp_path / "ct.tif")
+    assert float(t.min()) == 0.0 and float(t.max()) == 1.0
+
+
 def test_reads_rgb_jpeg_and_drops_alpha(tmp_path):
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgb[..., 0] = 200

@@ -45,6 +45,20 @@ def test_resume_refuses_to_change_the_model(tmp_path, synth_dataset):
         resolve_configs(run, PRESETS["tiny"], {"diffusion": {"prediction": "eps"}})
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path, synth_dataset):
+    """Steps taken after the last checkpoint of a killed run are replayed on resume; their log lines
+    (and a line cut short by the kill) used to stay, so log.jsonl held a step twice."""
+    import json
+
+    run = tmp_path / "r"
+    train(run, tiny_configs(steps=2, ckpt_every=0), data_root=synth_dataset, **QUIET)
+    with open(run / "log.jsonl", "a") as f:  # what a run killed at step 3, before saving, leaves
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
+    train(run, resolve_configs(run, PRESETS["tiny"], {"train": {"steps": 4}}), data_root=synth_dataset, **QUIET)
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_interrupt_saves_a_checkpoint(tmp_path, synth_dataset, monkeypatch):
     run = tmp_path / "r"
     trainer = Trainer(run, tiny_configs(steps=10, ckpt_every=0), synth_dataset, log=lambda s: None)
@@ -183,3 +197,55 @@ def test_init_starts_a_new_run_from_other_weights(tmp_path, synth_dataset):
     other = dataclasses.replace(other, model=dataclasses.replace(other.model, tmfa="none"))
     with pytest.raises(UserError, match="model config differs"):
         Trainer(tmp_path / "ft2", other, synth_dataset, log=lambda s: None, init_from=src)
+
+
+def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, synth_dataset, monkeypatch):
+    """`train --init BUNDLE --data FOLDER --scales 4`: the x4 member's model, schedule and
+    parameterisation (no --preset needed), the user's folder (ground truth made by the classical
+    fusion when it has none), and a result that `bundle` packs and `fuse --model` runs."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from conftest import write_folder
+    from tfsdeploy.bundle import make_bundle
+    from tfsdeploy.cli import app
+
+    src = tmp_path / "src"
+    cfg = dataclasses.replace(tiny_configs(steps=2), diffusion=dataclasses.replace(
+        tiny_configs().diffusion, residual_scale=3.0))
+    train(src, cfg, data_root=synth_dataset, **QUIET)
+    packaged = make_bundle({4: src, 8: src}, tmp_path / "bundle")
+    monkeypatch.setenv("TFSDEPLOY_MODEL", str(packaged))  # what `--init default` resolves to
+    mine = write_folder(tmp_path / "mine", ["a", "b", "c"], gt=False)  # full-resolution triplets, no gt
+    cli = CliRunner()
+    base = ["train", "--out", str(tmp_path / "ft"), "--data", str(mine), "--steps", "3", "--batch-size", "2",
+            "--crop", "32", "--val-every", "0", "--no-progress"]
+
+    res = cli.invoke(app, base + ["--init", "default"])
+    assert res.exit_code == 2 and "pick its member with --scales N (one of 4, 8)" in res.stderr
+    res = cli.invoke(app, base + ["--init", "default", "--scales", "4", "--target", "fused"])
+    assert res.exit_code == 2 and "a fine-tune keeps the model" in res.stderr
+    res = cli.invoke(app, base + ["--init", "default", "--scales", "4", "--preset", "small"])
+    assert res.exit_code == 2 and "different model than preset 'small'" in res.stderr
+    assert not (tmp_path / "ft").exists()
+
+    res = cli.invoke(app, base + ["--init", "default", "--scales", "4"])
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(tmp_path / "ft")
+    assert ck.step == 3 and ck.configs.model == cfg.model and ck.configs.diffusion == cfg.diffusion
+    assert ck.configs.data.scales == (4,) and ck.configs.data.root == str(mine)
+    assert ck.meta["init"]["path"].endswith("x4.safetensors")
+    assert any(not torch.equal(v, load_checkpoint(src).weights[k]) for k, v in ck.weights.items())
+    res = cli.invoke(app, ["bundle", str(tmp_path / "mybundle"), "--x4", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "mybundle" / "bundle.json").read_text())["models"]["4"]
+    d = synth_dataset / "test"
+    res = cli.invoke(app, ["fuse", *(str(d / m / "e00.png") for m in ("t1", "t2", "func")), "--model",
+                           str(tmp_path / "mybundle"), "--steps", "2", "--out", str(tmp_path / "o.png"),
+                           "--no-progress"])
+    assert res.exit_code == 0 and (tmp_path / "o.png").is_file(), res.output
+    # Resuming the fine-tune needs neither --init nor --preset.
+    res = cli.invoke(app, base[:6] + ["4", *base[7:]])
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+    assert load_checkpoint(tmp_path / "ft").step == 4

@@ -10,33 +10,73 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
 from tfsdeploy.errors import UserError
+from tfsdeploy.fileio import check_folder_target
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class OneLineErrors(typer.core.TyperGroup):
+    """The command group, with option parsing errors (a missing argument, `--steps abc`, an unknown
+    option) printed as one `error:` line and exit code 2, like every other error a user can cause."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except Exception as e:  # the command-line parser's own exception types (vendored or not)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is already shown
+                sys.exit(0)
+            if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+                if type(e).__name__ == "Abort":
+                    typer.echo("error: aborted", err=True)
+                    sys.exit(1)
+                raise
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, compile and run TFS-Diff: tri-modal medical image fusion with super-resolution.")
 data_app = typer.Typer(no_args_is_help=True, help="Build and inspect datasets.")
 app.add_typer(data_app, name="data")
 
+ALLOCATOR_FAILURES = ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc_cpu")
+
 
 def user_errors(fn):
-    """Turn every error a user can cause into one line on stderr and a non-zero exit."""
+    """Turn every error a user can cause into one line on stderr and a non-zero exit: bad input
+    (UserError), an interrupt, running out of memory (CPU or GPU allocator), and the file system
+    refusing a read or a write (full disk, no permission)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            _fail(str(e))
         except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
-            raise typer.Exit(130) from None
+            _fail("interrupted", 130)
         except MemoryError:
-            typer.echo("error: out of memory; try a smaller --size or --batch-size", err=True)
-            raise typer.Exit(2) from None
+            _fail(OUT_OF_MEMORY)
+        except RuntimeError as e:  # torch.OutOfMemoryError, and the CPU allocator's RuntimeError
+            if not any(m in str(e).lower() for m in ALLOCATOR_FAILURES):
+                raise
+            _fail(OUT_OF_MEMORY)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}")
 
     return wrapper
+
+
+OUT_OF_MEMORY = "out of memory; try a smaller --size or --batch-size"
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code) from None
 
 
 def _parse_ints(text: str, what: str) -> tuple[int, ...]:
@@ -57,7 +97,7 @@ def _parse_scales(text: Optional[str]) -> Optional[tuple[int, ...]]:
 @user_errors
 def data_build(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder (default: the user cache)."),
-    size: int = typer.Option(256, help="Side of the high-resolution images."),
+    size: int = typer.Option(256, min=32, max=4096, help="Side of the high-resolution images."),
     combos: str = typer.Option(",".join(("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")),
                                help="Tri-modal combinations, comma separated."),
     force: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
@@ -69,8 +109,10 @@ def data_build(
     from tfsdeploy.data import build_spm_dataset, default_data_dir
 
     out = out or default_data_dir()
-    if size % 8 or size < 32:
-        raise UserError("--size must be a multiple of 8 and at least 32")
+    if size % 8:
+        raise UserError(f"--size must be a multiple of 8, got {size}")
+    if not [c for c in combos.split(",") if c.strip()]:
+        raise UserError("--combos: give at least one combination")
     with Progress(transient=True) as prog:
         task = prog.add_task("cutting slices", total=None)
         summary = build_spm_dataset(out, size=size, combos=[c for c in combos.split(",") if c], force=force,
@@ -106,42 +148,47 @@ def train(
     out: Path = typer.Option(Path("runs/small"), "--out", "-o", help="Run folder; an existing run is resumed."),
     preset: str = typer.Option("small", help="Model preset: paper, small or tiny."),
     data: Optional[Path] = typer.Option(None, help="Dataset folder (default: the built SPM dataset, built if missing)."),
-    steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size per process."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
-    crop: Optional[int] = typer.Option(None, help="Random crop side (0 = whole image)."),
+    steps: Optional[int] = typer.Option(None, min=1, max=10**9, help="Total optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, min=1, max=4096, help="Batch size per process."),
+    lr: Optional[float] = typer.Option(None, max=1.0, help="Adam learning rate."),
+    crop: Optional[int] = typer.Option(None, min=0, max=4096, help="Random crop side (0 = whole image)."),
     scales: Optional[str] = typer.Option(None, help="Scales to train, e.g. 2,4,8."),
     prediction: Optional[str] = typer.Option(None, help="Network output: eps (paper), x0 or v."),
     target: Optional[str] = typer.Option(None, help="Diffused image: fused (paper) or residual over the baseline."),
-    residual_scale: Optional[float] = typer.Option(None, help="Multiply the residual by this before diffusion."),
+    residual_scale: Optional[float] = typer.Option(None, max=1000.0,
+                                                   help="Multiply the residual by this before diffusion."),
     objective: Optional[str] = typer.Option(None, help="diffusion, or regression (the same network trained "
                                             "deterministically: an upper bound, not a diffusion model)."),
     scale_balance: Optional[bool] = typer.Option(None, "--scale-balance/--no-scale-balance",
                                                  help="Weight the loss per scale by 1 / baseline MSE."),
     tmfa: Optional[str] = typer.Option(None, help="TMFA placement: paper, all (authors' code) or none (ablation)."),
-    psf_mse: Optional[float] = typer.Option(None, help="PSF loss weight of MSE on x0_hat (lambda1)."),
-    psf_ssim: Optional[float] = typer.Option(None, help="PSF loss weight of 1-SSIM on x0_hat (lambda2); 0 and "
+    psf_mse: Optional[float] = typer.Option(None, max=1000.0, help="PSF loss weight of MSE on x0_hat (lambda1)."),
+    psf_ssim: Optional[float] = typer.Option(None, max=1000.0,
+                                             help="PSF loss weight of 1-SSIM on x0_hat (lambda2); 0 and "
                                              "--psf-mse 0 train without PSF."),
     ema_decay: Optional[float] = typer.Option(None, help="EMA decay."),
-    timesteps: Optional[int] = typer.Option(None, help="Length T of the noise schedule."),
+    timesteps: Optional[int] = typer.Option(None, min=2, max=100_000, help="Length T of the noise schedule."),
     augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Augment the training split."),
-    seed: Optional[int] = typer.Option(None, help="Seed for batches, noise and dropout."),
-    val_every: Optional[int] = typer.Option(None, help="Validate every N steps (0 = never)."),
-    ckpt_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    log_every: Optional[int] = typer.Option(None, help="Log every N steps."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+    seed: Optional[int] = typer.Option(None, min=0, max=2**63 - 1, help="Seed for batches, noise and dropout."),
+    val_every: Optional[int] = typer.Option(None, min=0, help="Validate every N steps (0 = never)."),
+    ckpt_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps."),
+    log_every: Optional[int] = typer.Option(None, min=1, help="Log every N steps."),
+    threads: Optional[int] = typer.Option(None, min=0, max=1024, help="CPU threads for torch (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    init: Optional[Path] = typer.Option(None, help="Start a new run from this checkpoint's weights (fine-tuning)."),
-    time_limit: Optional[float] = typer.Option(None, help="Stop cleanly after this many minutes; the same "
+    init: Optional[Path] = typer.Option(None, help="Fine-tune: start a new run from this checkpoint, run folder or "
+                                        "bundle (`default` = the packaged model; a bundle's member for --scales), "
+                                        "with its model and parameterisation."),
+    time_limit: Optional[float] = typer.Option(None, max=10**7, help="Stop cleanly after this many minutes; the same "
                                                "command resumes."),
 ) -> None:
     """Train (or resume) a TFS-Diff model. Run under `torchrun --nproc_per_node N` for DDP."""
     _long_running()
     from tfsdeploy.config import model_preset
     from tfsdeploy.data import ensure_dataset
-    from training.train import has_checkpoint, resolve_configs
+    from training.train import has_checkpoint, init_checkpoint, resolve_configs
     from training.train import train as run_training
 
+    check_folder_target(out)
     model = model_preset(preset)
     overrides = {
         "model": {"tmfa": tmfa},
@@ -155,15 +202,18 @@ def train(
                   "log_every": log_every, "threads": threads,
                   "scale_balance": scale_balance},
     }
-    configs = resolve_configs(out, model, overrides)
-    if has_checkpoint(out) and model != configs.model and _explicit(ctx, "preset"):
-        raise UserError(f"{out} holds a different model than preset {preset!r}; use a new --out for a new run")
-    root = ensure_dataset(configs.data.root, log=typer.echo)
     if init is not None and has_checkpoint(out):
         raise UserError(f"{out} already holds a run; --init starts a new one (use a new --out)")
-    if time_limit is not None and time_limit <= 0:
-        raise UserError("--time-limit must be positive (minutes)")
-    run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo, init_from=init,
+    init_from = init_checkpoint(init, _parse_scales(scales)) if init is not None else None
+    configs = resolve_configs(out, model, overrides, init=init_from)
+    if (has_checkpoint(out) or init_from) and model != configs.model and _explicit(ctx, "preset"):
+        where = out if has_checkpoint(out) else f"--init {init}"
+        raise UserError(f"{where} holds a different model than preset {preset!r}; drop --preset "
+                        f"(or use a new --out for a new run)")
+    root = ensure_dataset(configs.data.root, log=typer.echo)
+    if time_limit is not None and not time_limit > 0:
+        raise UserError(f"--time-limit must be a positive number of minutes, got {time_limit}")
+    run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo, init_from=init_from,
                  time_limit_s=None if time_limit is None else time_limit * 60)
 
 
@@ -202,12 +252,13 @@ def fuse(
                                        "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
                                        "(default fused/); scans also get OUT_montage.png."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
-    steps: int = typer.Option(0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
+    steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
                               "packaged model) or 10, for DDPM all T."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
-    seed: int = typer.Option(0, help="Noise seed; the same seed gives the same image (every slice of a scan "
+    seed: int = typer.Option(0, min=0, max=2**63 - 1,
+                             help="Noise seed; the same seed gives the same image (every slice of a scan "
                              "uses it)."),
-    size: int = typer.Option(0, help="Output side in pixels (0 = the model's training size)."),
+    size: int = typer.Option(0, min=0, help="Output side in pixels (0 = the model's training size)."),
     engine: str = typer.Option("auto", help=ENGINE_HELP),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
     precision: str = typer.Option("auto", help="torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
@@ -216,11 +267,12 @@ def fuse(
                                               "on CUDA, off for TensorRT)."),
     compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
                                  "seconds once per process; worth it for long scans on a GPU)."),
-    batch_size: int = typer.Option(0, help="Scans: slices per batch (0 = as many as half the free memory holds)."),
+    batch_size: int = typer.Option(0, min=0, max=4096,
+                                   help="Scans: slices per batch (0 = as many as half the free memory holds)."),
     export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: beside the model)."),
     method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
                                "classical, laplacian, guided."),
-    threads: int = typer.Option(0, help="CPU threads for torch and ONNX Runtime (0 = default)."),
+    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -318,6 +370,7 @@ def bundle(
     _long_running()
     from tfsdeploy.bundle import make_bundle
 
+    check_folder_target(out)
     members = {s: p for s, p in ((2, x2), (4, x4), (8, x8)) if p is not None}
     if not members:
         raise UserError("give at least one of --x2, --x4, --x8")
@@ -348,8 +401,8 @@ def demo(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
                                          "(default: the packaged model)."),
     engine: str = typer.Option("auto", help="auto, torch, onnx, onnx-fp16 or trt (see fuse)."),
-    steps: int = typer.Option(0, help="Denoiser calls (0 = the default sampler's)."),
-    seed: int = typer.Option(0),
+    steps: int = typer.Option(0, min=0, help="Denoiser calls (0 = the default sampler's)."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Cut a held-out triplet from the installed SPM templates, fuse it, and show it beside the baseline."""
@@ -361,6 +414,7 @@ def demo(
 
     size = 256
     check_scale(scale)
+    check_folder_target(out)
     pipe = FusionPipeline.load(model, scale, SampleConfig(steps=steps, seed=seed), _engine_config(engine))
     with _progress_bar("demo", progress):
         r = run_demo(pipe, reference_triplet(size, combo), out, size)
@@ -384,17 +438,17 @@ def evaluate(
     scales: str = typer.Option("2,4,8", help="Scales, comma separated."),
     methods: str = typer.Option("classical,laplacian,guided", help="Upsample-then-fuse baselines."),
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
-    steps: int = typer.Option(0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
+    steps: int = typer.Option(0, min=0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1),
     engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
-    limit: int = typer.Option(0, help="Evaluate at most N images (0 = all)."),
-    size: int = typer.Option(0, help="Image side (0 = the first model's training size)."),
+    limit: int = typer.Option(0, min=0, help="Evaluate at most N images (0 = all)."),
+    size: int = typer.Option(0, min=0, max=4096, help="Image side (0 = the first model's training size)."),
     montage_image: str = typer.Option("", help="Image name shown in the montage (default: the middle one)."),
     lpips_backbone: Optional[Path] = typer.Option(None, help="AlexNet weights file for LPIPS."),
     lpips_lin: Optional[Path] = typer.Option(None, help="LPIPS v0.1 alex linear weights file."),
     out: Path = typer.Option(Path("reports/eval"), "--out", "-o", help="Report folder."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0 = default)."),
+    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for torch (0 = default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Table-1 style metrics of each baseline and model, per scale, with a Fig-2 style montage."""
@@ -403,6 +457,7 @@ def evaluate(
     from tfsdeploy.tools.evaluate import EvalConfig
     from tfsdeploy.tools.evaluate import evaluate as run_evaluation
 
+    check_folder_target(out)
     cfg = EvalConfig(split=split, scales=_parse_scales(scales) or (), methods=tuple(m for m in methods.split(",") if m),
                      sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed), engine=engine,
                      limit=limit, size=size, montage_image=montage_image)
@@ -446,18 +501,21 @@ def export(
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Export the fp16 ONNX (fp32 islands and I/O)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (needs TensorRT and a GPU)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: CKPT/export)."),
-    max_batch: int = typer.Option(4, help="Largest batch the artifacts accept."),
-    min_size: int = typer.Option(0, help="Smallest image side (0 = 64, rounded to the model's multiple)."),
-    max_size: int = typer.Option(0, help="Largest image side (0 = 512)."),
-    opset: int = typer.Option(18, help="ONNX opset (18 or above)."),
-    parity_steps: int = typer.Option(10, help="DDIM steps of the fused-image parity check."),
-    workspace_gib: float = typer.Option(8.0, help="TensorRT builder workspace."),
+    max_batch: int = typer.Option(4, min=1, max=1024, help="Largest batch the artifacts accept."),
+    min_size: int = typer.Option(0, min=0, max=8192,
+                                 help="Smallest image side (0 = 64, rounded to the model's multiple)."),
+    max_size: int = typer.Option(0, min=0, max=8192, help="Largest image side (0 = 512)."),
+    opset: int = typer.Option(18, min=18, max=30, help="ONNX opset (18 or above)."),
+    parity_steps: int = typer.Option(10, min=1, max=1000, help="DDIM steps of the fused-image parity check."),
+    workspace_gib: float = typer.Option(8.0, max=1024.0, help="TensorRT builder workspace."),
 ) -> None:
     """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity.
     A bundle exports every member, each into its own folder."""
     _long_running()
     from tfsdeploy.bundle import bundle_members, is_bundle, named_model
 
+    if not workspace_gib > 0:
+        raise UserError(f"--workspace-gib must be positive, got {workspace_gib}")
     model = named_model(model)
     if is_bundle(model):
         if out is not None:
@@ -482,6 +540,7 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
     net, _ = build_from_checkpoint(model)
     spec = default_spec(net, max_batch=max_batch, min_size=min_size, max_size=max_size)
     out = out or default_export_dir(model)
+    check_folder_target(out)
     trt_mod, trt_reason = tensorrt_status() if trt else (None, "")
     precisions = [p for p, on in (("fp32", onnx), ("fp16", fp16)) if on]
     if trt_mod is not None and build_plan(trt_mod.__version__).onnx_precision not in precisions:
@@ -514,6 +573,7 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
 @app.command()
 @user_errors
 def bench(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint or bundle (its --scale member; "
                                          "default: random weights of --preset; speed does not depend on the "
                                          "weights, except that exported engines are found beside it)."),
@@ -523,37 +583,48 @@ def bench(
                                 "unavailable ones are skipped with the reason."),
     sizes: str = typer.Option("128,256", help="Image sides for the per-call latency."),
     batches: str = typer.Option("1,4", help="Batch sizes for the per-call latency."),
-    repeats: int = typer.Option(10, help="Timed calls per engine and shape."),
-    warmup: int = typer.Option(2, help="Untimed calls first."),
+    repeats: int = typer.Option(10, min=1, max=10_000, help="Timed calls per engine and shape."),
+    warmup: int = typer.Option(2, min=0, max=1000, help="Untimed calls first."),
     fuse_steps: str = typer.Option("10,25,50", help="DDIM step counts for the end-to-end fuse time."),
-    ddpm_steps: int = typer.Option(50, help="DDPM levels actually timed, extrapolated to all T."),
-    cold_runs: int = typer.Option(3, help="With --model: one-shot fuse processes timed per engine setting "
+    ddpm_steps: int = typer.Option(50, min=1, max=100_000, help="DDPM levels actually timed, extrapolated to all T."),
+    cold_runs: int = typer.Option(3, min=0, max=100,
+                                  help="With --model: one-shot fuse processes timed per engine setting "
                                   "(0 = none)."),
     quality: bool = typer.Option(False, "--quality", help="Run the sampler study instead (needs a trained --model)."),
     data: Optional[Path] = typer.Option(None, help="Dataset for --quality (default: the built SPM dataset)."),
-    images: int = typer.Option(4, help="--quality: held-out slices."),
+    images: int = typer.Option(4, min=1, max=10_000, help="--quality: held-out slices."),
     scale: int = typer.Option(4, help="Scale: the --quality study's, and which member of a bundle runs."),
-    size: int = typer.Option(256, help="--quality: image side."),
+    size: int = typer.Option(256, min=32, max=4096, help="--quality: image side."),
     ddim_steps: str = typer.Option("10,25,50,100,250", help="--quality: DDIM step counts."),
-    ddpm_full: int = typer.Option(0, help="--quality: DDPM levels (0 = all T, the paper's sampler)."),
+    ddpm_full: int = typer.Option(0, min=0, max=100_000,
+                                  help="--quality: DDPM levels (0 = all T, the paper's sampler)."),
     engine: str = typer.Option("auto", help="--quality: engine (see fuse)."),
-    threads: int = typer.Option(0, help="CPU threads (0 = default)."),
+    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads (0 = default)."),
     out: Path = typer.Option(Path("benchmarks/reports/latest"), "--out", "-o", help="Report folder."),
 ) -> None:
     """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
     _long_running()
     from tfsdeploy.bundle import model_for_scale
     from tfsdeploy.data import reference_triplet
+    from tfsdeploy.inputs import check_scale
 
+    check_scale(scale)
+    check_folder_target(out)
+    engine_cfg = _engine_config(engine, threads=threads)
+    study_steps = _parse_ints(ddim_steps, "--ddim-steps")
+    if quality and (not study_steps or min(study_steps) < 1):
+        raise UserError(f"--ddim-steps takes positive step counts, got {ddim_steps!r}")
+    ignored = [n for n in ("data", "images", "size", "ddim_steps", "ddpm_full", "engine") if _explicit(ctx, n)]
+    if ignored and not quality:
+        raise UserError(f"--{ignored[0].replace('_', '-')} applies to --quality only")
     if quality:
         from tfsdeploy.data import ensure_dataset, open_split
         from tfsdeploy.pipeline import FusionPipeline
         from tfsdeploy.tools.study import StudyConfig, sampler_study
 
-        pipe = FusionPipeline.load(model, scale, engine=_engine_config(engine, threads=threads))
+        pipe = FusionPipeline.load(model, scale, engine=engine_cfg)
         samples = open_split(ensure_dataset(data, log=typer.echo), "test", size).load()
-        r = sampler_study(pipe, samples, StudyConfig(images=images, size=size,
-                                                     ddim_steps=_parse_ints(ddim_steps, "--ddim-steps"),
+        r = sampler_study(pipe, samples, StudyConfig(images=images, size=size, ddim_steps=study_steps,
                                                      ddpm_steps=ddpm_full), out, log=typer.echo)
         met = r["meets_target"]
         typer.echo(f"target ({r['target']}): " + (f"met by {met['sampler']}-{met['steps']}" if met else "not met"))
@@ -561,6 +632,8 @@ def bench(
         return
     from tfsdeploy.tools.bench import BenchConfig, run_bench
 
+    if not [e for e in engines.split(",") if e.strip()]:
+        raise UserError("--engines: name at least one engine")
     cfg = BenchConfig(preset=preset, sizes=_parse_ints(sizes, "--sizes"), batches=_parse_ints(batches, "--batches"),
                       engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
                       fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,

@@ -52,11 +52,22 @@ class atomic_path:
         self.tmp.unlink(missing_ok=True)
 
 
+def check_folder_target(path: str | Path) -> None:
+    """Refuse, before any work, a folder output whose path (or a parent of it) is a regular file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"{path}: {'it' if p == path else p} is a file; the output is a folder")
+            return
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temporary directory beside `path`; on success it replaces `path` (a previous version
     is removed first), on failure it is deleted. A reader never sees a half-written directory."""
     path = Path(path)
+    check_folder_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

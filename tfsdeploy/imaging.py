@@ -116,7 +116,8 @@ def normalise_volume(v: np.ndarray) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read PNG, JPEG or TIFF (8- or 16-bit, grey or colour) as float [C,H,W] in [0, 1].
+    """Read PNG, JPEG or TIFF (8- or 16-bit integer, or float; grey or colour) as float [C,H,W] in
+    [0, 1], by the intensity rule of `_scale_to_unit`.
 
     Grey files give C = 1, colour files C = 3; alpha is dropped.
     """
@@ -147,21 +148,33 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def _scale_to_unit(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Pixel values -> [0, 1] by the input rule (README, "Input intensities"):
+
+    - 8-bit: divided by 255;
+    - other non-negative integers up to 65535 (16-bit PNG and TIFF): divided by the largest value of
+      their bit depth, taken as the smallest of 8..16 bits that holds the image's maximum, so 12-bit
+      data stored in 16 bits fills [0, 1] instead of coming out dim;
+    - floats within [0, 1]: as they are;
+    - anything else (floats outside [0, 1], negative or wider integers, such as CT numbers or
+      counts): the robust rule for volumes, 1st percentile -> 0 and 99.5th percentile of the
+      foreground -> 1.
+    """
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float32) / 65535.0
     if arr.dtype == bool:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
-        # Pillow opens 16-bit PNGs as 32-bit integers; values above 65535 are not 16-bit data.
-        if arr.min() < 0 or arr.max() > 65535:
-            raise UserError(f"{path}: integer pixel values outside 0..65535 are not supported")
-        return arr.astype(np.float32) / 65535.0
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 65535:
+            bits = min(16, max(8, hi.bit_length()))
+            return arr.astype(np.float32) / float(2**bits - 1)
+        return normalise_volume(arr.astype(np.float64))
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise UserError(f"{path}: image holds NaN or infinite values")
-        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+        if arr.min() >= 0.0 and arr.max() <= 1.0:
+            return arr.astype(np.float32)
+        return normalise_volume(arr.astype(np.float64))
     raise UserError(f"{path}: unsupported pixel type {arr.dtype}")
 
 
@@ -194,6 +207,9 @@ def check_writable(path: str | Path) -> None:
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name for the output")
     if not parent.is_dir():
+        ancestor = next((a for a in (parent, *parent.parents) if a.exists()), None)
+        if ancestor is not None and not ancestor.is_dir():
+            raise UserError(f"{path}: {ancestor} is a file, not a directory")
         raise UserError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: directory {parent} is not writable")

@@ -11,12 +11,15 @@ When either is missing, `load_lpips` says which and why, and the metric is repor
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tfsdeploy.errors import UserError
 
 BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
 # (conv index in torchvision's alexnet.features, out channels, kernel, stride, padding)
@@ -79,25 +82,32 @@ def default_lin() -> Path | None:
 
 def load_lpips(backbone: str | Path | None = None, lin: str | Path | None = None
                ) -> tuple[Callable[[torch.Tensor, torch.Tensor], float] | None, str]:
-    """(metric on [3,H,W] images in [0, 1], "") or (None, the reason it is unavailable)."""
+    """(metric on [3,H,W] images in [0, 1], "") or (None, the reason it is unavailable). When the
+    caller names either weights file, LPIPS was asked for: a reason it cannot run is a UserError."""
     bb = Path(backbone) if backbone else default_backbone()
     ln = Path(lin) if lin else default_lin()
+    net, reason = None, ""
     if not bb.is_file():
-        return None, f"AlexNet backbone weights not found at {bb} (pass --lpips-backbone)"
-    if ln is None or not ln.is_file():
-        return None, "LPIPS v0.1 alex linear weights not found (install the lpips package or pass --lpips-lin)"
-    try:
-        sd_bb, sd_ln = _read(bb), _read(ln)
-        net = LPIPS()
-        for (idx, *_), conv in zip(_CONVS, net.convs):
+        reason = f"AlexNet backbone weights not found at {bb} (pass --lpips-backbone)"
+    elif ln is None or not ln.is_file():
+        reason = f"LPIPS v0.1 alex linear weights not found{f' at {ln}' if lin else ''} (install the lpips " \
+                 f"package or pass --lpips-lin)"
+    else:
+        try:
+            sd_bb, sd_ln = _read(bb), _read(ln)
+            net = LPIPS()
             with torch.no_grad():
-                conv.weight.copy_(sd_bb[f"features.{idx}.weight"])
-                conv.bias.copy_(sd_bb[f"features.{idx}.bias"])
-        for i, lin_conv in enumerate(net.lins):
-            with torch.no_grad():
-                lin_conv.weight.copy_(sd_ln[f"lin{i}.model.1.weight"])
-    except (KeyError, RuntimeError, OSError, ValueError) as e:
-        return None, f"LPIPS weights unreadable or of the wrong layout ({type(e).__name__}: {e})"
+                for (idx, *_), conv in zip(_CONVS, net.convs):
+                    conv.weight.copy_(sd_bb[f"features.{idx}.weight"])
+                    conv.bias.copy_(sd_bb[f"features.{idx}.bias"])
+                for i, lin_conv in enumerate(net.lins):
+                    lin_conv.weight.copy_(sd_ln[f"lin{i}.model.1.weight"])
+        except (KeyError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            net, reason = None, f"LPIPS weights unreadable or of the wrong layout ({type(e).__name__}: {e})"
+    if net is None:
+        if backbone or lin:
+            raise UserError(reason)
+        return None, reason
     net.eval()
 
     def metric(pred: torch.Tensor, target: torch.Tensor) -> float:

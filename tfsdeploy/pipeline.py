@@ -64,6 +64,8 @@ def load_denoiser(ckpt: str | Path, cfg: EngineConfig = EngineConfig(),
     from engines.loader import find_artifact, load_artifact
 
     device = resolve_device(cfg.device)
+    if cfg.export_dir is not None and not Path(cfg.export_dir).is_dir():
+        raise UserError(f"--export-dir {cfg.export_dir}: no such folder")
     trt_graph = bool(cfg.cuda_graph)
     kind = artifact_engine(ckpt)
     if kind is not None:

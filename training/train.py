@@ -22,20 +22,22 @@ import torch
 import torch.distributed as dist
 
 from tfsdeploy.artifacts import checkpoint_fingerprint
-from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, resolve, save_checkpoint
+from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, read_meta, resolve, save_checkpoint
 from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
                               from_dict, to_dict)
-from tfsdeploy.data import Batch, Sample, default_data_dir, make_batch, open_split, stack_samples
+from tfsdeploy.data import Batch, Sample, augment, default_data_dir, make_batch, open_split, stack_samples
 from tfsdeploy.diffusion import Diffusion
 from tfsdeploy.errors import UserError
+from tfsdeploy.fileio import atomic_path
 from tfsdeploy.metrics import psnr, ssim
 from tfsdeploy.model import build_model, count_parameters
-from tfsdeploy.data.augment import augment
 
 # Train options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
                        "threads"},
              "data": {"root"}}
+# A fine-tune (`train --init`) runs this many steps unless --steps says otherwise.
+FINE_TUNE_STEPS = 500
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig,
             "data": DataConfig, "train": TrainConfig}
 
@@ -47,35 +49,68 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "latest").is_file()
 
 
-def resolve_configs(run_dir: str | Path, model: ModelConfig, overrides: dict[str, dict[str, Any]]) -> Configs:
-    """Configs for a new run (preset + overrides) or for resuming one (the checkpoint's, checked
-    against any override that would change what was being trained)."""
+def resolve_configs(run_dir: str | Path, model: ModelConfig, overrides: dict[str, dict[str, Any]],
+                    init: str | Path | None = None) -> Configs:
+    """Configs for a new run (preset + overrides), for a fine-tune (`init`: the checkpoint it starts
+    from gives the model, schedule and parameterisation; data and training options may change), or
+    for resuming a run (the checkpoint's, checked against any override that would change what was
+    being trained)."""
     for section, values in overrides.items():
         if section not in SECTIONS:
             raise UserError(f"unknown config section {section!r}")
-    if not has_checkpoint(run_dir):
-        merged = {"model": to_dict(model)}
-        for section in SECTIONS:
-            base = merged.get(section, to_dict(SECTIONS[section]()))
-            merged[section] = {**base, **{k: v for k, v in overrides.get(section, {}).items() if v is not None}}
-        return Configs.from_json(merged)
-    ckpt_path = resolve(run_dir)
-    saved = json.loads((ckpt_path / "config.json").read_text())
+    if has_checkpoint(run_dir):
+        saved = json.loads((resolve(run_dir) / "config.json").read_text())
+        return _merge_checked(saved, overrides, RESUMABLE,
+                              lambda what: f"{run_dir} was trained with {what}; resuming cannot change it "
+                                           f"(use a new --out for a new run)")
+    if init is not None:
+        _, saved = read_meta(init)
+        saved = {**saved, "data": {**saved.get("data", {}), "root": ""},
+                 "train": {**saved.get("train", {}), "steps": FINE_TUNE_STEPS}}
+        return _merge_checked(saved, overrides, {"data": None, "train": None},
+                              lambda what: f"--init {init} was trained with {what}; a fine-tune keeps the "
+                                           f"model it starts from (drop that option)")
+    merged = {"model": to_dict(model)}
+    for section in SECTIONS:
+        base = merged.get(section, to_dict(SECTIONS[section]()))
+        merged[section] = {**base, **{k: v for k, v in overrides.get(section, {}).items() if v is not None}}
+    return Configs.from_json(merged)
+
+
+def _merge_checked(saved: dict[str, Any], overrides: dict[str, dict[str, Any]],
+                   changeable: dict[str, set[str] | None], refuse: Callable[[str], str]) -> Configs:
+    """Saved configs with the overrides applied where `changeable` allows (None: the whole section);
+    an override that would change anything else is refused with `refuse("section.key=current")`."""
     out = {}
     for section, cls in SECTIONS.items():
         cfg = from_dict(cls, saved.get(section, {}))
+        allowed = changeable.get(section, set())
         for k, v in overrides.get(section, {}).items():
             if v is None:
                 continue
-            if k in RESUMABLE.get(section, ()):
+            if allowed is None or k in allowed:
                 cfg = _replace(cfg, k, v)
-                continue
-            cur = getattr(cfg, k)
-            if (tuple(v) if isinstance(v, list) else v) != cur:
-                raise UserError(f"{run_dir} was trained with {section}.{k}={cur!r}; resuming cannot change it "
-                                f"to {v!r} (use a new --out for a new run)")
+            elif (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k):
+                raise UserError(refuse(f"{section}.{k}={getattr(cfg, k)!r}") + f"; you asked for {v!r}")
         out[section] = cfg
     return Configs(**out)
+
+
+def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> Path:
+    """The checkpoint a fine-tune starts from: a checkpoint or run folder as given, or a bundle's
+    member (`default` is the packaged bundle) for the one scale being trained."""
+    from tfsdeploy.bundle import bundle_scales, is_bundle, model_for_scale, named_model
+
+    path = named_model(init)
+    if not path.exists():
+        raise UserError(f"--init {init}: no such checkpoint, run folder or bundle")
+    if not is_bundle(path):
+        return path
+    if not scales or len(scales) != 1:
+        have = ", ".join(map(str, bundle_scales(path)))
+        raise UserError(f"--init {init} is a bundle, one model per scale: pick its member with --scales N "
+                        f"(one of {have})")
+    return model_for_scale(path, scales[0])
 
 
 def _replace(cfg, k, v):
@@ -199,7 +234,25 @@ class Trainer:
         self.elapsed = float(ckpt.meta.get("elapsed_s", 0.0))
         self.init_info = ckpt.meta.get("init")
         if self.dist.main:
+            self._trim_log()
             self.log(f"resumed {ckpt.path} at step {self.step}")
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the restored step (steps a killed run took after its last checkpoint,
+        which this run replays) and a line cut short by the kill: one line per step survives."""
+        path = self.run_dir / "log.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if int(entry.get("step", 0)) <= self.step:
+                keep.append(line)
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in keep))
 
     def _init_from(self, path: str | Path) -> None:
         """Start a new run from another checkpoint's (EMA) weights, with a fresh optimizer: fine-tuning."""

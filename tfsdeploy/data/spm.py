@@ -17,7 +17,7 @@ import torch
 from tfsdeploy.config import COMBOS
 from tfsdeploy.data.folder import MODALITY_DIRS, SPLITS, standardise
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir
+from tfsdeploy.fileio import atomic_dir, check_folder_target
 from tfsdeploy.fusion import fuse_trimodal
 from tfsdeploy.imaging import apply_colormap, normalise_volume, write_png
 from tfsdeploy.inputs import Triplet
@@ -107,6 +107,7 @@ def build_spm_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = 
     interrupted build never leaves a half dataset that looks complete.
     """
     out = Path(out)
+    check_folder_target(out)
     combos = list(combos)
     bad = [c for c in combos if c not in COMBOS]
     if bad:

@@ -123,15 +123,14 @@ def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: Eva
     entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}", lambda c, _scale, m=m: fuse_condition(c, m))
                for m in cfg.methods]
     entries += models
+    montage_name = cfg.montage_image or samples[len(samples) // 2].name
+    if montage_name not in {s.name for s in samples}:
+        raise UserError(f"--montage-image {montage_name!r} is not in the {cfg.split} split")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create ({e.strerror})") from None
     cache = _read_cache(out_dir / CACHE_FILE)
-
-    montage_name = cfg.montage_image or samples[len(samples) // 2].name
-    if montage_name not in {s.name for s in samples}:
-        raise UserError(f"--montage-image {montage_name!r} is not in the {cfg.split} split")
     montage: dict[int, dict[str, torch.Tensor]] = {}
     total, done = len(cfg.scales) * len(samples) * len(entries), 0
     with open(out_dir / CACHE_FILE, "a") as cache_out:

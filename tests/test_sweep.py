@@ -16,6 +16,7 @@ not run. Boolean flags have no bad value.
 from __future__ import annotations
 
 import inspect
+import shutil
 import typing
 from pathlib import Path
 
@@ -42,6 +43,7 @@ ACCEPTED = {
     **{(c, "size", "zero"): "0 = the model's training size" for c in ("fuse", "evaluate")},
     **{(c, "threads", "zero"): "0 = the library's default" for c in ("fuse", "evaluate", "bench", "train")},
     ("fuse", "batch_size", "zero"): "0 = as many slices as memory holds",
+    ("fuse", "adapt", "zero"): "0 = no adaptation",
     ("evaluate", "limit", "zero"): "0 = every image",
     ("export", "min_size", "zero"): "0 = 64",
     ("export", "max_size", "zero"): "0 = 512",
@@ -119,6 +121,9 @@ def base_invocations(tiny_run: Path, data: Path, triplet: list[str], work: Path)
                           "progress": False}},
         "train": {"args": {}, "opts": {"out": work / "run", "preset": "tiny", "data": data, "steps": 1,
                                        "batch_size": 1, "crop": 32, "val_every": 0, "progress": False}},
+        # Resuming an existing run (a copy of the tiny one, at step 4) without repeating its preset.
+        "train:resume": {"args": {}, "opts": {"out": work / "resume", "data": data, "steps": 5, "val_every": 0,
+                                              "progress": False}},
         "bundle": {"args": {"out": work / "bundle"}, "opts": {"x4": tiny_run}},
         "demo": {"args": {}, "opts": {"model": tiny_run, "engine": "torch", "out": work / "demo", "steps": 1,
                                       "progress": False}},
@@ -151,13 +156,16 @@ def command_line(name: str, fn, base: dict, swept: str | None = None, value: str
     return argv
 
 
+VARIANTS = {"train": ("train", "train:resume")}  # commands swept from more than one starting state
+
+
 def cases() -> list[tuple[str, str, str, str]]:
     out = []
     for cmd, fn in commands().items():
         for name, tp, _ in parameters(fn):
             for kind, value in BAD.get(tp, {}).items():
                 if (cmd, name, kind) not in ACCEPTED:
-                    out.append((cmd, name, kind, value))
+                    out += [(variant, name, kind, value) for variant in VARIANTS.get(cmd, (cmd,))]
     return out
 
 
@@ -201,8 +209,10 @@ def test_bad_value_is_one_clean_error(cmd, param, kind, value, sweep_inputs, tmp
     value = {"@missing": str(work / "missing" / "nothing.png"), "@file": str(junk_file),
              "@folder": str(work / "junk_dir")}.get(value, value)
 
-    fn = commands()[cmd]
-    argv = command_line(cmd, fn, base_invocations(tiny_run, data, triplet, work)[cmd], param, value)
+    if cmd == "train:resume":
+        shutil.copytree(tiny_run, work / "resume")
+    fn = commands()[cmd.split(":")[0]]
+    argv = command_line(cmd.split(":")[0], fn, base_invocations(tiny_run, data, triplet, work)[cmd], param, value)
     before = snapshot(work, cwd)
     res = runner.invoke(app, argv)
 
@@ -223,8 +233,11 @@ def test_the_base_invocations_are_valid(sweep_inputs, tmp_path, monkeypatch):
     for cmd, fn in commands().items():
         if cmd in ("export", "bench", "data build"):  # slow here; each has its own end-to-end test
             continue
-        work = tmp_path / cmd.replace(" ", "_")
-        work.mkdir()
-        argv = command_line(cmd, fn, base_invocations(tiny_run, data, triplet, work)[cmd])
-        res = runner.invoke(app, argv)
-        assert res.exit_code == 0, f"tfsdeploy {' '.join(argv)}\n{res.output}"
+        for variant in VARIANTS.get(cmd, (cmd,)):
+            work = tmp_path / variant.replace(" ", "_").replace(":", "_")
+            work.mkdir()
+            if variant == "train:resume":
+                shutil.copytree(tiny_run, work / "resume")
+            argv = command_line(cmd, fn, base_invocations(tiny_run, data, triplet, work)[variant])
+            res = runner.invoke(app, argv)
+            assert res.exit_code == 0, f"tfsdeploy {' '.join(argv)}\n{res.output}"

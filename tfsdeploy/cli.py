@@ -273,6 +273,9 @@ def fuse(
     method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
                                "classical, laplacian, guided."),
     threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default)."),
+    adapt: int = typer.Option(0, min=0, max=10_000, help="Test-time adaptation: first fine-tune a copy of the model "
+                              "for N steps on pairs made from the input itself (degraded once more by the scale), "
+                              "then fuse with it; torch engine; 0 = off."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -287,22 +290,45 @@ def fuse(
     check_scale(scale)
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    if adapt and engine == "auto":
+        engine = "torch"  # adaptation fine-tunes the network: only the torch engine has gradients
     engine_cfg = _engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir)
     if kind is not None:
-        _fuse_scan(kind, t1, t2, func, scale, model, out, sample, size, engine_cfg, batch_size, method, progress,
-                   verbose)
+        _fuse_scan(kind, t1, t2, func, scale, model, out, sample, size, engine_cfg, batch_size, method, adapt,
+                   progress, verbose)
         return
     out = out or Path("fused.png")
     check_writable(out)
     if method != "diffusion":
+        if adapt:
+            raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
         trip = read_triplet(t1, t2, func)
         write_png(out, fuse_baseline(trip, scale, size or 256, method))
         typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
         return
     pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    trip = read_triplet(t1, t2, func)
+    pipe = _adapted(pipe, [trip], size, adapt, seed, progress)
     with _progress_bar(sample.sampler, progress) as bar:
-        img = pipe.fuse_files(t1, t2, func, out, size, progress=bar)
+        img = pipe.fuse_triplet(trip, size, progress=bar)
+    write_png(out, img)
     typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {pipe.describe()})")
+
+
+def _adapted(pipe, trips: list, size: int, steps: int, seed: int, progress: bool):
+    """`pipe`, or with --adapt N a pipeline whose model copy was fine-tuned on `trips` for N steps."""
+    if not steps:
+        return pipe
+    from tfsdeploy.tools.adapt import AdaptConfig, adapt
+
+    with _progress_bar("adapt", progress, "steps") as bar:
+        res = adapt(pipe, trips, size, AdaptConfig(steps=steps, seed=seed), progress=bar)
+    typer.echo(f"adapted to the input in {res.seconds:.1f} s ({steps} steps on {res.pairs} internal pairs of "
+               f"{res.lr_side} px, {res.seconds_per_step:.2f} s a step)", err=True)
+    return res.pipeline
+
+
+ADAPT_SLICES = 16
 
 
 def _verbose_log(verbose: bool):
@@ -321,7 +347,8 @@ def _progress_bar(label: str, enabled: bool, unit: str = ""):
 
 
 def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Optional[Path], out: Optional[Path],
-               sample, size: int, engine_cfg, batch_size: int, method: str, progress: bool, verbose: bool) -> None:
+               sample, size: int, engine_cfg, batch_size: int, method: str, adapt: int, progress: bool,
+               verbose: bool) -> None:
     """`fuse` on three NIfTI volumes or three folders of slices: every axial slice, in batches."""
     _long_running()
     from tfsdeploy.imaging import check_writable
@@ -340,6 +367,13 @@ def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Opt
     scan = open_scan(t1, t2, func)
     pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
     batch = batch_size or pipe.max_batch(pipe.check_size(size))
+    if adapt:  # one adapted model for the whole scan, from up to ADAPT_SLICES slices spread over it
+        from tfsdeploy.inputs import as_triplet
+
+        k = min(len(scan), ADAPT_SLICES)
+        picks = sorted({round(i * (len(scan) - 1) / max(k - 1, 1)) for i in range(k)})
+        trips = [as_triplet(s.t1, s.t2, s.func) for s in map(scan.slice, picks)]
+        pipe = _adapted(pipe, trips, size, adapt, sample.seed, progress)
     typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {batch} "
                f"({pipe.describe()})", err=True)
     with _progress_bar("fuse", progress, "slices") as bar:

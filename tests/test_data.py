@@ -119,3 +119,21 @@ def test_make_batch_from_a_stack_matches_the_list_and_the_per_sample_recipe(synt
         assert torch.allclose(c.cond01[i], cond[0], atol=1e-6)
         assert torch.allclose(c.base01[i], fuse_condition(cond)[0], atol=1e-6)
         assert torch.equal(c.gt01[i], hr[0, 5:])
+
+
+@pytest.mark.parametrize("scales,crop", [([2], 64), ([4], 32), ([8], 64), ([2, 4, 8], 100), ([8], 200)])
+def test_a_crop_made_in_a_window_equals_the_crop_of_the_whole_image(scales, crop, monkeypatch):
+    """make_batch degrades and fuses a crop inside windows around it; the margins cover the
+    degradation's and the fusion's reach, so the pixels equal those of processing the whole image
+    (crops at the borders included)."""
+    import tfsdeploy.data.batches as batches
+
+    hr = (torch.rand(12, 8, 256, 256, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    windowed = [make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment) for s in range(3)]
+    monkeypatch.setattr(batches, "DEGRADE_MARGIN", 10**6)
+    monkeypatch.setattr(batches, "FUSE_MARGIN", 10**6)
+    for s, w in enumerate(windowed):
+        whole = make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment)
+        assert w.scales == whole.scales and w.cond01.shape == (12, 5, crop, crop)
+        for a, b in ((w.cond01, whole.cond01), (w.base01, whole.base01), (w.gt01, whole.gt01)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

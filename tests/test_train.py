@@ -245,7 +245,25 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
                            str(tmp_path / "mybundle"), "--steps", "2", "--out", str(tmp_path / "o.png"),
                            "--no-progress"])
     assert res.exit_code == 0 and (tmp_path / "o.png").is_file(), res.output
-    # Resuming the fine-tune needs neither --init nor --preset.
-    res = cli.invoke(app, base[:6] + ["4", *base[7:]])
+    # The same command resumes the fine-tune (with or without --init); another --init is refused.
+    res = cli.invoke(app, base[:6] + ["4", *base[7:]] + ["--init", "default", "--scales", "4"])
     assert res.exit_code == 0 and "resumed" in res.output, res.output
-    assert load_checkpoint(tmp_path / "ft").step == 4
+    res = cli.invoke(app, base[:6] + ["5", *base[7:]])
+    assert res.exit_code == 0 and "resumed" in res.output, res.output
+    assert load_checkpoint(tmp_path / "ft").step == 5
+    res = cli.invoke(app, base[:6] + ["6", *base[7:]] + ["--init", str(src)])
+    assert res.exit_code == 2 and "did not start from" in res.stderr
+
+
+def test_a_fine_tune_trains_with_its_own_recipe_not_the_starting_checkpoints(tmp_path, synth_dataset):
+    from training.train import FINE_TUNE
+
+    src = tmp_path / "src"
+    gpu_recipe = tiny_configs(steps=1, batch_size=64, lr=2e-4, ckpt_every=1000)
+    train(src, gpu_recipe, data_root=synth_dataset, **QUIET)
+    cfg = resolve_configs(tmp_path / "ft", PRESETS["tiny"], {"train": {"lr": 5e-5}, "data": {"root": "x"}},
+                          init=src)
+    assert cfg.model == gpu_recipe.model and cfg.diffusion == gpu_recipe.diffusion
+    assert cfg.train.batch_size == FINE_TUNE["batch_size"] and cfg.train.steps == FINE_TUNE["steps"]
+    assert cfg.train.lr == 5e-5 and cfg.data.root == "x"  # options given on the command line win
+    assert cfg.train.psf_ssim == gpu_recipe.train.psf_ssim  # the loss is the one the model learnt with

@@ -185,7 +185,7 @@ def train(
     _long_running()
     from tfsdeploy.config import model_preset
     from tfsdeploy.data import ensure_dataset
-    from training.train import has_checkpoint, init_checkpoint, resolve_configs
+    from training.train import has_checkpoint, init_checkpoint, resolve_configs, started_from
     from training.train import train as run_training
 
     check_folder_target(out)
@@ -202,9 +202,12 @@ def train(
                   "log_every": log_every, "threads": threads,
                   "scale_balance": scale_balance},
     }
-    if init is not None and has_checkpoint(out):
-        raise UserError(f"{out} already holds a run; --init starts a new one (use a new --out)")
     init_from = init_checkpoint(init, _parse_scales(scales)) if init is not None else None
+    if init_from is not None and has_checkpoint(out):
+        if not started_from(out, init_from):
+            raise UserError(f"{out} already holds a run that did not start from {init}; --init starts a new "
+                            f"one (use a new --out)")
+        init_from = None  # the same command again: resume the fine-tune
     configs = resolve_configs(out, model, overrides, init=init_from)
     if (has_checkpoint(out) or init_from) and model != configs.model and _explicit(ctx, "preset"):
         where = out if has_checkpoint(out) else f"--init {init}"

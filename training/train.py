@@ -36,8 +36,10 @@ from tfsdeploy.model import build_model, count_parameters
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
                        "threads"},
              "data": {"root"}}
-# A fine-tune (`train --init`) runs this many steps unless --steps says otherwise.
-FINE_TUNE_STEPS = 500
+# What a fine-tune (`train --init`) trains with unless told otherwise, in place of the recipe the
+# starting checkpoint was trained with (a GPU's batch of 64 would make each step minutes on a CPU):
+# 50-100 steps of batch 8 gained about 1 dB on a new domain (benchmarks/reports/finetune).
+FINE_TUNE = {"steps": 100, "batch_size": 8, "lr": 1e-4, "ckpt_every": 50, "log_every": 10, "val_every": 50}
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig,
             "data": DataConfig, "train": TrainConfig}
 
@@ -66,7 +68,7 @@ def resolve_configs(run_dir: str | Path, model: ModelConfig, overrides: dict[str
     if init is not None:
         _, saved = read_meta(init)
         saved = {**saved, "data": {**saved.get("data", {}), "root": ""},
-                 "train": {**saved.get("train", {}), "steps": FINE_TUNE_STEPS}}
+                 "train": {**saved.get("train", {}), **FINE_TUNE}}
         return _merge_checked(saved, overrides, {"data": None, "train": None},
                               lambda what: f"--init {init} was trained with {what}; a fine-tune keeps the "
                                            f"model it starts from (drop that option)")
@@ -94,6 +96,12 @@ def _merge_checked(saved: dict[str, Any], overrides: dict[str, dict[str, Any]],
                 raise UserError(refuse(f"{section}.{k}={getattr(cfg, k)!r}") + f"; you asked for {v!r}")
         out[section] = cfg
     return Configs(**out)
+
+
+def started_from(run_dir: str | Path, init: str | Path) -> bool:
+    """Whether the run in `run_dir` is a fine-tune that started from checkpoint `init` (by content)."""
+    recorded = json.loads((resolve(run_dir) / "config.json").read_text()).get("init") or {}
+    return recorded.get("sha256") == checkpoint_fingerprint(init)["sha256"]
 
 
 def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> Path:

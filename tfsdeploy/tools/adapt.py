@@ -2,21 +2,31 @@
 
 Internal learning, as in zero-shot super-resolution (Shocher et al. 2018): with no training set,
 the low-resolution input is its own. Its sources (T1, T2 and the functional RGB image at
-size/scale pixels, exactly as `make_condition` cuts them) are degraded once more, by bicubic down
-and up (`imaging.degrade`, as training does), and a copy of the model learns to map that back to
-the classical fusion of the sources it has, as training maps degraded high-resolution sources to
-their classical fusion. The pairs are augmented by the eight flips and 90-degree rotations (the
-fusion rule commutes with them) and, optionally, cut into random crops; the loss is the training
-loss (`Diffusion.training_losses` with the checkpoint's PSF weights and gradient clip), under
-Adam at a constant rate. The original input is then fused by the adapted copy.
+size/scale pixels, exactly as `make_condition` cuts them) are degraded once more by bicubic down
+and up (`imaging.degrade`, as training degrades), and a copy of the model learns to map that back
+to the classical fusion of the sources it has, as training maps degraded high-resolution sources
+to their classical fusion. The extra degradation is x2 at every scale unless told otherwise:
+degrading a 64 px (x4) or 32 px (x8) input again by the full scale leaves 16 or 4 px and teaches
+corrections far larger than the real input needs, which the study measured as harmful.
+The pairs are the eight flips and 90-degree rotations of each input (the fusion rule commutes with
+them), optionally cut into random crops; the loss is the training loss (`Diffusion.training_losses`
+with the checkpoint's PSF weights and gradient clip), under Adam at a constant rate. The original
+input is then fused by the adapted copy.
 
-    res = adapt(pipe, trip, size, AdaptConfig(steps=50))
+    res = adapt(pipe, trip, size, AdaptConfig(steps=RECOMMENDED_STEPS))
     img = res.pipeline.fuse_triplet(trip, size)
+
+What it buys (benchmarks/reports/adapt/adapt.md; defaults, 10 steps, one slice at a time): at x4
++0.29 to +0.38 dB PSNR over the unadapted model on unseen anatomy, on a blurrier degradation and
+on the training distribution alike, about 10 s on a 2-core CPU. More steps drift: at 25 and 50
+steps it lost 0.6 to 2.1 dB (mean) on the training distribution, which it already fused well. At x8
+it gains nothing (-0.12 to +0.05 dB at 10 steps); x2 was not measured. So it stays off unless
+asked for.
 
 Only the torch engine can be adapted (an exported ONNX or TensorRT engine has no gradients). The
 copy trains in fp32 on the pipeline's device and then runs as the original did (precision,
 channels-last, CUDA graphs, compile). A run is a pure function of its inputs and `seed`: on a CPU
-the same seed gives bit-identical weights. See benchmarks/adapt_study.py for what it buys.
+the same seed gives bit-identical weights.
 """
 
 from __future__ import annotations
@@ -40,6 +50,10 @@ from tfsdeploy.pipeline import FusionPipeline, Progress
 # The smallest low-resolution side (and crop) that adaptation trains on: the PSF loss's SSIM
 # window is 11 px, and below this there is hardly an image left to learn from.
 MIN_SIDE = 16
+# The step count benchmarks/adapt_study.py recommends: at x4 it gained 0.3 to 0.4 dB on three kinds of
+# input (unseen anatomy, a blurrier degradation, and the training distribution itself), while 25 or
+# more steps lost 0.6 to 1.6 dB on the last. At x8 no setting helped reliably.
+RECOMMENDED_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,7 @@ class AdaptConfig:
     steps: int = 0  # optimiser steps; 0 = no adaptation
     lr: float = 1e-5  # Adam, constant
     batch_size: int = 4  # pairs per step, drawn from the 8 flips / rotations of each input
-    extra_scale: int = 0  # the extra degradation of the LR sources; 0 = the pipeline's scale
+    extra_scale: int = 2  # the extra degradation of the LR sources (x2 measured best; the scale itself hurt)
     crop: int = 0  # random square crops of the LR pairs; 0 = the whole LR image
     seed: int = 0
 
@@ -60,8 +74,8 @@ class AdaptConfig:
             raise UserError(f"the adaptation learning rate must be positive, got {self.lr}")
         if self.batch_size < 1:
             raise UserError(f"the adaptation batch size must be at least 1, got {self.batch_size}")
-        if self.extra_scale < 0 or self.extra_scale == 1:
-            raise UserError(f"the extra degradation must be 0 (the scale) or at least 2, got {self.extra_scale}")
+        if self.extra_scale < 2:
+            raise UserError(f"the extra degradation must be at least 2, got {self.extra_scale}")
         if self.crop < 0:
             raise UserError(f"the adaptation crop must be >= 0, got {self.crop}")
 
@@ -128,7 +142,7 @@ def check_adaptable(pipe: FusionPipeline, size: int, cfg: AdaptConfig) -> tuple[
         raise UserError(f"--adapt fine-tunes the model, which needs the torch engine; this runs "
                         f"{pipe.denoiser.describe()} (use --engine torch with a checkpoint or bundle)")
     size = pipe.check_size(size)
-    side, extra, mult = size // pipe.scale, cfg.extra_scale or pipe.scale, pipe.size_multiple
+    side, extra, mult = size // pipe.scale, cfg.extra_scale, pipe.size_multiple
     where = f"the low-resolution input is {side}x{side} px (size {size} / x{pipe.scale})"
     if side < MIN_SIDE or side % mult:
         raise UserError(f"{where}; --adapt needs at least {MIN_SIDE} px and a multiple of {mult}: "
@@ -230,4 +244,4 @@ def adapt(pipe: FusionPipeline, trips: Triplet | Sequence[Triplet], size: int = 
 
 
 __all__ = ["AdaptConfig", "AdaptResult", "Pairs", "adapt", "check_adaptable", "dihedral", "internal_pairs",
-           "lr_sources", "trainable_copy", "with_model", "MIN_SIDE"]
+           "lr_sources", "trainable_copy", "with_model", "MIN_SIDE", "RECOMMENDED_STEPS"]

@@ -1,0 +1,390 @@
+"""Does fine-tuning the packaged x4 model on a user's own data (`tfsdeploy train --init default`) help
+on held-out slices of that data, what does it cost on the SPM data the model was trained on, and how
+long does it take on this CPU?
+
+    python benchmarks/finetune_study.py                          # the whole study (resumes)
+    python benchmarks/finetune_study.py --steps 50,100 --images 4   # a pilot
+
+1. Writes a split dataset synthesised from the 1 mm ICBM 2009a volumes in the nilearn wheel (see
+   benchmarks/adapt_study.py: T1, a T2-like image from the tissue maps, SPECT- / PET-like images
+   from blurred grey matter, alternately) to WORK/icbm/{train,test}/{t1,t2,func,gt}/NAME.png, with
+   gt = the classical fusion of the 8-bit HR sources (as the project's data builder makes it).
+   train: every 2nd axial slice of two z-ranges below and above the test range; test: every 2nd
+   slice of a central z-range, at least --gap slices away from any training slice.
+2. Fine-tunes through the CLI, `tfsdeploy train --init default --data WORK/icbm --scales 4 --out
+   WORK/run --threads 1 --steps N`, for each N of --steps in turn (later N resume the run),
+   copying each checkpoint aside; seconds per step from log.jsonl (img/s) and wall time.
+3. Scores, at x4 with DDIM-2 (the bundle's recommendation), on the ICBM test split and on the SPM
+   test split (bicubic degradation, as in training): the baseline (bicubic up, classical fusion),
+   the packaged model and each checkpoint; PSNR / SSIM against the ground truth.
+4. Cross-checks the last checkpoint's ICBM score with `tfsdeploy evaluate`.
+5. Writes OUT/finetune.md and OUT/finetune.json.
+
+Every phase is cached under WORK, so an interrupted study resumes. One CPU thread throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from adapt_study import WHEEL_GLOB, _u8, icbm_volumes  # noqa: E402
+
+from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
+from tfsdeploy.fusion import fuse_condition  # noqa: E402
+from tfsdeploy.imaging import write_png  # noqa: E402
+from tfsdeploy.inputs import Triplet, as_triplet, make_condition  # noqa: E402
+from tfsdeploy.metrics import psnr, ssim  # noqa: E402
+from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
+from tfsdeploy.tools.hardware import device_info  # noqa: E402
+
+SIZE = 256
+SCALE = 4
+DDIM_STEPS = 2
+
+
+# --------------------------------------------------------------------------- 1. the dataset
+
+
+def plan_slices(gm: np.ndarray, test_n: int, gap: int, span: int) -> dict[str, list[int]]:
+    """Test: `test_n` slices, every 2nd, centred on the brain's middle; train: every 2nd slice from
+    `gap` below / above the test range outwards, `span` slices each way, inside the brain."""
+    frac = (gm > 0.2).mean(axis=(1, 2))
+    zs = np.nonzero(frac >= 0.02)[0]
+    z0, z1 = int(zs[0]), int(zs[-1])
+    mid = (z0 + z1) // 2
+    test = [mid - (test_n - 1) + 2 * i for i in range(test_n)]
+    below = list(range(test[0] - gap, max(z0, test[0] - gap - span) - 1, -2))[::-1]
+    above = list(range(test[-1] + gap, min(z1, test[-1] + gap + span) + 1, 2))
+    return {"train": below + above, "test": test}
+
+
+def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int) -> dict:
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    from tfsdeploy.data.spm import slice_to_image
+
+    vols = icbm_volumes(wheel)
+    splits = plan_slices(vols["gm"], test_n, gap, span)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, zlist in splits.items():
+        for d in ("t1", "t2", "func", "gt"):
+            (tmp / split / d).mkdir(parents=True)
+        for i, z in enumerate(zlist):
+            func = "spect" if i % 2 == 0 else "pet"
+            t1, t2, f = (slice_to_image(vols[k][z], SIZE) for k in ("t1", "t2", func))
+            hr = _u8(as_triplet(t1, t2, f).stacked())  # the sources as 8-bit PNGs hold them
+            gt = fuse_condition(hr[None])[0]
+            name = f"icbm-{func}_z{z:03d}"
+            for d, img in (("t1", hr[:1]), ("t2", hr[1:2]), ("func", hr[2:]), ("gt", gt)):
+                write_png(tmp / split / d / f"{name}.png", img)
+    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/adapt_study.py",
+               "size": SIZE, "slices": splits, "counts": {s: len(v) for s, v in splits.items()},
+               "min_gap_slices": min(abs(a - b) for a in splits["train"] for b in splits["test"]),
+               "ground_truth": "classical fusion (tfsdeploy.fusion.fuse_condition) of the 8-bit HR sources"}
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+# --------------------------------------------------------------------------- 2. fine-tuning
+
+
+def sh(cmd: list[str], log: Path) -> tuple[int, str, float]:
+    """Run a CLI command (one thread), append its output to `log`; (rc, output, wall seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    text = p.stdout + p.stderr
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {p.returncode}, {wall:.1f} s]\n\n")
+    return p.returncode, text, wall
+
+
+def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dict:
+    """Train to each N in `steps`; each checkpoint is copied to WORK/ckpts/ckpt-N."""
+    run, ckpts, log = work / "run", work / "ckpts", work / "commands.log"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    state_file = work / "train.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"phases": {}, "issues": []}
+    exe = str(Path(sys.executable).with_name("tfsdeploy"))
+    for n in steps:
+        if str(n) in state["phases"] and (ckpts / f"ckpt-{n:07d}").is_dir():
+            continue
+        base = [exe, "train", "--init", "default", "--data", str(data), "--scales", str(SCALE), "--out", str(run),
+                "--threads", "1", "--steps", str(n), "--no-progress", *extra]
+        cmd = base
+        rc, text, wall = sh(cmd, log)
+        if rc != 0 and "already holds a run" in text:
+            # The documented "same command resumes" does not hold with --init: drop it to resume.
+            if not any(i.get("kind") == "init-resume" for i in state["issues"]):
+                state["issues"].append({"kind": "init-resume", "command": " ".join(cmd), "rc": rc,
+                                        "output": text.strip()[-600:]})
+            cmd = [a for i, a in enumerate(base) if a != "--init" and (i == 0 or base[i - 1] != "--init")]
+            rc, text, wall2 = sh(cmd, log)
+            wall += wall2
+        if rc != 0:
+            raise SystemExit(f"training failed (rc {rc}):\n{' '.join(cmd)}\n{text[-2000:]}")
+        src = run / f"ckpt-{n:07d}"
+        if not src.is_dir():
+            raise SystemExit(f"{src} missing after training to {n}:\n{text[-2000:]}")
+        shutil.rmtree(ckpts / src.name, ignore_errors=True)
+        shutil.copytree(src, ckpts / src.name)
+        state["phases"][str(n)] = {"command": " ".join(cmd), "wall_s": round(wall, 1), "output": text.strip()[-800:]}
+        state_file.write_text(json.dumps(state, indent=2))
+        print(f"trained to {n} ({wall:.0f} s wall)", flush=True)
+    # throughput from the run's log: steps per logged window from img/s and the batch size
+    cfg = json.loads((ckpts / f"ckpt-{max(steps):07d}" / "config.json").read_text())
+    batch = cfg["train"]["batch_size"]
+    entries = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    rates = [(e["step"], e["img_per_s"]) for e in entries if "img_per_s" in e]
+    sps = [batch / r for _, r in rates]
+    state["batch_size"], state["crop"], state["lr"] = batch, cfg["data"]["crop"], cfg["train"]["lr"]
+    state["ema_decay"], state["log_every"] = cfg["train"]["ema_decay"], cfg["train"]["log_every"]
+    state["seconds_per_step_median"] = float(np.median(sps)) if sps else None
+    state["seconds_per_step_windows"] = [(s, round(batch / r, 3)) for s, r in rates]
+    state["losses"] = [(e["step"], round(e["loss"], 5)) for e in entries if "loss" in e]
+    state["elapsed_s"] = {str(n): json.loads((ckpts / f"ckpt-{n:07d}" / "config.json").read_text()).get("elapsed_s")
+                          for n in steps}
+    state_file.write_text(json.dumps(state, indent=2))
+    return state
+
+
+# --------------------------------------------------------------------------- 3. scoring
+
+
+def test_cases(kind: str, data: Path, n: int) -> list[tuple[str, torch.Tensor]]:
+    """(name, hr [8,SIZE,SIZE] in [0,1]: t1, t2, func RGB, gt RGB) for n test slices."""
+    from tfsdeploy.data import ensure_dataset, open_split
+
+    root = data if kind == "icbm" else ensure_dataset(None, log=lambda s: None)
+    samples = open_split(root, "test", SIZE).load()
+    picks = np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int)
+    return [(samples[i].name, samples[i].hr.float() / 255) for i in picks]
+
+
+def score_model(model: str | None, cases: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """Per-slice PSNR / SSIM at x4 of the model (None: the baseline, bicubic up + classical fusion)."""
+    pipe = None
+    if model is not None:
+        pipe = FusionPipeline.load(model, SCALE, SampleConfig(sampler="ddim", steps=DDIM_STEPS, seed=0),
+                                   engine=EngineConfig(engine="torch", device="cpu", threads=1))
+    out = {}
+    for name, hr in cases:
+        trip = Triplet(hr[:1], hr[1:2], hr[2:5])
+        gt = hr[5:8]
+        if pipe is None:
+            cond01, (t, b, l, r) = make_condition(trip, SCALE, SIZE)
+            img = fuse_condition(cond01)[0, :, t:b, l:r]
+        else:
+            img = pipe.fuse_triplet(trip, SIZE)
+        out[name] = {"psnr": float(psnr(img[None], gt[None])), "ssim": float(ssim(img[None], gt[None]))}
+    return out
+
+
+def cli_cross_check(work: Path, data: Path, ckpt: Path) -> dict:
+    """`tfsdeploy evaluate` on the ICBM test split: the baseline and the checkpoint, from its table."""
+    out = work / "eval-cli"
+    exe = str(Path(sys.executable).with_name("tfsdeploy"))
+    cmd = [exe, "evaluate", "--model", str(ckpt), "--data", str(data), "--split", "test", "--scales", str(SCALE),
+           "--methods", "classical", "--steps", str(DDIM_STEPS), "--threads", "1", "--no-progress",
+           "--out", str(out)]
+    rc, text, wall = sh(cmd, work / "commands.log")
+    res = {"command": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1)}
+    table = out / f"table1_x{SCALE}.csv"
+    if rc == 0 and table.is_file():
+        res["rows"] = {(r.get("method") or r.get("Method")): {"psnr": float(r["PSNR"]), "ssim": float(r["SSIM"])}
+                       for r in csv.DictReader(io.StringIO(table.read_text())) if (r.get("method") or r.get("Method")) != "best"}
+    else:
+        res["output"] = text.strip()[-800:]
+    return res
+
+
+# --------------------------------------------------------------------------- 5. the report
+
+
+def summarise(scores: dict, steps: list[int], train: dict) -> list[dict]:
+    rows = []
+    models = [("baseline", 0), ("packaged", 0)] + [(f"ckpt-{n:07d}", n) for n in steps]
+    sps = train.get("seconds_per_step_median")
+    for label, n in models:
+        row = {"model": {"baseline": "bicubic + classical", "packaged": "packaged x4 (default)"}.get(label, "fine-tuned"),
+               "steps": n}
+        for ds in ("icbm", "spm"):
+            base, mine, pack = scores[ds]["baseline"], scores[ds].get(label), scores[ds]["packaged"]
+            if mine is None:
+                continue
+            names = list(base)
+            p = np.array([mine[k]["psnr"] for k in names])
+            s = np.array([mine[k]["ssim"] for k in names])
+            bp = np.array([base[k]["psnr"] for k in names])
+            bs = np.array([base[k]["ssim"] for k in names])
+            pp = np.array([pack[k]["psnr"] for k in names])
+            row[ds] = {"images": len(names), "psnr": p.mean(), "ssim": s.mean(), "gain_db": (p - bp).mean(),
+                       "gain_db_min": (p - bp).min(), "gain_db_max": (p - bp).max(), "d_ssim": (s - bs).mean(),
+                       "vs_packaged_db": (p - pp).mean(), "beats_packaged": int((p > pp).sum())}
+        if n:
+            el = train["elapsed_s"].get(str(n))
+            row["train_minutes"] = None if el is None else el / 60
+            row["wall_minutes"] = sum(train["phases"][str(m)]["wall_s"] for m in steps if m <= n) / 60
+            row["seconds_per_step"] = sps
+        rows.append(row)
+    return [json.loads(json.dumps(r, default=float)) for r in rows]
+
+
+def write_report(out: Path, rows: list[dict], meta: dict) -> None:
+    def cell(r, ds):
+        d = r.get(ds)
+        if d is None:
+            return "– | – | –"
+        return (f"{d['psnr']:.2f} | {d['gain_db']:+.2f} ({d['gain_db_min']:+.2f} / {d['gain_db_max']:+.2f}) | "
+                f"{d['ssim']:.4f} ({d['d_ssim']:+.4f})")
+
+    tr = meta["train"]
+    dev = meta["device"]
+    ds = meta["dataset"]
+    lines = [
+        "# Fine-tuning the packaged x4 model on new-domain data (`tfsdeploy train --init default`)", "",
+        f"- {meta['date']}, {dev['cpu']} ({dev['logical_cpus']} logical cores), **1 torch thread**, torch "
+        f"{dev['torch']}, tfsdeploy {dev['tfsdeploy']}",
+        f"- data: {ds['source']}; {ds['counts']['train']} training slices (z {', '.join(map(str, ds['slices']['train']))}), "
+        f"{ds['counts']['test']} test slices (z {', '.join(map(str, ds['slices']['test']))}), at least "
+        f"{ds['min_gap_slices']} mm from any training slice; SPECT-like / PET-like alternately; gt = "
+        f"{ds['ground_truth']}",
+        f"- fine-tune: from the packaged x4 member, with what it inherits: batch {tr['batch_size']}, crop "
+        f"{tr['crop']}, lr {tr['lr']:g}, EMA {tr['ema_decay']} (warm-up), augmentation on; scored with the "
+        f"EMA weights",
+        f"- scoring: ×{SCALE}, bicubic degradation (as in training), DDIM-{DDIM_STEPS} seed 0 (the bundle's "
+        f"recommendation), 256×256; **gain** = PSNR minus the baseline's (bicubic up + classical fusion), "
+        f"mean (min / max over slices); SSIM (Δ vs baseline); **vs packaged** = mean PSNR change against the "
+        f"packaged model, and on how many slices the fine-tuned model is better",
+        f"- SPM: {meta['spm_images']} slices of the SPM test split (the packaged model's own domain)", "",
+        "| model | steps | ICBM PSNR dB | ICBM gain dB | ICBM SSIM (Δ) | ICBM vs packaged dB | SPM PSNR dB | "
+        "SPM gain dB | SPM SSIM (Δ) | SPM vs packaged dB | s / step | train min (wall min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs = []
+        for d in ("icbm", "spm"):
+            x = r.get(d)
+            vs.append("" if x is None or r["model"] != "fine-tuned" else
+                      f"{x['vs_packaged_db']:+.2f} ({x['beats_packaged']}/{x['images']})")
+        t = ""
+        if r["steps"]:
+            t = f"{r['train_minutes']:.1f} ({r['wall_minutes']:.1f})"
+        sps = f"{r['seconds_per_step']:.2f}" if r.get("seconds_per_step") else ""
+        lines.append(f"| {r['model']} | {r['steps'] or ''} | {cell(r, 'icbm').split(' | ')[0]} | "
+                     f"{cell(r, 'icbm').split(' | ')[1]} | {cell(r, 'icbm').split(' | ')[2]} | {vs[0]} | "
+                     f"{cell(r, 'spm').split(' | ')[0]} | {cell(r, 'spm').split(' | ')[1]} | "
+                     f"{cell(r, 'spm').split(' | ')[2]} | {vs[1]} | {sps} | {t} |")
+    lines += ["", f"Seconds per step: median over log.jsonl windows of batch / img/s "
+                  f"({tr['log_every']} steps each; training only, no start-up); windows: "
+                  + ", ".join(f"{s}: {v:.2f}" for s, v in tr["seconds_per_step_windows"]) + ".",
+              "Train min = the checkpoint's elapsed_s (optimisation steps only); wall min = the CLI commands "
+              "to that step count, start-up and data loading included.", ""]
+    cc = meta.get("cli_check")
+    if cc:
+        if "rows" in cc:
+            lines += ["Cross-check with the CLI (`tfsdeploy evaluate`, ICBM test split, all slices): " + "; ".join(
+                f"{k}: {v['psnr']:.2f} dB / SSIM {v['ssim']:.4f}" for k, v in cc["rows"].items()) + ".", ""]
+        else:
+            lines += [f"Cross-check with `tfsdeploy evaluate` failed (rc {cc['rc']}): `{cc['output'][-300:]}`", ""]
+    if tr.get("issues"):
+        lines += ["## Problems met", ""]
+        for i in tr["issues"]:
+            lines += [f"- `{i['command']}` (rc {i['rc']}):", "", "```", i["output"], "```", ""]
+    if meta.get("notes"):
+        lines += ["## Findings", "", meta["notes"], ""]
+    lines += ["## Rerun", "", f"`{meta['command']}`", "",
+              "(needs the nilearn wheel: `pip download nilearn --no-deps -d /tmp/nl`; every phase is cached "
+              "under --work, so delete it for a fresh run)", ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune.md").write_text("\n".join(lines))
+    (out / "finetune.json").write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default="/tmp/ft")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "finetune"))
+    ap.add_argument("--steps", default="100,250,500", help="checkpoints scored (the run goes to the largest)")
+    ap.add_argument("--images", type=int, default=8, help="test slices per dataset")
+    ap.add_argument("--gap", type=int, default=12, help="slices between the test range and training slices")
+    ap.add_argument("--span", type=int, default=44, help="slices of training range on each side of the test range")
+    ap.add_argument("--train-args", default="", help="extra `tfsdeploy train` options, e.g. '--lr 5e-5'")
+    ap.add_argument("--wheel", default="")
+    ap.add_argument("--notes", default="", help="a file whose text becomes the report's Findings section")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = sorted(int(s) for s in args.steps.split(","))
+    wheel = args.wheel or next(iter(sorted(glob.glob(WHEEL_GLOB))), "")
+    wheel = Path(wheel)
+    if not args.wheel and not glob.glob(WHEEL_GLOB) or not wheel.is_file():
+        sys.exit("needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
+    t0 = time.perf_counter()
+
+    data = work / "icbm"
+    summary = build_icbm(data, wheel, args.images, args.gap, args.span)
+    print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] dataset {data}: {summary['counts']}", flush=True)
+
+    train = fine_tune(work, data, steps, args.train_args.split())
+    print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] fine-tuned; {train['seconds_per_step_median']:.2f} s/step",
+          flush=True)
+
+    score_file = work / "scores.json"
+    scores = json.loads(score_file.read_text()) if score_file.is_file() else {}
+    models: dict[str, str | None] = {"baseline": None, "packaged": "default"}
+    models.update({f"ckpt-{n:07d}": str(work / "ckpts" / f"ckpt-{n:07d}") for n in steps})
+    for ds in ("icbm", "spm"):
+        cases = test_cases(ds, data, args.images)
+        for label, model in models.items():
+            if label in scores.get(ds, {}):
+                continue
+            scores.setdefault(ds, {})[label] = score_model(model, cases)
+            score_file.write_text(json.dumps(scores, indent=1))
+            m = np.mean([v["psnr"] for v in scores[ds][label].values()])
+            print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] {ds} {label}: {m:.2f} dB", flush=True)
+
+    check_file = work / "cli_check.json"
+    if not check_file.is_file():
+        check_file.write_text(json.dumps(cli_cross_check(work, data, work / "ckpts" / f"ckpt-{max(steps):07d}"),
+                                         indent=2))
+    cli_check = json.loads(check_file.read_text())
+
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_info(1), "dataset": summary,
+            "train": {k: v for k, v in train.items() if k != "losses"}, "losses": train["losses"],
+            "spm_images": args.images, "scale": SCALE, "ddim_steps": DDIM_STEPS, "cli_check": cli_check,
+            "scores": scores, "notes": Path(args.notes).read_text().strip() if args.notes else "",
+            "command": "python benchmarks/finetune_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+    write_report(out, summarise(scores, steps, train), meta)
+    print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] wrote {out / 'finetune.md'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -285,3 +285,20 @@ def test_export_trt_without_onnx_does_not_claim_onnx_files(tmp_path, tiny_run):
     line = one_error_line(run("export", tiny_run, "--trt", "--no-onnx", "--no-fp16", "--out", tmp_path / "e"))
     assert "--trt" in line and "ONNX files" not in line
     assert not (tmp_path / "e").exists()
+
+
+def test_an_output_the_system_refuses_is_refused_before_fusing(tmp_path, tiny_run, triplet, monkeypatch):
+    """/proc passes the permission-bit check as root, so the write used to fail only after the fuse."""
+    from pathlib import Path
+
+    from tfsdeploy.pipeline import FusionPipeline
+
+    if not Path("/proc").is_dir():
+        pytest.skip("needs /proc (Linux)")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("fused before checking the output")
+
+    monkeypatch.setattr(FusionPipeline, "fuse_triplet", must_not_run)
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", "/proc/fused.png"))
+    assert "/proc/fused.png" in line

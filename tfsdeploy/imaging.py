@@ -7,6 +7,7 @@ or [B,C,H,W]; grey images have C = 1, colour images C = 3 (RGB). The network see
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,12 @@ def check_writable(path: str | Path) -> None:
         raise UserError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: directory {parent} is not writable")
+    try:  # permission bits do not tell everything (root, /proc, read-only mounts): try it
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write here ({e.strerror})") from None
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: the output is written as PNG; use a .png name")
 

@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in VARIANTS if v.name in args.variants.split(",")]
     wheel = Path(args.wheel) if args.wheel else next(iter(sorted(glob.glob(WHEEL_GLOB))), None)
     if "icbm" in datasets and (wheel is None or not Path(wheel).is_file()):
-        sys.exit(f"icbm needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
+        sys.exit("icbm needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
     described = {"icbm": f"icbm: {args.images} axial slices synthesised from the ICBM 2009a 1 mm T1 / GM / WM in "
                          f"{Path(wheel).name if wheel else '?'} (T2-like from tissue maps, SPECT/PET-like from "
                          f"blurred GM), bicubic down by the scale",

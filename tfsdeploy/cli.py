@@ -111,11 +111,12 @@ def data_build(
     out = out or default_data_dir()
     if size % 8:
         raise UserError(f"--size must be a multiple of 8, got {size}")
-    if not [c for c in combos.split(",") if c.strip()]:
+    wanted = [c for c in combos.split(",") if c]
+    if not any(c.strip() for c in wanted):
         raise UserError("--combos: give at least one combination")
     with Progress(transient=True) as prog:
         task = prog.add_task("cutting slices", total=None)
-        summary = build_spm_dataset(out, size=size, combos=[c for c in combos.split(",") if c], force=force,
+        summary = build_spm_dataset(out, size=size, combos=wanted, force=force,
                                     progress=lambda d, t: prog.update(task, completed=d, total=t))
     counts = summary["counts"]
     typer.echo(f"dataset: {out}")
@@ -311,18 +312,15 @@ def fuse(
         typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
         return
     pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
-    trip = read_triplet(t1, t2, func)
-    pipe = _adapted(pipe, [trip], size, adapt, seed, progress)
+    if adapt:
+        pipe = _adapted(pipe, [read_triplet(t1, t2, func)], size, adapt, seed, progress)
     with _progress_bar(sample.sampler, progress) as bar:
-        img = pipe.fuse_triplet(trip, size, progress=bar)
-    write_png(out, img)
+        img = pipe.fuse_files(t1, t2, func, out, size, progress=bar)
     typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {pipe.describe()})")
 
 
 def _adapted(pipe, trips: list, size: int, steps: int, seed: int, progress: bool):
-    """`pipe`, or with --adapt N a pipeline whose model copy was fine-tuned on `trips` for N steps."""
-    if not steps:
-        return pipe
+    """A pipeline whose model copy was fine-tuned on `trips` for `steps` steps (--adapt)."""
     from tfsdeploy.tools.adapt import AdaptConfig, adapt
 
     with _progress_bar("adapt", progress, "steps") as bar:
@@ -670,10 +668,11 @@ def bench(
         return
     from tfsdeploy.tools.bench import BenchConfig, run_bench
 
-    if not [e for e in engines.split(",") if e.strip()]:
+    names = tuple(e for e in engines.split(",") if e)
+    if not any(e.strip() for e in names):
         raise UserError("--engines: name at least one engine")
     cfg = BenchConfig(preset=preset, sizes=_parse_ints(sizes, "--sizes"), batches=_parse_ints(batches, "--batches"),
-                      engines=tuple(e for e in engines.split(",") if e), repeats=repeats, warmup=warmup,
+                      engines=names, repeats=repeats, warmup=warmup,
                       fuse_steps=_parse_ints(fuse_steps, "--fuse-steps"), ddpm_measured_steps=ddpm_steps,
                       threads=threads, cli_repeats=cold_runs)
     ckpt = model_for_scale(model, scale) if model is not None else None  # a bundle's member for --scale

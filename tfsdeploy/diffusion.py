@@ -208,6 +208,14 @@ class Diffusion:
         losses["loss"] = total.mean()
         return losses
 
+    def pair_losses(self, model: Denoiser, cond01: torch.Tensor, base01: torch.Tensor, gt01: torch.Tensor,
+                    generator: torch.Generator | None = None, psf_mse: float = 0.0, psf_ssim: float = 0.0,
+                    sample_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`training_losses` for a batch of pairs in [0, 1] (condition, its baseline, the ground
+        truth), moved into network units the way `fuse` moves its inputs."""
+        return self.training_losses(model, self.encode(gt01, base01), cond01 * 2 - 1, generator, psf_mse, psf_ssim,
+                                    x0_offset=self.offset(base01), sample_weight=sample_weight)
+
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, model: Denoiser, cond: torch.Tensor, shape: tuple[int, ...], *, sampler: str = "ddim",

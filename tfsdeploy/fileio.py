@@ -52,14 +52,18 @@ class atomic_path:
         self.tmp.unlink(missing_ok=True)
 
 
+def first_existing(path: str | Path) -> Path | None:
+    """`path` itself or its nearest ancestor that exists (None when not even the root does)."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
 def check_folder_target(path: str | Path) -> None:
     """Refuse, before any work, a folder output whose path (or a parent of it) is a regular file."""
     path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise UserError(f"{path}: {'it' if p == path else p} is a file; the output is a folder")
-            return
+    found = first_existing(path)
+    if found is not None and not found.is_dir():
+        raise UserError(f"{path}: {'it' if found == path else found} is a file; the output is a folder")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_path
+from tfsdeploy.fileio import atomic_path, first_existing
 
 # The functional colour map: a fixed look-up table, linear between these control points.
 # It runs black -> blue -> cyan -> green -> yellow -> red -> white, like the rainbow maps used
@@ -208,7 +208,7 @@ def check_writable(path: str | Path) -> None:
     if path.is_dir():
         raise UserError(f"{path}: is a directory; give a file name for the output")
     if not parent.is_dir():
-        ancestor = next((a for a in (parent, *parent.parents) if a.exists()), None)
+        ancestor = first_existing(parent)
         if ancestor is not None and not ancestor.is_dir():
             raise UserError(f"{path}: {ancestor} is a file, not a directory")
         raise UserError(f"{path}: directory {parent} does not exist")

@@ -82,12 +82,17 @@ def check_scale_size(scale: int, size: int, multiple: int) -> None:
         raise UserError(f"output size {size} must be a multiple of {multiple} for this model")
 
 
+def low_resolution(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int], int]:
+    """The sources as the input rule has them before upsampling: padded to a centred square and
+    brought to size/scale, [1,5,size/scale,size/scale] in [0, 1]; with the pads and the square's side."""
+    square, pads = pad_to_square(trip.stacked())
+    return resize(square[None], (size // scale, size // scale)), pads, square.shape[-1]
+
+
 def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
     the real image inside the padded square, in output pixels."""
-    square, pads = pad_to_square(trip.stacked())
-    side = square.shape[-1]
-    lr = resize(square[None], (size // scale, size // scale))
+    lr, pads, side = low_resolution(trip, scale, size)
     cond01 = resize(lr, (size, size))
     f = size / side
     box = (round(pads[0] * f), size - round(pads[1] * f), round(pads[2] * f), size - round(pads[3] * f))

@@ -100,7 +100,7 @@ def _merge_checked(saved: dict[str, Any], overrides: dict[str, dict[str, Any]],
 
 def started_from(run_dir: str | Path, init: str | Path) -> bool:
     """Whether the run in `run_dir` is a fine-tune that started from checkpoint `init` (by content)."""
-    recorded = json.loads((resolve(run_dir) / "config.json").read_text()).get("init") or {}
+    recorded = read_meta(run_dir)[1].get("init") or {}
     return recorded.get("sha256") == checkpoint_fingerprint(init)["sha256"]
 
 
@@ -311,14 +311,12 @@ class Trainer:
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.integers(0, len(self.train_set), size=tc.batch_size)
         b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None)
-        cond = b.cond01 * 2 - 1
-        x0 = self.diffusion.encode(b.gt01, b.base01)
         weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
                   if self.scale_weights else None)
 
         self.model.train()
-        losses = self.diffusion.training_losses(self.ddp_model, x0, cond, gen, tc.psf_mse, tc.psf_ssim,
-                                                x0_offset=self.diffusion.offset(b.base01), sample_weight=weight)
+        losses = self.diffusion.pair_losses(self.ddp_model, b.cond01, b.base01, b.gt01, gen, tc.psf_mse, tc.psf_ssim,
+                                            sample_weight=weight)
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if tc.grad_clip > 0:

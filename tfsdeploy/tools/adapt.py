@@ -43,8 +43,8 @@ from tfsdeploy.checkpoint import build_from_checkpoint
 from tfsdeploy.config import artifact_engine
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import degrade, pad_to_square, resize
-from tfsdeploy.inputs import Triplet
+from tfsdeploy.imaging import degrade
+from tfsdeploy.inputs import Triplet, low_resolution
 from tfsdeploy.pipeline import FusionPipeline, Progress
 
 # The smallest low-resolution side (and crop) that adaptation trains on: the PSF loss's SSIM
@@ -115,9 +115,7 @@ class Pairs:
 
 def lr_sources(trip: Triplet, scale: int, size: int) -> torch.Tensor:
     """The low-resolution sources [1,5,size/scale,size/scale] that `make_condition` upsamples."""
-    square, _ = pad_to_square(trip.stacked())
-    side = size // scale
-    return resize(square[None], (side, side))
+    return low_resolution(trip, scale, size)[0]
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -219,8 +217,7 @@ def adapt(pipe: FusionPipeline, trips: Triplet | Sequence[Triplet], size: int = 
                                                      for i, (y, x) in enumerate(corners)])
                                         for t in (cond01, base01, gt01))
             model.train()
-            out = diffusion.training_losses(model, diffusion.encode(gt01, base01), cond01 * 2 - 1, gen,
-                                            tc.psf_mse, tc.psf_ssim, x0_offset=diffusion.offset(base01))
+            out = diffusion.pair_losses(model, cond01, base01, gt01, gen, tc.psf_mse, tc.psf_ssim)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             if tc.grad_clip > 0:

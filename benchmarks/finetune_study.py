@@ -110,6 +110,15 @@ def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int) -> dict
 # --------------------------------------------------------------------------- 2. fine-tuning
 
 
+TFSDEPLOY = str(Path(sys.executable).with_name("tfsdeploy"))  # the CLI of the interpreter running this
+
+
+def portable(text: str) -> str:
+    """A command or its output as the report shows it: `tfsdeploy`, and paths inside the project
+    relative to it, not to this machine's checkout."""
+    return text.replace(TFSDEPLOY, "tfsdeploy").replace(f"{ROOT}/", "")
+
+
 def sh(cmd: list[str], log: Path) -> tuple[int, str, float]:
     """Run a CLI command (one thread), append its output to `log`; (rc, output, wall seconds)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -128,19 +137,18 @@ def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dic
     ckpts.mkdir(parents=True, exist_ok=True)
     state_file = work / "train.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"phases": {}, "issues": []}
-    exe = str(Path(sys.executable).with_name("tfsdeploy"))
     for n in steps:
         if str(n) in state["phases"] and (ckpts / f"ckpt-{n:07d}").is_dir():
             continue
-        base = [exe, "train", "--init", "default", "--data", str(data), "--scales", str(SCALE), "--out", str(run),
+        base = [TFSDEPLOY, "train", "--init", "default", "--data", str(data), "--scales", str(SCALE), "--out", str(run),
                 "--threads", "1", "--steps", str(n), "--no-progress", *extra]
         cmd = base
         rc, text, wall = sh(cmd, log)
         if rc != 0 and "already holds a run" in text:
             # The documented "same command resumes" does not hold with --init: drop it to resume.
             if not any(i.get("kind") == "init-resume" for i in state["issues"]):
-                state["issues"].append({"kind": "init-resume", "command": " ".join(cmd), "rc": rc,
-                                        "output": text.strip()[-600:]})
+                state["issues"].append({"kind": "init-resume", "command": portable(" ".join(cmd)), "rc": rc,
+                                        "output": portable(text.strip()[-600:])})
             cmd = [a for i, a in enumerate(base) if a != "--init" and (i == 0 or base[i - 1] != "--init")]
             rc, text, wall2 = sh(cmd, log)
             wall += wall2
@@ -151,7 +159,8 @@ def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dic
             raise SystemExit(f"{src} missing after training to {n}:\n{text[-2000:]}")
         shutil.rmtree(ckpts / src.name, ignore_errors=True)
         shutil.copytree(src, ckpts / src.name)
-        state["phases"][str(n)] = {"command": " ".join(cmd), "wall_s": round(wall, 1), "output": text.strip()[-800:]}
+        state["phases"][str(n)] = {"command": portable(" ".join(cmd)), "wall_s": round(wall, 1),
+                                  "output": portable(text.strip()[-800:])}
         state_file.write_text(json.dumps(state, indent=2))
         print(f"trained to {n} ({wall:.0f} s wall)", flush=True)
     # throughput from the run's log: steps per logged window from img/s and the batch size
@@ -206,18 +215,17 @@ def score_model(model: str | None, cases: list[tuple[str, torch.Tensor]]) -> dic
 def cli_cross_check(work: Path, data: Path, ckpt: Path) -> dict:
     """`tfsdeploy evaluate` on the ICBM test split: the baseline and the checkpoint, from its table."""
     out = work / "eval-cli"
-    exe = str(Path(sys.executable).with_name("tfsdeploy"))
-    cmd = [exe, "evaluate", "--model", str(ckpt), "--data", str(data), "--split", "test", "--scales", str(SCALE),
+    cmd = [TFSDEPLOY, "evaluate", "--model", str(ckpt), "--data", str(data), "--split", "test", "--scales", str(SCALE),
            "--methods", "classical", "--steps", str(DDIM_STEPS), "--threads", "1", "--no-progress",
            "--out", str(out)]
     rc, text, wall = sh(cmd, work / "commands.log")
-    res = {"command": " ".join(cmd), "rc": rc, "wall_s": round(wall, 1)}
+    res = {"command": portable(" ".join(cmd)), "rc": rc, "wall_s": round(wall, 1)}
     table = out / f"table1_x{SCALE}.csv"
     if rc == 0 and table.is_file():
         res["rows"] = {(r.get("method") or r.get("Method")): {"psnr": float(r["PSNR"]), "ssim": float(r["SSIM"])}
                        for r in csv.DictReader(io.StringIO(table.read_text())) if (r.get("method") or r.get("Method")) != "best"}
     else:
-        res["output"] = text.strip()[-800:]
+        res["output"] = portable(text.strip()[-800:])
     return res
 
 

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from tfsdeploy.config import EngineConfig  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
+from tfsdeploy.data.synth import gaussian_blur  # noqa: E402
 from tfsdeploy.fusion import fuse_condition  # noqa: E402
 from tfsdeploy.imaging import normalise_volume, resize  # noqa: E402
 from tfsdeploy.inputs import Triplet, as_triplet, make_condition  # noqa: E402
@@ -166,23 +167,13 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255 + 0.5).floor() / 255
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B,C,H,W], reflected borders."""
-    r = max(1, int(3 * sigma + 0.5))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def spm_cases(scale: int, n: int, as_trained: bool = False) -> list[Case]:
     """`n` test-split slices spread over its four combinations, degraded unlike training (or, with
     `as_trained`, as training degrades: the in-domain control)."""
     from tfsdeploy.data import ensure_dataset, open_split
 
-    samples = open_split(ensure_dataset(None, log=lambda s: None), "test", SIZE).load()
+    samples = [s for s in open_split(ensure_dataset(None, log=lambda s: None), "test", SIZE).load()
+               if not s.name.startswith("synth-")]  # the SPM templates' slices only
     cases = []
     for i in np.linspace(0, len(samples) - 1, n).round().astype(int):
         s = samples[int(i)]

@@ -99,10 +99,10 @@ def tiny_run(tmp_path_factory, synth_dataset) -> Path:
 @pytest.fixture(scope="session")
 def spm_dataset(tmp_path_factory) -> Path:
     """The real SPM dataset at 64x64 (built once per test session)."""
-    from tfsdeploy.data import build_spm_dataset
+    from tfsdeploy.data import build_dataset
 
     out = tmp_path_factory.mktemp("spm") / "ds"
-    build_spm_dataset(out, size=64)
+    build_dataset(out, size=64, sources=["spm"])
     return out
 
 

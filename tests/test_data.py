@@ -45,7 +45,7 @@ def test_built_spm_dataset(spm_dataset):
         assert len(names) == summary["counts"][split] > 0
         for d in ("t1", "t2", "func"):
             assert {p.name for p in (spm_dataset / split / d).iterdir()} == names
-    zs = {s: set(summary["slices"][s]) for s in ("train", "val", "test")}
+    zs = {s: set(summary["sources"]["spm"]["slices"][s]) for s in ("train", "val", "test")}
     assert not (zs["train"] & zs["test"]) and not (zs["train"] & zs["val"]) and not (zs["val"] & zs["test"])
     func = read_image(next((spm_dataset / "test" / "func").iterdir()))
     assert func.shape == (3, 64, 64)

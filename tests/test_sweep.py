@@ -42,6 +42,7 @@ ACCEPTED = {
     **{(c, "steps", "zero"): "0 = the sampler's default" for c in ("fuse", "demo", "evaluate")},
     **{(c, "size", "zero"): "0 = the model's training size" for c in ("fuse", "evaluate")},
     **{(c, "threads", "zero"): "0 = the library's default" for c in ("fuse", "evaluate", "bench", "train")},
+    ("data build", "seed", "zero"): "any non-negative seed is a seed",
     ("fuse", "batch_size", "zero"): "0 = as many slices as memory holds",
     ("fuse", "adapt", "zero"): "0 = no adaptation",
     ("evaluate", "limit", "zero"): "0 = every image",

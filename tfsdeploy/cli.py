@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 import typer.core
 
+from tfsdeploy.config import COMBOS, DEFAULT_DATA_SOURCES
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import check_folder_target
 
@@ -98,15 +99,20 @@ def _parse_scales(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def data_build(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder (default: the user cache)."),
     size: int = typer.Option(256, min=32, max=4096, help="Side of the high-resolution images."),
-    combos: str = typer.Option(",".join(("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")),
-                               help="Tri-modal combinations, comma separated."),
+    combos: str = typer.Option(",".join(COMBOS), help="Tri-modal combinations, comma separated."),
+    sources: str = typer.Option(",".join(DEFAULT_DATA_SOURCES), help="Where slices come from, comma separated: spm (the registered "
+                                "SPM templates), synth (patient-like slices synthesised from the SPM label and "
+                                "tissue maps: skull, texture, noise, bias field, lesions)."),
+    seed: int = typer.Option(0, min=0, max=2**31 - 1, help="Seed of the synthetic slices."),
     force: bool = typer.Option(False, help="Rebuild even if the dataset exists."),
 ) -> None:
-    """Cut registered tri-modal slices from the installed SPM templates into ROOT/{train,val,test}/{t1,t2,func,gt}."""
+    """Write the training dataset into ROOT/{train,val,test}/{t1,t2,func,gt}: registered tri-modal slices
+    cut from the installed SPM templates and synthesised from its label maps."""
     _long_running()
     from rich.progress import Progress
 
-    from tfsdeploy.data import build_spm_dataset, default_data_dir
+    from tfsdeploy.data import build_dataset, default_data_dir
+    from tfsdeploy.data.build import check_sources
 
     out = out or default_data_dir()
     if size % 8:
@@ -114,17 +120,19 @@ def data_build(
     wanted = [c for c in combos.split(",") if c]
     if not any(c.strip() for c in wanted):
         raise UserError("--combos: give at least one combination")
+    chosen = check_sources(sources.split(","))
     with Progress(transient=True) as prog:
-        task = prog.add_task("cutting slices", total=None)
-        summary = build_spm_dataset(out, size=size, combos=wanted, force=force,
-                                    progress=lambda d, t: prog.update(task, completed=d, total=t))
+        task = prog.add_task("making slices", total=None)
+        summary = build_dataset(out, size=size, combos=wanted, sources=chosen, seed=seed, force=force,
+                                progress=lambda d, t: prog.update(task, completed=d, total=t))
     counts = summary["counts"]
     typer.echo(f"dataset: {out}")
     typer.echo(f"  {summary['size']}x{summary['size']}, combinations: {', '.join(summary['combos'])}")
     for split in ("train", "val", "test"):
-        zs = summary["slices"][split]
-        typer.echo(f"  {split:5s}: {counts.get(split, 0):4d} triplets from {len(zs)} axial slices "
-                   f"(z in {_ranges(zs)})")
+        typer.echo(f"  {split:5s}: {counts.get(split, 0):4d} triplets")
+        for name, info in summary["sources"].items():
+            zs = info["slices"][split]
+            typer.echo(f"         {name:5s} {info['count'][split]:4d} from {len(zs)} axial slices (z in {_ranges(zs)})")
     typer.echo(f"  ground truth: {summary['ground_truth']}")
 
 
@@ -723,7 +731,7 @@ def info() -> None:
     trt, reason = tensorrt_status()
     typer.echo(f"  trt: tensorrt {trt.__version__}" if trt is not None else f"  trt: no ({reason})")
     d = default_data_dir()
-    typer.echo(f"SPM dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
+    typer.echo(f"dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
     try:
         from tfsdeploy.bundle import bundle_scales, default_model, is_bundle
 

@@ -25,6 +25,9 @@ SCALES = (2, 4, 8)
 # DDIM-10 within 0.1 dB of the paper's 4000-step DDPM, and more steps no better.
 DEFAULT_DDIM_STEPS = 10
 COMBOS = ("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")
+# Where `data build` takes slices from (tfsdeploy.data.build), and what the packaged model trained on.
+DATA_SOURCES = ("spm", "synth")
+DEFAULT_DATA_SOURCES = ("spm", "synth")
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -1,27 +1,23 @@
 """The SPM templates as a data source: registered T1 / T2 / PD / SPECT / PET volumes read from the
 installed `spm-runtime` package (with zipfile + nibabel; the package is never imported), cut into
-axial slices, split by contiguous z-blocks and written as a dataset in the one on-disk layout.
+axial slices and split by contiguous z-blocks (`tfsdeploy.data.build` writes them).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from tfsdeploy.config import COMBOS
-from tfsdeploy.data.folder import MODALITY_DIRS, SPLITS, standardise
+from tfsdeploy.data.folder import SPLITS, standardise
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, check_folder_target
-from tfsdeploy.fusion import fuse_trimodal
-from tfsdeploy.imaging import apply_colormap, normalise_volume, write_png
+from tfsdeploy.imaging import apply_colormap, normalise_volume
 from tfsdeploy.inputs import Triplet
-from tfsdeploy.paths import cache_dir
+
+SourceTriplet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # t1 [1,S,S], second MR [1,S,S], func RGB [3,S,S]
 
 SPM_DIST = "spm-runtime"
 SPM_ARCHIVE = "spm_runtime/_spm/_spm.ctf"
@@ -56,18 +52,28 @@ def spm_archive() -> Path:
     return path
 
 
-def load_spm_volumes() -> dict[str, np.ndarray]:
-    """The SPM templates as float32 arrays [Z, 109, 91]: axial slices, anterior up, in RAS order."""
+def read_member(member: str, archive: "zipfile.ZipFile | None" = None) -> np.ndarray:
+    """One NIfTI member of the SPM archive as float32, in the builder's orientation: [z, y (anterior
+    up), x] in RAS order, or [c, z, y, x] for a 4-D member."""
     import zipfile
 
     import nibabel as nib
 
-    vols = {}
+    if archive is None:
+        with zipfile.ZipFile(spm_archive()) as z:
+            return read_member(member, z)
+    img = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(archive.read(SPM_PREFIX + member)))
+    a = np.asarray(img.get_fdata(dtype=np.float32))  # [x, y, z(, c)]
+    a = np.moveaxis(a, [2, 1, 0], [-3, -2, -1]) if a.ndim == 4 else np.transpose(a, (2, 1, 0))
+    return np.ascontiguousarray(a[..., ::-1, :])
+
+
+def load_spm_volumes() -> dict[str, np.ndarray]:
+    """The SPM templates as float32 arrays [Z, 109, 91]: axial slices, anterior up, in RAS order."""
+    import zipfile
+
     with zipfile.ZipFile(spm_archive()) as z:
-        for key, member in SPM_MEMBERS.items():
-            img = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(z.read(SPM_PREFIX + member)))
-            a = np.asarray(img.get_fdata(dtype=np.float32))  # [x, y, z]
-            vols[key] = np.ascontiguousarray(np.transpose(a, (2, 1, 0))[:, ::-1, :])  # [z, y (ant. up), x]
+        vols = {key: read_member(member, z) for key, member in SPM_MEMBERS.items()}
     shapes = {k: v.shape for k, v in vols.items()}
     if len(set(shapes.values())) != 1:
         raise UserError(f"SPM templates are not on one grid: {shapes}")
@@ -99,81 +105,25 @@ def slice_to_image(sl: np.ndarray, size: int) -> torch.Tensor:
     return standardise(torch.from_numpy(np.ascontiguousarray(sl))[None], size)
 
 
-def build_spm_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = COMBOS, force: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the SPM tri-modal dataset to `out` and return its summary (also written as summary.json).
-
-    The whole dataset is written under a temporary name and renamed at the end, so an
-    interrupted build never leaves a half dataset that looks complete.
-    """
-    out = Path(out)
-    check_folder_target(out)
-    combos = list(combos)
-    bad = [c for c in combos if c not in COMBOS]
-    if bad:
-        raise UserError(f"unknown combination(s) {bad}; choose from {', '.join(COMBOS)}")
-    if (out / "summary.json").is_file() and not force:
-        return json.loads((out / "summary.json").read_text())
-    if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file() and not force:
-        raise UserError(f"{out} exists and is not a dataset built by tfsdeploy; pick another --out or use --force")
-
+def spm_plan(combos: list[str], size: int) -> tuple[dict[str, Iterator[tuple[str, SourceTriplet]]], dict]:
+    """The SPM source for the dataset builder: per split, an iterator of (name, (t1, mr2, func RGB)),
+    and what the summary says of the source."""
     vols = load_spm_volumes()
-    zs = brain_slices(vols["grey"])
-    splits = split_by_blocks(zs)
+    splits = split_by_blocks(brain_slices(vols["grey"]))
     norm = {k: normalise_volume(vols[k]) for k in ("t1", "t2", "pd", "spect", "pet")}
 
-    with atomic_dir(out) as tmp:
-        counts: dict[str, int] = {}
-        total = sum(len(v) for v in splits.values()) * len(combos)
-        done = 0
-        for split, zlist in splits.items():
-            for d in (*MODALITY_DIRS, "gt"):
-                (tmp / split / d).mkdir(parents=True)
-            for z in zlist:
-                t1 = slice_to_image(norm["t1"][z], size)
-                for combo in combos:
-                    _, mr2_key, func_key = combo.split("-")
-                    mr2 = slice_to_image(norm[mr2_key][z], size)
-                    func = apply_colormap(slice_to_image(norm[func_key][z], size))
-                    gt = fuse_trimodal(t1[None], mr2[None], func[None])[0]
-                    name = f"{combo}_z{z:03d}.png"
-                    for d, img in zip((*MODALITY_DIRS, "gt"), (t1, mr2, func, gt)):
-                        write_png(tmp / split / d / name, img)
-                    counts[split] = counts.get(split, 0) + 1
-                    done += 1
-                    if progress:
-                        progress(done, total)
-        summary = {
-            "source": f"{SPM_DIST} SPM templates (avg152 T1/T2/PD, OldNorm SPECT/PET), 2 mm MNI grid",
-            "size": size, "combos": combos, "slices": {s: v for s, v in splits.items()},
-            "counts": counts, "block": BLOCK, "block_pattern": BLOCK_PATTERN,
-            "ground_truth": "classical tri-modal fusion of the high-resolution sources (tfsdeploy.fusion)",
-        }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def cut(zlist: list[int]) -> Iterator[tuple[str, SourceTriplet]]:
+        for z in zlist:
+            t1 = slice_to_image(norm["t1"][z], size)
+            for combo in combos:
+                _, mr2_key, func_key = combo.split("-")
+                mr2 = slice_to_image(norm[mr2_key][z], size)
+                yield f"{combo}_z{z:03d}", (t1, mr2, apply_colormap(slice_to_image(norm[func_key][z], size)))
 
-
-def default_data_dir() -> Path:
-    return cache_dir() / "spm-dataset"
-
-
-def ensure_dataset(root: str | Path | None = None, log: Callable[[str], None] = print,
-                   timeout_s: float = 600.0) -> Path:
-    """The dataset to read: `root` as given, or the built SPM dataset, built on first use. Under
-    torchrun only rank 0 builds it; the other ranks wait for its summary."""
-    if root is not None:
-        return Path(root)
-    root = default_data_dir()
-    summary = root / "summary.json"
-    if not summary.is_file() and int(os.environ.get("RANK", "0")) == 0:
-        log(f"building the SPM dataset in {root} (first use)")
-        build_spm_dataset(root)
-    t0 = time.time()
-    while not summary.is_file():
-        if time.time() - t0 > timeout_s:
-            raise UserError(f"timed out waiting for {summary}")
-        time.sleep(0.5)
-    return root
+    return {split: cut(zlist) for split, zlist in splits.items()}, {
+        "source": f"{SPM_DIST} SPM templates (avg152 T1/T2/PD, OldNorm SPECT/PET), 2 mm MNI grid",
+        "slices": splits, "block": BLOCK, "block_pattern": BLOCK_PATTERN,
+        "count": {s: len(z) * len(combos) for s, z in splits.items()}}
 
 
 def reference_triplet(size: int = 256, combo: str = "t1-t2-spect"):

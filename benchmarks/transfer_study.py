@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"unknown test set(s) {bad}; choose from {', '.join(DATASETS)}")
     scales = [int(s) for s in args.scales.split(",")]
-    wheel = Path(args.wheel) if args.wheel else next(iter(sorted(glob.glob(WHEEL_GLOB))), None)
+    wheel = Path(args.wheel or next(iter(sorted(glob.glob(WHEEL_GLOB))), ""))
+    wheel = wheel if str(wheel) else None
     if "icbm" in datasets and (wheel is None or not wheel.is_file()):
         sys.exit("icbm needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
     sample = SampleConfig(sampler="ddim", steps=2, seed=0)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{k} {row[k]['psnr']:.2f}/{row[k]['ssim']:.4f} ({row[k]['gain']:+.2f})" for k in per), flush=True)
     meta = {"models": {label: (m if isinstance(m, str) else {f"x{k}": v for k, v in m.items()})
                        for label, m in models},
-            "sampler": "DDIM-2, seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(),
+            "sampler": "DDIM-2, seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(args.threads),
             "minutes": round((time.perf_counter() - t_start) / 60, 1), "command": " ".join(sys.argv)}
     write_report(Path(args.out), rows, [label for label, _ in models], meta)
 

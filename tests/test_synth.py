@@ -62,9 +62,12 @@ def test_mr_contrasts_follow_tissue_physics(mid_slice):
     for c in (GM, WM, CSF, AIR):
         m = (cls == c).float()[None, None]
         core |= (torch.nn.functional.avg_pool2d(m, 5, 1, 2)[0, 0] > 0.99) & (cls == c)
+    far_air = torch.nn.functional.avg_pool2d((cls == AIR).float()[None, None], 13, 1, 6)[0, 0] > 0.999
+    assert int(far_air.sum()) > 100
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        img = {c: mr_image(index, tissue, c, rng, [])[0, 0] for c in ("t1", "t2", "pd")}
+        pairs = {c: mr_image(index, tissue, c, rng, []) for c in ("t1", "t2", "pd")}
+        img = {c: noisy[0, 0] for c, (noisy, _) in pairs.items()}
         mean = {k: {c: float(v[core & (cls == c)].mean()) for c in (GM, WM, CSF, AIR)} for k, v in img.items()}
         assert mean["t1"][WM] > mean["t1"][GM] > mean["t1"][CSF], mean["t1"]
         assert mean["t2"][CSF] > mean["t2"][GM] > mean["t2"][WM], mean["t2"]
@@ -72,6 +75,10 @@ def test_mr_contrasts_follow_tissue_physics(mid_slice):
             assert v.min() >= 0 and v.max() <= 1 and v.shape == cls.shape
             assert mean[k][AIR] < min(mean[k][GM], mean[k][WM]) / 3
             assert float(v[core & (cls == AIR)].std()) > 1e-3  # Rician noise, not a flat zero
+            clean = pairs[k][1][0, 0]
+            assert float(clean[far_air].abs().max()) < 1e-3  # ... which the noise-free twin lacks
+            diff = v - clean  # same intensity scale: the two differ by the noise alone
+            assert 1e-3 < float(diff[core & (cls == WM)].std()) < 0.06 and abs(float(diff[core & (cls == WM)].mean())) < 0.02
 
 
 def test_lesions_lie_in_brain_and_darken_t1_brighten_t2(mid_slice):
@@ -88,14 +95,14 @@ def test_lesions_lie_in_brain_and_darken_t1_brighten_t2(mid_slice):
         assert float((m * (1 - brain)).sum()) <= 0.2 * float(m.sum())  # soft edges may spill a little
         core = m > 0.5 * m.max()
         for contrast, sign in (("t1", -1), ("t2", 1)):
-            a = mr_image(index, tissue, contrast, np.random.default_rng(9), [])[0, 0]
-            b = mr_image(index, tissue, contrast, np.random.default_rng(9), [(mask, strength)])[0, 0]
+            a = mr_image(index, tissue, contrast, np.random.default_rng(9), [])[1][0, 0]
+            b = mr_image(index, tissue, contrast, np.random.default_rng(9), [(mask, strength)])[1][0, 0]
             assert sign * float((b - a)[core].mean()) > 0.02, contrast
 
 
 def test_functional_image_follows_grey_matter_and_spect_is_smoother_than_pet(mid_slice):
     _, index, tissue, cls = mid_slice
-    imgs = {k: func_image(index, tissue, k, np.random.default_rng(1), [])[0, 0] for k in ("spect", "pet")}
+    imgs = {k: func_image(index, tissue, k, np.random.default_rng(1), [])[1][0, 0] for k in ("spect", "pet")}
     for v in imgs.values():
         assert float(v[cls == GM].mean()) > float(v[cls == WM].mean()) > float(v[cls == AIR].mean())
 
@@ -107,10 +114,10 @@ def test_functional_image_follows_grey_matter_and_spect_is_smoother_than_pet(mid
 
 def test_synth_triplet_is_a_pure_function_of_its_arguments(anatomy):
     z = head_slices(anatomy)[30]
-    a = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=0)
-    b = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=0)
-    c = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=1)
-    for x, y, w in zip(a, b, c):
+    a, a_clean = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=0)
+    b, b_clean = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=0)
+    c, c_clean = synth_triplet(anatomy, z, "t1-t2-spect", 64, seed=1)
+    for x, y, w in zip(a + a_clean, b + b_clean, c + c_clean):
         assert torch.equal(x, y)
         assert not torch.equal(x, w)
     t1, mr2, func = a
@@ -135,10 +142,13 @@ def test_build_writes_synth_slices_split_by_blocks_with_their_fusion_as_ground_t
     name = sorted((out / "test" / "gt").iterdir())[0].name
     t1, pd, func, gt = (read_image(out / "test" / d / name) for d in ("t1", "t2", "func", "gt"))
     z = int(name.split("_z")[1][:3])
-    want = synth_triplet(anatomy, z, "t1-pd-pet", 64, seed=0)
-    assert float((t1 - want[0]).abs().max()) <= 0.5 / 255 + 1e-6  # the slice itself, as 8 bits hold it
-    ref = fuse_trimodal(want[0][None], want[1][None], want[2][None])[0]
+    want, clean = synth_triplet(anatomy, z, "t1-pd-pet", 64, seed=0)
+    for got, w in zip((t1, pd, func), want):  # the sources as acquired, noise included, as 8 bits hold them
+        assert float((got - w).abs().max()) <= 0.5 / 255 + 1e-6
+    ref = fuse_trimodal(*(x[None] for x in clean))[0]  # the ground truth fuses the noise-free sources
     assert float((gt - ref).abs().max()) <= 0.5 / 255 + 1e-6
+    noisy_ref = fuse_trimodal(*(x[None] for x in want))[0]
+    assert float((gt - noisy_ref).abs().max()) > 2 / 255
     assert json.loads((out / "summary.json").read_text()) == summary
 
 

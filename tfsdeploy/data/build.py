@@ -72,8 +72,8 @@ def build_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = COMB
             for split, triplets in splits.items():
                 for d in (*MODALITY_DIRS, "gt"):
                     (tmp / split / d).mkdir(parents=True, exist_ok=True)
-                for name, (t1, mr2, func) in triplets:
-                    gt = fuse_trimodal(t1[None], mr2[None], func[None])[0]
+                for name, (t1, mr2, func), clean in triplets:
+                    gt = fuse_trimodal(*(x[None] for x in clean))[0]
                     for d, img in zip((*MODALITY_DIRS, "gt"), (t1, mr2, func, gt)):
                         write_png(tmp / split / d / f"{name}.png", img)
                     counts[split] = counts.get(split, 0) + 1

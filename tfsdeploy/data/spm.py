@@ -105,20 +105,21 @@ def slice_to_image(sl: np.ndarray, size: int) -> torch.Tensor:
     return standardise(torch.from_numpy(np.ascontiguousarray(sl))[None], size)
 
 
-def spm_plan(combos: list[str], size: int) -> tuple[dict[str, Iterator[tuple[str, SourceTriplet]]], dict]:
-    """The SPM source for the dataset builder: per split, an iterator of (name, (t1, mr2, func RGB)),
-    and what the summary says of the source."""
+def spm_plan(combos: list[str], size: int) -> tuple[dict[str, Iterator[tuple[str, SourceTriplet, SourceTriplet]]], dict]:
+    """The SPM source for the dataset builder: per split, an iterator of (name, sources, the sources
+    the ground truth fuses), each a (t1, mr2, func RGB) triple, and what the summary says of it."""
     vols = load_spm_volumes()
     splits = split_by_blocks(brain_slices(vols["grey"]))
     norm = {k: normalise_volume(vols[k]) for k in ("t1", "t2", "pd", "spect", "pet")}
 
-    def cut(zlist: list[int]) -> Iterator[tuple[str, SourceTriplet]]:
+    def cut(zlist: list[int]) -> Iterator[tuple[str, SourceTriplet, SourceTriplet]]:
         for z in zlist:
             t1 = slice_to_image(norm["t1"][z], size)
             for combo in combos:
                 _, mr2_key, func_key = combo.split("-")
                 mr2 = slice_to_image(norm[mr2_key][z], size)
-                yield f"{combo}_z{z:03d}", (t1, mr2, apply_colormap(slice_to_image(norm[func_key][z], size)))
+                src = (t1, mr2, apply_colormap(slice_to_image(norm[func_key][z], size)))
+                yield f"{combo}_z{z:03d}", src, src  # the ground truth fuses these very sources
 
     return {split: cut(zlist) for split, zlist in splits.items()}, {
         "source": f"{SPM_DIST} SPM templates (avg152 T1/T2/PD, OldNorm SPECT/PET), 2 mm MNI grid",

@@ -11,12 +11,14 @@ tri-modal combination a seeded random draw then makes:
 - MR contrasts: T1-, T2- and PD-like tissue means with a jitter per structure and per image,
   skull (dark cortical bone around brighter marrow) and scalp;
 - what scanners add: fine tissue texture, partial-volume blur, a smooth bias field and Rician noise;
+  the ground truth fuses the sources before their noise is added: noise cannot be recovered from a
+  low-resolution input, and a model taught to draw it only loses fidelity;
 - lesions: up to two soft-edged blobs, dark on T1, bright on T2/PD, hypo- or hyper-perfused;
 - the functional image: perfusion following grey matter with a smooth random field, blurred to a
   SPECT- (σ 4-6 px) or PET-like (σ 2-3.5 px) resolution, then colour-mapped like the templates.
 
-The ground truth is made the same way as for every other source: the classical tri-modal fusion of
-the high-resolution sources (tfsdeploy.fusion).
+The ground truth is made the same way as for every other source, the classical tri-modal fusion of
+the high-resolution sources (tfsdeploy.fusion), of the noise-free sources.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ CONTRASTS = {
     "pd": (0.78, 0.64, 0.90, 0.08, 0.70, 0.0),
 }
 MARROW = {"t1": 0.7, "t2": 0.35, "pd": 0.55}  # the skull's inner (diploe) layer, against its bone mean
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # t1 [1,S,S], second MR [1,S,S], func RGB [3,S,S]
 FUNC_SIGMA = {"spect": (4.0, 6.0), "pet": (2.0, 3.5)}  # perfusion blur at 256 px, sampled uniformly
 
 
@@ -146,8 +149,9 @@ def region_tissue(anatomy: SynthAnatomy, regions: list[int]) -> np.ndarray:
 
 
 def mr_image(index: torch.Tensor, tissue: np.ndarray, contrast: str, rng: np.random.Generator,
-             lesions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """One MR contrast [1,1,H,W] in [0, 1] from the region map."""
+             lesions: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One MR contrast [1,1,H,W] in [0, 1] from the region map: as acquired (with noise), and the
+    same image without the noise, on the same intensity scale."""
     size = index.shape[-1]
     means = np.array(CONTRASTS[contrast], dtype=np.float32)[tissue]
     means = means * rng.uniform(0.9, 1.1) * rng.uniform(0.95, 1.05, size=means.shape).astype(np.float32)
@@ -161,20 +165,21 @@ def mr_image(index: torch.Tensor, tissue: np.ndarray, contrast: str, rng: np.ran
         gain = 1 - 0.4 * strength if contrast == "t1" else 1 + 0.6 * strength
         img = img * (1 + (gain - 1) * mask)
     head = (torch.from_numpy(tissue != AIR)[index][None, None]).float()
-    texture = sum(smooth_noise(rng, (size, size), sigma) * rng.uniform(0.01, 0.06) for sigma in (0.7, 1.5, 3.0, 6.0))
+    texture = sum(smooth_noise(rng, (size, size), sigma) * rng.uniform(0.01, 0.04) for sigma in (0.7, 1.5, 3.0, 6.0))
     img = img * (1 + texture * head)
-    img = gaussian_blur(img, rng.uniform(0.3, 1.0))  # partial volume
+    img = gaussian_blur(img, rng.uniform(0.3, 1.5))  # partial volume
     img = img * torch.exp(smooth_noise(rng, (size, size), size / 4) * rng.uniform(0.0, 0.25))  # bias field
     sd = rng.uniform(0.003, 0.03)
     n1 = torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))
     n2 = torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))
-    img = torch.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)  # Rician magnitude noise
-    return robust_unit(img)
+    noisy = torch.sqrt((img + sd * n1) ** 2 + (sd * n2) ** 2)  # Rician magnitude noise
+    return same_unit(noisy, img)
 
 
 def func_image(index: torch.Tensor, tissue: np.ndarray, kind: str, rng: np.random.Generator,
-               lesions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
-    """A perfusion-like functional image [1,1,H,W] in [0, 1] (grey; colour-mapped by the caller)."""
+               lesions: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A perfusion-like functional image [1,1,H,W] in [0, 1] (grey; colour-mapped by the caller), with
+    and without its noise."""
     size = index.shape[-1]
     weight = np.select([tissue == GM, tissue == WM, tissue == CSF], [1.0, 0.3, 0.05], 0.0).astype(np.float32)
     weight = weight * rng.uniform(0.8, 1.2, size=weight.shape).astype(np.float32)
@@ -183,8 +188,9 @@ def func_image(index: torch.Tensor, tissue: np.ndarray, kind: str, rng: np.rando
     for mask, strength in lesions:
         up = up * (1 + mask * (strength if rng.random() < 0.3 else -0.7 * strength))
     up = gaussian_blur(up.clamp_min(0), rng.uniform(*FUNC_SIGMA[kind]))
-    up = up + 0.01 * rng.uniform(0, 1) * torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))
-    return robust_unit(up.clamp_min(0))
+    up = up.clamp_min(0)
+    noisy = up + 0.01 * rng.uniform(0, 1) * torch.from_numpy(rng.standard_normal((size, size)).astype(np.float32))
+    return same_unit(noisy.clamp_min(0), up)
 
 
 def lesion_masks(index: torch.Tensor, tissue: np.ndarray, rng: np.random.Generator) -> list[tuple[torch.Tensor, float]]:
@@ -208,17 +214,19 @@ def lesion_masks(index: torch.Tensor, tissue: np.ndarray, rng: np.random.Generat
     return out
 
 
-def robust_unit(img: torch.Tensor) -> torch.Tensor:
-    """[0, 1] with the 99.5th percentile of the non-zero pixels at 1, as the volumes are normalised."""
+def same_unit(img: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`img` and `others` scaled alike to [0, 1], with the 99.5th percentile of `img`'s non-zero pixels
+    at 1 (as the volumes are normalised)."""
     fg = img[img > 1e-3]
     hi = torch.quantile(fg[:: max(1, fg.numel() // 100_000)], 0.995) if fg.numel() else img.max()
-    return (img / hi.clamp_min(1e-6)).clamp(0, 1)
+    return tuple((x / hi.clamp_min(1e-6)).clamp(0, 1) for x in (img, *others))
 
 
 def synth_triplet(anatomy: SynthAnatomy, z: int, combo: str, size: int, seed: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t1 [1,S,S], second MR [1,S,S], functional RGB [3,S,S]) in [0, 1] for one slice and combination;
-    a pure function of its arguments."""
+                  ) -> tuple[Triple, Triple]:
+    """The sources as acquired, (t1 [1,S,S], second MR [1,S,S], functional RGB [3,S,S]) in [0, 1], and
+    the same three without their noise (what the ground truth fuses: noise is not detail to restore)
+    for one slice and combination; a pure function of its arguments."""
     rng = np.random.default_rng(slice_seed(seed, z, combo))
     _, mr2, func = combo.split("-")
     index, regions = geometry(anatomy, z, size, rng)
@@ -226,12 +234,12 @@ def synth_triplet(anatomy: SynthAnatomy, z: int, combo: str, size: int, seed: in
     lesions = lesion_masks(index, tissue, rng)
     t1 = mr_image(index, tissue, "t1", rng, lesions)
     m2 = mr_image(index, tissue, mr2, rng, lesions)
-    f = apply_colormap(func_image(index, tissue, func, rng, lesions)[0])
-    return t1[0], m2[0], f
+    f = [apply_colormap(x[0]) for x in func_image(index, tissue, func, rng, lesions)]
+    return (t1[0][0], m2[0][0], f[0]), (t1[1][0], m2[1][0], f[1])
 
 
 def synth_plan(combos: list[str], size: int, seed: int = 0
-               ) -> tuple[dict[str, Iterator[tuple[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]], dict]:
+               ) -> tuple[dict[str, Iterator[tuple[str, Triple, Triple]]], dict]:
     """The synthetic source for the dataset builder, split by contiguous z-blocks like the SPM source."""
     from tfsdeploy.data.spm import BLOCK, BLOCK_PATTERN, read_member, split_by_blocks
 
@@ -241,7 +249,7 @@ def synth_plan(combos: list[str], size: int, seed: int = 0
     def make(zs: list[int]):
         for z in zs:
             for combo in combos:
-                yield f"synth-{combo}_z{z:03d}", synth_triplet(anatomy, z, combo, size, seed)
+                yield f"synth-{combo}_z{z:03d}", *synth_triplet(anatomy, z, combo, size, seed)
 
     return {split: make(zs) for split, zs in splits.items()}, {
         "source": "synthetic slices from the SPM Neuromorphometrics labels and tissue probability map, "

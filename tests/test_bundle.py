@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -187,3 +188,43 @@ def test_demo_bad_inputs(tmp_path):
     assert res.exit_code != 0 and "unsupported scale 3; choose one of 2, 4, 8" in res.stderr
     res = run("demo", "--combo", "t1-ct", "--out", tmp_path / "d")
     assert res.exit_code != 0 and "unknown combination" in res.stderr
+
+
+def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, synth_dataset):
+    """`bundle --blend A`: each weight is (1 - A) * start + A * fine-tuned, the provenance is recorded,
+    and every way it cannot be done is one clear error."""
+    from training.train import Trainer
+
+    start = tiny_checkpoint(tmp_path / "start", [2, 4, 8], 5)
+    Trainer(tmp_path / "ft", tiny_configs(steps=2), synth_dataset, log=lambda s: None, init_from=start).run()
+    res = run("bundle", tmp_path / "b", "--x4", tmp_path / "ft", "--fp32", "--blend", "0.25")
+    assert res.exit_code == 0, res.output
+    a, b = load_checkpoint(start).weights, load_checkpoint(tmp_path / "ft").weights
+    got = load_file(str(tmp_path / "b" / "x4.safetensors"))
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert moved  # the fine-tune changed weights, so the blend is not trivially either end
+    for k in a:
+        want = 0.75 * a[k].float() + 0.25 * b[k].float() if a[k].is_floating_point() else a[k]
+        torch.testing.assert_close(got[k].float(), want.float(), rtol=1e-6, atol=1e-7)
+    entry = read_bundle(tmp_path / "b")["models"]["4"]
+    assert entry["blend"] == 0.25
+    assert load_checkpoint(tmp_path / "b" / "x4.safetensors").meta["blend"]["init"]["step"] == 1
+
+    def error(*args):
+        res = run("bundle", tmp_path / "e", *args)
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        assert res.exit_code != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output
+        assert not (tmp_path / "e").exists()
+        return lines[0]
+
+    assert "trained from scratch" in error("--x4", start, "--blend", "0.5")
+    assert "strictly between 0 and 1" in error("--x4", tmp_path / "ft", "--blend", "1.5")
+    assert "no --x8 model" in error("--x4", tmp_path / "ft", "--blend", "8:0.3")
+    assert "SCALE:A" in error("--x4", tmp_path / "ft", "--blend", "x")
+    w = load_file(str(start / "model.safetensors"))  # the start changes after the fine-tune
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 if v.is_floating_point() else v for k, v in w.items()}, str(start / "model.safetensors"))
+    assert "has changed" in error("--x4", tmp_path / "ft", "--blend", "0.5")
+    shutil.rmtree(start)
+    assert "is gone" in error("--x4", tmp_path / "ft", "--blend", "0.5")

@@ -59,6 +59,7 @@ ACCEPTED = {
     ("bundle", "notes", "unknown"): "free text",
     ("bundle", "notes", "empty"): "free text",
     ("bundle", "ddim_steps", "empty"): "no recommendation",
+    ("bundle", "blend", "empty"): "no blend",
     ("evaluate", "montage_image", "empty"): "'' = the middle image",
     ("evaluate", "methods", "empty"): "no baselines, only the models",
     **{(c, "out", "missing"): "an output folder is created" for c in ("train", "bundle", "demo", "evaluate", "bench",

@@ -19,12 +19,15 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.config import DEFAULT_DDIM_STEPS, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "tfsdeploy-bundle"
@@ -126,13 +129,40 @@ def bundle_fingerprint(path: str | Path) -> str:
     return sha256_file(Path(path) / BUNDLE_FILE)
 
 
+def blend_weights(ckpt, alpha: float, where: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(1 - alpha) * the weights a fine-tune started from + alpha * its own: a fine-tuned model pulled
+    back towards the model it came from, which keeps more of what that model did well on data
+    neither was tuned for (weight-space ensembling). The starting checkpoint is found by the path
+    the fine-tune recorded and must still hold the same weights (sha256)."""
+    from tfsdeploy.artifacts import checkpoint_fingerprint
+    from tfsdeploy.checkpoint import load_checkpoint
+
+    init = ckpt.meta.get("init")
+    if not init:
+        raise UserError(f"{where}: --blend needs a fine-tuned checkpoint (train --init); this one was trained "
+                        f"from scratch")
+    start = Path(init["path"])
+    if not start.exists():
+        raise UserError(f"{where}: the checkpoint it was fine-tuned from, {start}, is gone; --blend needs it")
+    if checkpoint_fingerprint(start)["sha256"] != init["sha256"]:
+        raise UserError(f"{where}: {start} has changed since the fine-tune started from it (sha256 differs); "
+                        f"blend before replacing it")
+    base = load_checkpoint(start)
+    if set(base.weights) != set(ckpt.weights) or any(base.weights[k].shape != v.shape for k, v in ckpt.weights.items()):
+        raise UserError(f"{where}: its weights do not match those of {start}")
+    weights = {k: (v.float() * alpha + base.weights[k].float() * (1 - alpha)).to(v.dtype) if v.is_floating_point()
+               else v for k, v in ckpt.weights.items()}
+    return weights, {"alpha": alpha, "init": init}
+
+
 def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, notes: str = "",
-                ddim_steps: dict[int, int] | None = None) -> Path:
+                ddim_steps: dict[int, int] | None = None, blend: dict[int, float] | None = None) -> Path:
     """Write a bundle from one checkpoint (file, checkpoint folder or run folder) per scale.
 
     Each member is written as one safetensors file with its configs in the header; with `fp16`
     the weights are stored in half precision (they are cast back to fp32 on load). `ddim_steps`
-    records a recommended DDIM step count per scale."""
+    records a recommended DDIM step count per scale; `blend` (0 < alpha < 1 per scale) stores a
+    fine-tuned member as `blend_weights` of it and the model it started from."""
     from safetensors.torch import save_file
 
     from tfsdeploy.checkpoint import load_checkpoint
@@ -150,12 +180,20 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
             path, meta = read_meta(src)
             meta = {k: v for k, v in meta.items() if k not in ("files", "optim_param_groups")}  # training-only
             meta["weights_dtype"] = "float16" if fp16 else "float32"
+            alpha = (blend or {}).get(scale, 1.0)
+            weights = ckpt.weights
+            if alpha != 1.0:
+                if not 0.0 < alpha < 1.0:
+                    raise UserError(f"x{scale}: a blend takes 0 < alpha < 1, got {alpha}")
+                weights, meta["blend"] = blend_weights(ckpt, alpha, src)
             weights = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous()
-                       for k, v in ckpt.weights.items()}
+                       for k, v in weights.items()}
             name = f"x{scale}.safetensors"
             save_file(weights, str(tmp / name), metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
             models[str(scale)] = {"file": name, "sha256": sha256_file(tmp / name), "step": ckpt.step,
                                   "trained_scales": list(trained)}
+            if "blend" in meta:
+                models[str(scale)]["blend"] = alpha
             steps = (ddim_steps or {}).get(scale, 0)
             if steps:
                 if steps > ckpt.configs.schedule.num_steps:
@@ -169,4 +207,4 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
 
 __all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "default_model", "named_model", "read_bundle", "bundle_scales",
            "bundle_members", "model_for_scale", "default_ddim_steps", "sample_for", "bundle_fingerprint",
-           "make_bundle"]
+           "make_bundle", "blend_weights"]

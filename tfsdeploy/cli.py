@@ -409,6 +409,10 @@ def bundle(
     notes: str = typer.Option("", help="Free text stored in bundle.json."),
     ddim_steps: str = typer.Option("", help="Recommended DDIM steps per scale, e.g. 2:2,4:2,8:2 (from a "
                                    "sampler study); used when fuse runs DDIM without --steps."),
+    blend: str = typer.Option("", help="Store fine-tuned members (train --init) as a blend with the model each "
+                              "started from: (1 - A) * start + A * fine-tuned, 0 < A < 1. One A for all, or per "
+                              "scale, e.g. 4:0.3,8:0.5. Keeps more of the start model's behaviour on data "
+                              "neither was tuned for."),
 ) -> None:
     """Pack one checkpoint per scale into a bundle that fuse, demo, export, evaluate and bench take."""
     _long_running()
@@ -427,9 +431,31 @@ def bundle(
         if k not in members or v < 1:
             raise UserError(f"--ddim-steps {item!r}: no --x{k} model given, or steps < 1")
         steps[k] = v
-    path = make_bundle(members, out, fp16=fp16, notes=notes, ddim_steps=steps)
+    path = make_bundle(members, out, fp16=fp16, notes=notes, ddim_steps=steps, blend=_blend_option(blend, members))
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     typer.echo(f"wrote {path} ({', '.join(f'x{s}' for s in sorted(members))}; {size:.1f} MB)")
+
+
+def _blend_option(text: str, members: dict[int, Path]) -> dict[int, float]:
+    """--blend: "A" for every member, or "SCALE:A,..."; each A in (0, 1)."""
+    text = text.strip()
+    if not text:
+        return {}
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        scale_text, _, value = item.rpartition(":")
+        try:
+            alpha = float(value)
+            scales = [int(scale_text)] if scale_text else list(members)
+        except ValueError:
+            raise UserError(f"--blend takes A or SCALE:A pairs separated by commas (got {item!r})") from None
+        if not 0.0 < alpha < 1.0:
+            raise UserError(f"--blend {item!r}: A must lie strictly between 0 and 1")
+        for scale in scales:
+            if scale not in members:
+                raise UserError(f"--blend {item!r}: no --x{scale} model given")
+            out[scale] = alpha
+    return out
 
 
 # --------------------------------------------------------------------------- demo

@@ -144,6 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     write_report(Path(args.out), rows, [label for label, _ in models], meta)
 
 
+def describe(device: dict) -> str:
+    return f"{device.get('device', '?')}, torch {device.get('torch', '?')}, {device.get('threads', '?')} threads"
+
+
+def rewrite(out: Path) -> None:
+    """transfer.md again from transfer.json (after editing the JSON's meta, say)."""
+    data = json.loads((out / "transfer.json").read_text())
+    write_report(out, data["rows"], list(data["meta"]["models"]), data["meta"])
+
+
 def write_report(out: Path, rows: list[dict], labels: list[str], meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "transfer.json") as tmp:
@@ -151,7 +161,8 @@ def write_report(out: Path, rows: list[dict], labels: list[str], meta: dict) -> 
     head = "| scale | test set | slices | baseline PSNR / SSIM | " + " | ".join(
         f"{label}: PSNR / SSIM (gain, wins)" for label in labels) + " |"
     lines = ["# Transfer: gains over upsample-then-fuse on data the models were or were not trained on", "",
-             f"{meta['sampler']}, {meta['size']}x{meta['size']}; {meta['device']}; {meta['minutes']} min.", "",
+             f"{meta['sampler']}, {meta['size']}x{meta['size']}; {describe(meta['device'])}; {meta['minutes']} min.",
+             "", f"`{meta['command']}`", "",
              "Models: " + "; ".join(f"**{k}** = `{v}`" for k, v in meta["models"].items()), "",
              head, "|" + "---|" * (4 + len(labels))]
     for r in rows:

@@ -217,7 +217,12 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
         assert not (tmp_path / "e").exists()
         return lines[0]
 
-    assert "trained from scratch" in error("--x4", start, "--blend", "0.5")
+    assert "trained from scratch" in error("--x4", start, "--blend", "4:0.5")
+    assert "none of the models" in error("--x4", start, "--blend", "0.5")
+    res = run("bundle", tmp_path / "b2", "--x2", start, "--x4", tmp_path / "ft", "--fp32", "--blend", "0.25")
+    assert res.exit_code == 0, res.output  # one A: the fine-tuned members only
+    assert "blend" not in read_bundle(tmp_path / "b2")["models"]["2"]
+    assert read_bundle(tmp_path / "b2")["models"]["4"]["blend"] == 0.25
     assert "strictly between 0 and 1" in error("--x4", tmp_path / "ft", "--blend", "1.5")
     assert "no --x8 model" in error("--x4", tmp_path / "ft", "--blend", "8:0.3")
     assert "SCALE:A" in error("--x4", tmp_path / "ft", "--blend", "x")

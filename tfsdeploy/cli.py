@@ -410,8 +410,8 @@ def bundle(
     ddim_steps: str = typer.Option("", help="Recommended DDIM steps per scale, e.g. 2:2,4:2,8:2 (from a "
                                    "sampler study); used when fuse runs DDIM without --steps."),
     blend: str = typer.Option("", help="Store fine-tuned members (train --init) as a blend with the model each "
-                              "started from: (1 - A) * start + A * fine-tuned, 0 < A < 1. One A for all, or per "
-                              "scale, e.g. 4:0.3,8:0.5. Keeps more of the start model's behaviour on data "
+                              "started from: (1 - A) * start + A * fine-tuned, 0 < A < 1. One A for every "
+                              "fine-tuned member, or per scale, e.g. 4:0.3,8:0.5. Keeps more of the start model's behaviour on data "
                               "neither was tuned for."),
 ) -> None:
     """Pack one checkpoint per scale into a bundle that fuse, demo, export, evaluate and bench take."""
@@ -437,20 +437,25 @@ def bundle(
 
 
 def _blend_option(text: str, members: dict[int, Path]) -> dict[int, float]:
-    """--blend: "A" for every member, or "SCALE:A,..."; each A in (0, 1)."""
+    """--blend: "A" for every fine-tuned member, or "SCALE:A,..."; each A in (0, 1)."""
+    from tfsdeploy.checkpoint import read_meta
+
     text = text.strip()
     if not text:
         return {}
+    tuned = [s for s, p in members.items() if read_meta(p)[1].get("init")]
     out = {}
     for item in (x.strip() for x in text.split(",") if x.strip()):
         scale_text, _, value = item.rpartition(":")
         try:
             alpha = float(value)
-            scales = [int(scale_text)] if scale_text else list(members)
+            scales = [int(scale_text)] if scale_text else tuned
         except ValueError:
             raise UserError(f"--blend takes A or SCALE:A pairs separated by commas (got {item!r})") from None
         if not 0.0 < alpha < 1.0:
             raise UserError(f"--blend {item!r}: A must lie strictly between 0 and 1")
+        if not scales:
+            raise UserError("--blend: none of the models given is a fine-tune (train --init)")
         for scale in scales:
             if scale not in members:
                 raise UserError(f"--blend {item!r}: no --x{scale} model given")

@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
-# Rebuild the packaged default model (tfsdeploy/models/default) from scratch: three `small` runs,
-# one per bundle member, then `tfsdeploy bundle`. See MODEL_CARD.md for what each run is and why.
+# Rebuild the packaged default model (tfsdeploy/models/default) from scratch. See MODEL_CARD.md for
+# what each step is and why.
 #
 #   training/default_model.sh [RUNS_DIR] [BUNDLE_DIR]
 #
-# The shipped members were trained on one NVIDIA H200 (about 2-4 minutes each, several runs
-# sharing the GPU); on a 2-core CPU the same steps take hours. Every run resumes where it stopped
-# (run the script again), and `--time-limit MINUTES` can be added to spread it over sessions.
+# Stage 1 trains three `small` runs on the SPM templates, one per bundle member (the shipped ones
+# on one NVIDIA H200, about 2-4 minutes each, several runs sharing the GPU; on a 2-core CPU the
+# same steps take hours). Stage 2 fine-tunes the x4 and x8 runs on the SPM templates plus the
+# synthetic patient-like slices (the shipped ones on a 2-core CPU, about 37 minutes each, two runs
+# side by side), and the bundle stores each as a blend with the stage-1 model it started from.
+# Every run resumes where it stopped (run the script again), and `--time-limit MINUTES` can be
+# added to spread it over sessions.
 set -euo pipefail
 RUNS=${1:-runs/default}
 BUNDLE=${2:-tfsdeploy/models/default}
-common=(--preset small --prediction x0 --target residual --batch-size 64 --crop 64 --lr 2e-4
-        --val-every 500 --ckpt-every 500)
+DATA=${DATA:-data}
 
+# ---- stage 1: the SPM templates only
+tfsdeploy data build --sources spm --out "$DATA/spm"
+common=(--data "$DATA/spm" --preset small --prediction x0 --target residual --batch-size 64 --crop 64
+        --lr 2e-4 --val-every 500 --ckpt-every 500)
 # x2 member: all scales, loss balanced per scale (1 / baseline MSE)
 tfsdeploy train --out "$RUNS/x2" "${common[@]}" --scales 2,4,8 --scale-balance --steps 2070
-# x4 member: x4 only
+# x4: x4 only
 tfsdeploy train --out "$RUNS/x4" "${common[@]}" --scales 4 --no-scale-balance --steps 1857
-# x8 member: all scales, unbalanced (the large x8 residuals dominate, which is what x8 wants)
+# x8: all scales, unbalanced (the large x8 residuals dominate, which is what x8 wants)
 tfsdeploy train --out "$RUNS/x8" "${common[@]}" --scales 2,4,8 --no-scale-balance --steps 2163
 
-tfsdeploy bundle "$BUNDLE" --x2 "$RUNS/x2" --x4 "$RUNS/x4" --x8 "$RUNS/x8" --ddim-steps 2:2,4:2,8:2 \
-    --notes "TFS-Diff small preset (3.99 M parameters), residual over bicubic + classical fusion, x0-prediction; one model per scale; DDIM steps chosen by the sampler studies. See MODEL_CARD.md."
+# ---- stage 2: fine-tune x4 and x8 on templates + synthetic slices, then blend with stage 1
+tfsdeploy data build --sources spm,synth --out "$DATA/mixed"
+tune=(--data "$DATA/mixed" --lr 5e-5 --batch-size 8 --crop 64 --ckpt-every 200 --val-every 400 --log-every 50)
+tfsdeploy train --init "$RUNS/x4" --scales 4 --out "$RUNS/x4-mixed" "${tune[@]}" --steps 1200
+tfsdeploy train --init "$RUNS/x8" --scales 8 --out "$RUNS/x8-mixed" "${tune[@]}" --steps 1200
+
+tfsdeploy bundle "$BUNDLE" --x2 "$RUNS/x2" --x4 "$RUNS/x4-mixed" --x8 "$RUNS/x8-mixed" --blend 4:0.3,8:0.5 \
+    --ddim-steps 2:2,4:2,8:2 \
+    --notes "TFS-Diff small preset (3.99 M parameters), residual over bicubic + classical fusion, x0-prediction; one model per scale; x4 and x8 fine-tuned on SPM templates + synthetic patient-like slices and blended with their template-only start; DDIM steps chosen by the sampler studies. See MODEL_CARD.md."

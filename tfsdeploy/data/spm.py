@@ -5,6 +5,7 @@ axial slices and split by contiguous z-blocks (`tfsdeploy.data.build` writes the
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -52,11 +53,9 @@ def spm_archive() -> Path:
     return path
 
 
-def read_member(member: str, archive: "zipfile.ZipFile | None" = None) -> np.ndarray:
+def read_member(member: str, archive: zipfile.ZipFile | None = None) -> np.ndarray:
     """One NIfTI member of the SPM archive as float32, in the builder's orientation: [z, y (anterior
     up), x] in RAS order, or [c, z, y, x] for a 4-D member."""
-    import zipfile
-
     import nibabel as nib
 
     if archive is None:
@@ -70,8 +69,6 @@ def read_member(member: str, archive: "zipfile.ZipFile | None" = None) -> np.nda
 
 def load_spm_volumes() -> dict[str, np.ndarray]:
     """The SPM templates as float32 arrays [Z, 109, 91]: axial slices, anterior up, in RAS order."""
-    import zipfile
-
     with zipfile.ZipFile(spm_archive()) as z:
         vols = {key: read_member(member, z) for key, member in SPM_MEMBERS.items()}
     shapes = {k: v.shape for k, v in vols.items()}

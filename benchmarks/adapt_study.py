@@ -167,15 +167,19 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255 + 0.5).floor() / 255
 
 
-def spm_cases(scale: int, n: int, as_trained: bool = False) -> list[Case]:
-    """`n` test-split slices spread over its four combinations, degraded unlike training (or, with
-    `as_trained`, as training degrades: the in-domain control)."""
+def test_split_cases(scale: int, n: int, as_trained: bool = False, synthetic: bool = False) -> list[Case]:
+    """`n` slices spread over the default dataset's test split, from the SPM templates (or, with
+    `synthetic`, from the synthetic source), degraded unlike training (or, with `as_trained`, as
+    training degrades: the in-domain control)."""
     from tfsdeploy.data import ensure_dataset, open_split
 
     samples = [s for s in open_split(ensure_dataset(None, log=lambda s: None), "test", SIZE).load()
-               if not s.name.startswith("synth-")]  # the SPM templates' slices only
+               if s.name.startswith("synth-") == synthetic]
+    if not samples:
+        sys.exit(f"the default dataset has no {'synthetic' if synthetic else 'SPM'} test slices: "
+                 f"tfsdeploy data build --force")
     cases = []
-    for i in np.linspace(0, len(samples) - 1, n).round().astype(int):
+    for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
         s = samples[int(i)]
         hr = s.hr.float()[None] / 255
         if as_trained:
@@ -184,7 +188,7 @@ def spm_cases(scale: int, n: int, as_trained: bool = False) -> list[Case]:
             lr = F.avg_pool2d(gaussian_blur(hr[:, :5], 0.7 * scale), scale)
             gen = torch.Generator().manual_seed(int(i))
             lr = _u8(lr + 0.01 * torch.randn(lr.shape, generator=gen))[0]
-        cases.append(Case(f"spm-{s.name}", Triplet(lr[:1], lr[1:2], lr[2:5]), hr[0, 5:]))
+        cases.append(Case(s.name if synthetic else f"spm-{s.name}", Triplet(lr[:1], lr[1:2], lr[2:5]), hr[0, 5:]))
     return cases
 
 
@@ -193,7 +197,7 @@ def load_cases(dataset: str, scale: int, n: int, wheel: Path | None) -> list[Cas
         assert wheel is not None
         return icbm_cases(Path(wheel), scale, n)
     if dataset in ("spm", "spm-bicubic"):
-        return spm_cases(scale, n, as_trained=dataset == "spm-bicubic")
+        return test_split_cases(scale, n, as_trained=dataset == "spm-bicubic")
     raise SystemExit(f"unknown dataset {dataset!r}; choose from icbm, spm, spm-bicubic")
 
 

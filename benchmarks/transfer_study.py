@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from adapt_study import WHEEL_GLOB, Case, icbm_cases, score, spm_cases  # noqa: E402
+from adapt_study import WHEEL_GLOB, Case, icbm_cases, score, test_split_cases  # noqa: E402
 
 from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
 from tfsdeploy.fusion import fuse_condition  # noqa: E402
-from tfsdeploy.inputs import Triplet, make_condition  # noqa: E402
+from tfsdeploy.inputs import make_condition  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.hardware import device_info  # noqa: E402
 
@@ -48,31 +48,14 @@ SIZE = 256
 DATASETS = ("spm-test", "spm-blur", "icbm", "synth")
 
 
-def synth_cases(scale: int, n: int) -> list[Case]:
-    """`n` slices of the synthetic source's test split, bicubic down by the scale."""
-    from tfsdeploy.data import ensure_dataset, open_split
-    from tfsdeploy.imaging import resize
-
-    samples = [s for s in open_split(ensure_dataset(None, log=lambda s: None), "test", SIZE).load()
-               if s.name.startswith("synth-")]
-    if not samples:
-        sys.exit("the default dataset has no synthetic slices: tfsdeploy data build --sources spm,synth --force")
-    cases = []
-    for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
-        hr = samples[int(i)].hr.float()[None] / 255
-        lr = resize(hr[:, :5], (SIZE // scale, SIZE // scale))[0]
-        cases.append(Case(samples[int(i)].name, Triplet(lr[:1], lr[1:2], lr[2:5]), hr[0, 5:]))
-    return cases
-
-
 def load_cases(dataset: str, scale: int, n: int, wheel: Path | None) -> list[Case]:
     if dataset == "spm-test":
-        return spm_cases(scale, n, as_trained=True)
+        return test_split_cases(scale, n, as_trained=True)
     if dataset == "spm-blur":
-        return spm_cases(scale, n)
+        return test_split_cases(scale, n)
     if dataset == "icbm":
         return icbm_cases(wheel, scale, n)
-    return synth_cases(scale, n)
+    return test_split_cases(scale, n, as_trained=True, synthetic=True)
 
 
 def parse_model(spec: str) -> tuple[str, dict[int, str] | str]:

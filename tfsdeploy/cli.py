@@ -112,7 +112,6 @@ def data_build(
     from rich.progress import Progress
 
     from tfsdeploy.data import build_dataset, default_data_dir
-    from tfsdeploy.data.build import check_sources
 
     out = out or default_data_dir()
     if size % 8:
@@ -120,10 +119,9 @@ def data_build(
     wanted = [c for c in combos.split(",") if c]
     if not any(c.strip() for c in wanted):
         raise UserError("--combos: give at least one combination")
-    chosen = check_sources(sources.split(","))
     with Progress(transient=True) as prog:
         task = prog.add_task("making slices", total=None)
-        summary = build_dataset(out, size=size, combos=wanted, sources=chosen, seed=seed, force=force,
+        summary = build_dataset(out, size=size, combos=wanted, sources=sources.split(","), seed=seed, force=force,
                                 progress=lambda d, t: prog.update(task, completed=d, total=t))
     counts = summary["counts"]
     typer.echo(f"dataset: {out}")

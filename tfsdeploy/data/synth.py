@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tfsdeploy.data.spm import SourceTriplet
 from tfsdeploy.imaging import apply_colormap, pad_to_square
 
 SYNTH_MEMBERS = {"labels": "tpm/labels_Neuromorphometrics.nii", "tpm": "tpm/TPM.nii"}
@@ -44,7 +45,6 @@ CONTRASTS = {
     "pd": (0.78, 0.64, 0.90, 0.08, 0.70, 0.0),
 }
 MARROW = {"t1": 0.7, "t2": 0.35, "pd": 0.55}  # the skull's inner (diploe) layer, against its bone mean
-Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # t1 [1,S,S], second MR [1,S,S], func RGB [3,S,S]
 FUNC_SIGMA = {"spect": (4.0, 6.0), "pet": (2.0, 3.5)}  # perfusion blur at 256 px, sampled uniformly
 
 
@@ -223,7 +223,7 @@ def same_unit(img: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, .
 
 
 def synth_triplet(anatomy: SynthAnatomy, z: int, combo: str, size: int, seed: int
-                  ) -> tuple[Triple, Triple]:
+                  ) -> tuple[SourceTriplet, SourceTriplet]:
     """The sources as acquired, (t1 [1,S,S], second MR [1,S,S], functional RGB [3,S,S]) in [0, 1], and
     the same three without their noise (what the ground truth fuses: noise is not detail to restore)
     for one slice and combination; a pure function of its arguments."""
@@ -239,7 +239,7 @@ def synth_triplet(anatomy: SynthAnatomy, z: int, combo: str, size: int, seed: in
 
 
 def synth_plan(combos: list[str], size: int, seed: int = 0
-               ) -> tuple[dict[str, Iterator[tuple[str, Triple, Triple]]], dict]:
+               ) -> tuple[dict[str, Iterator[tuple[str, SourceTriplet, SourceTriplet]]], dict]:
     """The synthetic source for the dataset builder, split by contiguous z-blocks like the SPM source."""
     from tfsdeploy.data.spm import BLOCK, BLOCK_PATTERN, read_member, split_by_blocks
 

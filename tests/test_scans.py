@@ -283,12 +283,15 @@ def test_unmatched_or_missing_slices_are_user_errors(folders, tmp_path):
         open_scan(folders["t1"], empty, folders["func"])
 
 
-def test_slice_of_another_size_is_a_user_error(folders):
+def test_slice_of_another_size_or_unreadable_is_refused_when_the_scan_opens(folders):
+    """Every slice is checked before any work, not when the fusing reaches it."""
     write_grey(folders["func"] / "c.png", 0, size=(12, 8))
-    scan = open_scan(folders["t1"], folders["t2"], folders["func"])
-    scan.slice(0)
     with pytest.raises(UserError, match="12x8"):
-        scan.slice(2)
+        open_scan(folders["t1"], folders["t2"], folders["func"])
+    write_grey(folders["func"] / "c.png", 0)
+    (folders["t2"] / "c.tif").write_bytes(b"II*\x00 truncated")
+    with pytest.raises(UserError, match="c.tif"):
+        open_scan(folders["t1"], folders["t2"], folders["func"])
 
 
 def test_folder_output_is_one_png_per_slice(folders, tmp_path):

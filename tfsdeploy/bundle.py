@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
-from tfsdeploy.config import DEFAULT_DDIM_STEPS, SampleConfig
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, SCALES, SampleConfig, ScheduleConfig
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir
+from tfsdeploy.fileio import atomic_dir, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -58,17 +58,67 @@ def named_model(path: str | Path | None) -> Path:
     return Path(path)
 
 
+def describe_model(path: str | Path) -> str:
+    """What a model path holds, in a few words ("bundle: x2, x4, x8" or "checkpoint, step N"); refuses
+    a path that holds neither."""
+    if is_bundle(path):
+        return f"bundle: {', '.join(f'x{s}' for s in bundle_scales(path))}"
+    _, meta = read_meta(path)
+    return f"checkpoint, step {meta.get('step', 0)}"
+
+
 def read_bundle(path: str | Path) -> dict[str, Any]:
     file = Path(path) / BUNDLE_FILE
     try:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("models"), dict):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{file}: not a tfsdeploy bundle")
+    check_bundle_meta(file, meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{file}: bundle format {meta['format_version']} is newer than this tfsdeploy reads")
     return meta
+
+
+# The fields of one member's entry: name -> (check, what it must be).
+_MEMBER_FIELDS = {
+    "file": (lambda v: isinstance(v, str) and Path(v).name == v and v not in ("", ".", ".."),
+             "a file name in the bundle folder"),
+    "sha256": (lambda v: isinstance(v, str), "a string"),
+    "step": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "ddim_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "trained_scales": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
+    "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]"),
+}
+_REQUIRED = ("file", "sha256")
+
+
+def check_bundle_meta(file: Path, meta: dict[str, Any]) -> None:
+    """Validate bundle.json against its schema (module docstring); one line naming the file and the field."""
+    if "format_version" in meta and not _is_int(meta["format_version"]):
+        raise UserError(f"{file}: 'format_version' must be an integer, got {meta['format_version']!r}")
+    if not isinstance(meta.get("notes", ""), str):
+        raise UserError(f"{file}: 'notes' must be a string")
+    models = meta.get("models")
+    if not isinstance(models, dict) or not models:
+        raise UserError(f"{file}: 'models' must be a JSON object with one entry per scale")
+    for scale, entry in models.items():
+        if not (scale.isdigit() and int(scale) in SCALES):
+            raise UserError(f"{file}: 'models' has a key {scale!r}; keys are scales "
+                            f"({', '.join(map(str, SCALES))})")
+        if not isinstance(entry, dict):
+            raise UserError(f"{file}: 'models.{scale}' must be a JSON object, got {entry!r}")
+        for name in _REQUIRED:
+            if name not in entry:
+                raise UserError(f"{file}: 'models.{scale}' has no '{name}'")
+        for name, (ok, what) in _MEMBER_FIELDS.items():
+            if name in entry and not ok(entry[name]):
+                raise UserError(f"{file}: 'models.{scale}.{name}' must be {what}, got {entry[name]!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def bundle_scales(path: str | Path) -> list[int]:
@@ -111,8 +161,12 @@ def default_ddim_steps(path: str | Path, scale: int) -> int:
         return 0
     entry = read_bundle(path)["models"].get(str(scale), {})
     steps = entry.get("ddim_steps", 0)
-    if not isinstance(steps, int) or steps < 0:
-        raise UserError(f"{path / BUNDLE_FILE}: ddim_steps for x{scale} must be a non-negative integer")
+    if steps:  # a recommendation the member's own schedule cannot run is the bundle's fault, not --steps'
+        _, meta = read_meta(path / entry["file"])
+        num_steps = meta.get("schedule", {}).get("num_steps", ScheduleConfig().num_steps)
+        if steps > num_steps:
+            raise UserError(f"{path / BUNDLE_FILE}: 'models.{scale}.ddim_steps' is {steps}, more than the x{scale} "
+                            f"model's schedule has (T = {num_steps}); fix the bundle or pass --steps")
     return steps
 
 
@@ -138,6 +192,10 @@ def blend_weights(ckpt, alpha: float, where: str | Path) -> tuple[dict[str, torc
     from tfsdeploy.checkpoint import load_checkpoint
 
     init = ckpt.meta.get("init")
+    if "blend" in ckpt.meta:
+        done = ckpt.meta["blend"]
+        raise UserError(f"{where}: is already a blend (A = {done.get('alpha') if isinstance(done, dict) else done}) "
+                        f"of a fine-tune and the model it started from; blend the fine-tuned checkpoint itself")
     if not init:
         raise UserError(f"{where}: --blend needs a fine-tuned checkpoint (train --init); this one was trained "
                         f"from scratch")
@@ -163,8 +221,6 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     the weights are stored in half precision (they are cast back to fp32 on load). `ddim_steps`
     records a recommended DDIM step count per scale; `blend` (0 < alpha < 1 per scale) stores a
     fine-tuned member as `blend_weights` of it and the model it started from."""
-    from safetensors.torch import save_file
-
     from tfsdeploy.checkpoint import load_checkpoint
 
     if not members:
@@ -189,7 +245,7 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
             weights = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous()
                        for k, v in weights.items()}
             name = f"x{scale}.safetensors"
-            save_file(weights, str(tmp / name), metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
+            write_safetensors(weights, tmp / name, metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
             models[str(scale)] = {"file": name, "sha256": sha256_file(tmp / name), "step": ckpt.step,
                                   "trained_scales": list(trained)}
             if "blend" in meta:
@@ -205,6 +261,6 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     return out
 
 
-__all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "default_model", "named_model", "read_bundle", "bundle_scales",
+__all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "describe_model", "check_bundle_meta", "default_model", "named_model", "read_bundle", "bundle_scales",
            "bundle_members", "model_for_scale", "default_ddim_steps", "sample_for", "bundle_fingerprint",
            "make_bundle", "blend_weights"]

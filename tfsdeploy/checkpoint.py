@@ -26,7 +26,7 @@ import torch
 from tfsdeploy import __version__
 from tfsdeploy.config import DataConfig, DiffusionConfig, ModelConfig, ScheduleConfig, TrainConfig, from_dict, to_dict
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, atomic_path
+from tfsdeploy.fileio import atomic_dir, atomic_path, write_safetensors
 
 FORMAT = "tfsdeploy-checkpoint"
 FORMAT_VERSION = 1
@@ -87,8 +87,6 @@ def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: d
 
     keep > 0 removes all but the newest `keep` checkpoints afterwards.
     """
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,10 +99,10 @@ def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: d
             "step": step, **configs.to_json(), **(extra or {}),
         }
         header = {"tfsdeploy": json.dumps(meta, sort_keys=True)}
-        save_file(_contiguous(weights), str(tmp / MODEL_FILE), metadata=header)
+        write_safetensors(_contiguous(weights), tmp / MODEL_FILE, metadata=header)
         files = {"model": {"file": MODEL_FILE, "sha256": sha256_file(tmp / MODEL_FILE)}}
         if training_tensors is not None:
-            save_file(_contiguous(training_tensors), str(tmp / TRAINING_FILE))
+            write_safetensors(_contiguous(training_tensors), tmp / TRAINING_FILE)
             files["training"] = {"file": TRAINING_FILE, "sha256": sha256_file(tmp / TRAINING_FILE)}
         (tmp / CONFIG_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, sort_keys=True))
     with atomic_path(run_dir / LATEST_FILE) as t:
@@ -159,11 +157,81 @@ def read_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
             meta = json.loads((path / CONFIG_FILE).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path / CONFIG_FILE}: corrupted JSON ({e})") from None
+    where = path if path.is_file() else path / CONFIG_FILE
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not a tfsdeploy checkpoint (format tag missing)")
+        raise UserError(f"{where}: not a tfsdeploy checkpoint (format tag missing)")
+    check_meta(where, meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format {meta['format_version']} is newer than this tfsdeploy reads")
+        raise UserError(f"{where}: checkpoint format {meta['format_version']} is newer than this tfsdeploy reads")
     return path, meta
+
+
+SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+            "train": TrainConfig}
+
+
+def check_meta(where: str | Path, meta: dict[str, Any]) -> None:
+    """Validate a checkpoint's JSON against its schema: every config field of its declared type (and
+    the configs' own value checks), the step and format version integers. One line naming the file
+    and the field."""
+    import typing
+
+    for key in ("format_version", "step"):
+        if key in meta and not _is_int(meta[key]):
+            raise UserError(f"{where}: '{key}' must be an integer, got {meta[key]!r}")
+    if "model" not in meta:
+        raise UserError(f"{where}: no 'model' section")
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise UserError(f"{where}: 'files' must be a JSON object, got {files!r}")
+    for key, entry in files.items():
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise UserError(f"{where}: 'files.{key}.file' must be a file name in the checkpoint folder")
+        if not isinstance(entry.get("sha256", ""), str):
+            raise UserError(f"{where}: 'files.{key}.sha256' must be a string")
+    for section, cls in SECTIONS.items():
+        if section not in meta:
+            continue
+        values = meta[section]
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: '{section}' must be a JSON object, got {values!r}")
+        for name, tp in typing.get_type_hints(cls).items():
+            if name in values and not _of_type(values[name], tp):
+                raise UserError(f"{where}: '{section}.{name}' must be {_type_name(tp)}, got {values[name]!r}")
+    try:
+        Configs.from_json(meta)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _of_type(v: Any, tp: Any) -> bool:
+    import math
+    import typing
+
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return _is_int(v)
+    if tp is float:
+        return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    if typing.get_origin(tp) is tuple:
+        return isinstance(v, (list, tuple)) and all(_of_type(x, typing.get_args(tp)[0]) for x in v)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 def _safetensors_meta(file: Path) -> dict[str, Any]:

@@ -292,15 +292,22 @@ def fuse(
 ) -> None:
     """Fuse three registered low-resolution images (or volumes, or folders of slices) into one
     high-resolution colour image (or volume, or folder)."""
-    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.config import SampleConfig, artifact_engine
+    from tfsdeploy.fileio import check_outputs_spare_inputs
     from tfsdeploy.imaging import check_writable, write_png
     from tfsdeploy.inputs import check_scale, fuse_baseline, read_triplet
     from tfsdeploy.pipeline import FusionPipeline
     from tfsdeploy.scans import scan_kind
 
     check_scale(scale)
+    for given in (t1, t2, func):  # the inputs first: a missing one is not an output problem
+        if not given.exists():
+            raise UserError(f"{given}: no such file or folder")
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    if adapt and model is not None and artifact_engine(model) is not None:
+        raise UserError(f"--adapt fine-tunes the model's weights, and {model} is an exported artifact; give the "
+                        f"checkpoint or bundle it was exported from")
     if adapt and engine == "auto":
         engine = "torch"  # adaptation fine-tunes the network: only the torch engine has gradients
     engine_cfg = _engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir)
@@ -310,6 +317,7 @@ def fuse(
         return
     out = out or Path("fused.png")
     check_writable(out)
+    check_outputs_spare_inputs([out], [t1, t2, func])
     if method != "diffusion":
         if adapt:
             raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
@@ -359,21 +367,20 @@ def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Opt
                verbose: bool) -> None:
     """`fuse` on three NIfTI volumes or three folders of slices: every axial slice, in batches."""
     _long_running()
-    from tfsdeploy.imaging import check_writable
+    from tfsdeploy.inputs import output_box
     from tfsdeploy.pipeline import FusionPipeline
-    from tfsdeploy.scans import open_scan, write_montage
+    from tfsdeploy.scans import ScanOutput, open_scan
 
     if method != "diffusion":
         raise UserError("--method applies to single images; scans are fused with the model")
     if batch_size < 0:
         raise UserError(f"--batch-size must be >= 0, got {batch_size}")
-    out = out or Path("fused.nii.gz" if kind == "nifti" else "fused")
-    montage = out.parent / f"{out.name.split('.')[0]}_montage.png"
-    check_writable(montage)
-    if kind == "folder" and out.exists() and not out.is_dir():
-        raise UserError(f"{out}: is a file; folder input writes a folder of PNGs")
     scan = open_scan(t1, t2, func)
+    output = ScanOutput(scan, out)
+    output.check()
+    out, montage = output.path, output.montage
     pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    output_box(*scan.shape, pipe.check_size(size))
     batch = batch_size or pipe.max_batch(pipe.check_size(size))
     if adapt:  # one adapted model for the whole scan, from up to ADAPT_SLICES slices spread over it
         from tfsdeploy.inputs import as_triplet
@@ -386,8 +393,7 @@ def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Opt
                f"({pipe.describe()})", err=True)
     with _progress_bar("fuse", progress, "slices") as bar:
         fused = pipe.fuse_scan(scan, size, batch, progress=bar)
-    written = scan.write_output(out, fused)
-    write_montage(montage, fused, scan.names)
+    written = output.publish(fused)
     where = out if kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
     typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
                f"{pipe.describe()})")
@@ -585,7 +591,9 @@ def export(
     """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity.
     A bundle exports every member, each into its own folder."""
     _long_running()
+    from tfsdeploy.artifacts import default_export_dir
     from tfsdeploy.bundle import bundle_members, is_bundle, named_model
+    from tfsdeploy.fileio import removed_if_left_empty
 
     if not workspace_gib > 0:
         raise UserError(f"--workspace-gib must be positive, got {workspace_gib}")
@@ -598,7 +606,9 @@ def export(
     else:
         members = {0: model}
     for member in members.values():
-        _export_one(member, onnx, fp16, trt, out, max_batch, min_size, max_size, opset, parity_steps, workspace_gib)
+        with removed_if_left_empty(out or default_export_dir(member)):  # a failed export leaves no empty folder
+            _export_one(member, onnx, fp16, trt, out, max_batch, min_size, max_size, opset, parity_steps,
+                        workspace_gib)
 
 
 def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Path], max_batch: int,
@@ -718,7 +728,7 @@ def bench(
                   key=lambda x: x["median_ms"])
     typer.echo(f"fastest at {fastest['size']}px batch {fastest['batch']}: {fastest['engine']} "
                f"({fastest['median_ms']:.1f} ms, {_speedup(fastest)} torch eager)")
-    typer.echo(f"wrote {out}/bench.md, bench.json and bench.png")
+    typer.echo(f"wrote {out}/bench.md, bench.json" + (f" and {r['plot']}" if r.get("plot") else ""))
 
 
 def _speedup(row: dict) -> str:
@@ -761,14 +771,17 @@ def info() -> None:
     typer.echo(f"  trt: tensorrt {trt.__version__}" if trt is not None else f"  trt: no ({reason})")
     d = default_data_dir()
     typer.echo(f"dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
-    try:
-        from tfsdeploy.bundle import bundle_scales, default_model, is_bundle
+    from tfsdeploy.bundle import default_model, describe_model
 
+    try:
         m = default_model()
-        scales = f" (bundle: {', '.join(f'x{s}' for s in bundle_scales(m))})" if is_bundle(m) else ""
-        typer.echo(f"default model: {m}{scales}")
     except UserError as e:
         typer.echo(f"default model: none ({e})")
+    else:
+        try:
+            typer.echo(f"default model: {m} ({describe_model(m)})")
+        except UserError as e:  # e.g. $TFSDEPLOY_MODEL names something that is not a model
+            typer.echo(f"default model: {m} (NOT USABLE: {e})")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -180,25 +181,63 @@ def _scale_to_unit(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im.load()
-        if im.mode == "P":
-            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        elif im.mode == "CMYK" or im.mode.startswith("YCbCr"):
-            im = im.convert("RGB")
-        arr = np.array(im)
+    with warnings.catch_warnings():
+        # A large image is read all the same (Pillow refuses only absurd ones, in one line below).
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format in ("TIFF", "GIF"):  # an MPO (stereo JPEG) shows its first picture
+                raise UserError(_pages_message(path, frames))
+            im.load()
+            # As a viewer shows it: the EXIF orientation turns the pixels upright.
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode == "PA":
+                im = im.convert("RGBA")
+            elif im.mode in ("CMYK", "LAB", "HSV") or im.mode.startswith("YCbCr"):
+                im = im.convert("RGB")
+            arr = np.array(im)
     return _scale_to_unit(arr, path)
+
+
+def _pages_message(path: Path, pages: int) -> str:
+    return (f"{path}: holds {pages} pages; a multi-page file is a stack of slices, not one image: save "
+            f"one slice per file in a folder and give the folder")
+
+
+# TIFF Orientation tag (274) -> how to turn the stored rows and columns upright: (transpose, flip rows,
+# flip columns), applied in that order.
+_TIFF_ORIENTATION = {1: (False, False, False), 2: (False, False, True), 3: (False, True, True),
+                     4: (False, True, False), 5: (True, False, False), 6: (True, False, True),
+                     7: (True, True, True), 8: (True, True, False)}
 
 
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
-    arr = tifffile.imread(path)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
+    with tifffile.TiffFile(path) as tif:
+        if len(tif.pages) > 1:
+            raise UserError(_pages_message(path, len(tif.pages)))
+        page = tif.pages[0]
+        arr = page.asarray()
+        tag = page.tags.get(274)
+        orientation = int(tag.value) if tag is not None else 1
+        planar = int(getattr(page, "planarconfig", 1)) == 2
+    if arr.ndim == 3 and (planar or (arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4))):
         arr = np.moveaxis(arr, 0, -1)  # planar (channels-first) TIFF
-    return _scale_to_unit(arr, path)
+    if arr.ndim not in (2, 3):
+        raise UserError(f"{path}: unsupported image layout {arr.shape}")
+    transpose, flip_rows, flip_cols = _TIFF_ORIENTATION.get(orientation, (False, False, False))
+    if transpose:
+        arr = np.swapaxes(arr, 0, 1)
+    if flip_rows:
+        arr = arr[::-1]
+    if flip_cols:
+        arr = arr[:, ::-1]
+    return _scale_to_unit(np.ascontiguousarray(arr), path)
 
 
 def check_writable(path: str | Path) -> None:

@@ -92,11 +92,22 @@ def low_resolution(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, 
 def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
     the real image inside the padded square, in output pixels."""
-    lr, pads, side = low_resolution(trip, scale, size)
-    cond01 = resize(lr, (size, size))
+    box = output_box(*trip.t1.shape[-2:], size)  # first: refuses a shape with no output before any work
+    lr, _, _ = low_resolution(trip, scale, size)
+    return resize(lr, (size, size)), box
+
+
+def output_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where an h x w input lies in the size x size output: (top, bottom, left, right), the centred
+    square's padding cropped off. Refuses an input so elongated that a side would vanish."""
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
     f = size / side
-    box = (round(pads[0] * f), size - round(pads[1] * f), round(pads[2] * f), size - round(pads[3] * f))
-    return cond01, box
+    box = (round(top * f), size - round((side - h - top) * f), round(left * f), size - round((side - w - left) * f))
+    if box[1] - box[0] < 1 or box[3] - box[2] < 1:
+        raise UserError(f"a {h}x{w} input keeps its aspect ratio, so at {size}x{size} its short side would be "
+                        f"under one pixel; crop or pad it nearer to square, or raise --size")
+    return box
 
 
 def fuse_baseline(trip: Triplet, scale: int, size: int, method: str = "classical") -> torch.Tensor:

@@ -226,6 +226,9 @@ class FusionPipeline:
         batch = batch_size or self.max_batch(size)
         out: np.ndarray | None = None
         n = len(scan)
+        spec = getattr(self.denoiser, "spec", None)  # a compiled engine's I/O range: refuse before any work
+        if spec is not None:
+            spec.check(min(batch, n), size, size)
         for start in range(0, n, batch):
             conds, box = [], None
             for i in range(start, min(start + batch, n)):

@@ -1,19 +1,26 @@
 """Whole-scan I/O: three registered NIfTI volumes, or three folders of 2-D slices, fused slice by slice.
 
-A scan is read as axial slices in the orientation the dataset builder uses (`load_spm_volumes`): the
-volume is brought to the closest canonical (RAS) orientation and stored as [z, y, x] with z ascending,
-anterior at the top of each slice and x growing towards the subject's right along a row. Volumes are
-normalised to [0, 1] per volume by the same rule the dataset builder uses. Folders are matched by file
-name, never by order.
+Two layers, kept apart so that new input forms slot in without touching how outputs are written:
 
-The fused output goes back where it came from: an RGB NIfTI volume on the input's grid (in-plane voxel
-size scaled to the fused slice size) for NIfTI input, one PNG per slice for folder input.
+* Readers (`open_scan` and the `Scan` classes) turn inputs into axial slices. They check everything
+  that can be checked before any work: the shapes, the grids, and for folders every slice's file.
+  A volume is read in the orientation the dataset builder uses (`load_spm_volumes`): brought to the
+  closest canonical (RAS) orientation and stored as [z, y, x] with z ascending, anterior at the top
+  of each slice and x growing towards the subject's right along a row. Volumes are normalised to
+  [0, 1] per volume by the same rule the dataset builder uses. Folders are matched by file name,
+  never by order.
+* The writer (`ScanOutput`) publishes a fused scan: an RGB NIfTI volume on the input's grid (in-plane
+  voxel size scaled to the fused slice size) for volume input, one PNG per slice for folder input,
+  and beside it `NAME_montage.png`. It is checked before any work (its name, its place, that it
+  spares every input) and written all or nothing: everything goes into a temporary folder beside
+  the output and is renamed into place at the end, replacing a previous output as a whole.
 """
 
 from __future__ import annotations
 
 import gzip
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +30,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_path
-from tfsdeploy.imaging import IMAGE_SUFFIXES, normalise_volume, read_image, write_png
+from tfsdeploy.fileio import atomic_outputs, atomic_path, check_outputs_spare_inputs
+from tfsdeploy.imaging import IMAGE_SUFFIXES, check_writable, normalise_volume, read_image
 
 SCAN_SUFFIXES = (".nii", ".nii.gz")
 MODALITIES = ("t1", "t2", "func")
 RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 # Registered volumes written by one tool agree exactly; tolerate only rounding in stored affines.
 AFFINE_TOL_MM = 1e-3
+MONTAGE_SUFFIX = "_montage.png"
 
 
 def scan_kind(path: str | Path) -> str | None:
@@ -61,12 +69,16 @@ class Scan(ABC):
     """Three registered inputs of one case, read one slice at a time. Made by `open_scan`.
 
     kind: "nifti" or "folder". names: slice names in order (axial z ascending for volumes, sorted
-    file stems for folders). shape: (H, W) of every slice.
+    file stems for folders). shape: (H, W) of every slice. inputs: the three paths it was read from.
+    output_kind: the form of its fused output, "nifti" (a volume on `grid`) or "folder".
     """
 
     kind: str
+    output_kind: str
     names: list[str]
     shape: tuple[int, int]
+    inputs: dict[str, Path]
+    grid: "VolumeGrid | None" = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -75,22 +87,17 @@ class Scan(ABC):
     def slice(self, i: int) -> ScanSlice:
         """The i-th slice (negative i counts from the end)."""
 
-    @abstractmethod
     def write_output(self, out: str | Path, fused: np.ndarray) -> list[Path]:
-        """Write the fused slices, uint8 [N,3,h,w] with N = len(self), in the input's format.
-
-        Returns the paths written.
-        """
+        """Write the fused slices, uint8 [N,3,h,w] with N = len(self), in the input's format, all or
+        nothing and without a montage (see ScanOutput). Returns the paths written."""
+        output = ScanOutput(self, out, montage=False)
+        output.check()
+        return output.publish(fused)
 
     def _index(self, i: int) -> int:
         if not -len(self) <= i < len(self):
             raise IndexError(f"slice {i} out of range for a scan of {len(self)} slices")
         return i % len(self)
-
-    def _check_fused(self, fused: np.ndarray) -> None:
-        _check_rgb_stack(fused)
-        if fused.shape[0] != len(self):
-            raise ValueError(f"fused holds {fused.shape[0]} slices but the scan has {len(self)}")
 
 
 def open_scan(t1: str | Path, t2: str | Path, func: str | Path) -> Scan:
@@ -108,63 +115,114 @@ def open_scan(t1: str | Path, t2: str | Path, func: str | Path) -> Scan:
     return _VolumeScan.open(paths) if kinds["t1"] == "nifti" else _FolderScan.open(paths)
 
 
+def default_output(scan: Scan) -> Path:
+    return Path("fused.nii.gz" if scan.output_kind == "nifti" else "fused")
+
+
+def montage_path(out: str | Path) -> Path:
+    """`OUT_montage.png` beside the output, named from the whole output name less a NIfTI suffix, so
+    `case.x4.nii.gz` and `case.x8.nii.gz` get montages of their own."""
+    out = Path(out)
+    name = out.name
+    for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+            break
+    return out.parent / f"{name}{MONTAGE_SUFFIX}"
+
+
+# --------------------------------------------------------------------------- the writer
+
+
+class ScanOutput:
+    """Where a fused scan goes: the output in the scan's form and, with `montage`, OUT_montage.png.
+
+        output = ScanOutput(scan, out)
+        output.check()             # before any work
+        ...                        # fuse
+        output.publish(fused)      # all of it, or (on any failure or Ctrl-C) nothing
+    """
+
+    def __init__(self, scan: Scan, out: str | Path | None = None, montage: bool = True):
+        self.scan = scan
+        self.path = Path(out) if out is not None else default_output(scan)
+        self.montage = montage_path(self.path) if montage else None
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.path] + ([self.montage] if self.montage is not None else [])
+
+    def check(self) -> None:
+        """Refuse, before any work, an output that cannot be written or would harm an input."""
+        out = self.path
+        if self.scan.output_kind == "nifti":
+            if not out.name.lower().endswith(SCAN_SUFFIXES):
+                raise UserError(f"{out}: NIfTI input gives a NIfTI output; use a .nii or .nii.gz name")
+            if out.is_dir():
+                raise UserError(f"{out}: is a directory; give a file name for the output")
+        else:
+            if out.exists() and not out.is_dir():
+                raise UserError(f"{out}: exists and is not a folder; folder input gives a folder of PNGs")
+            if out.is_dir():
+                _check_replaceable(out)
+        check_outputs_spare_inputs(self.paths, list(self.scan.inputs.values()))
+        # The montage's name probes the output's folder (a missing folder is made when publishing
+        # a lone output).
+        probe = self.montage or out.parent / f"{out.name}.png"
+        if self.montage is not None or probe.parent.is_dir():
+            check_writable(probe)
+
+    def publish(self, fused: np.ndarray) -> list[Path]:
+        """Write uint8 [N,3,h,w] fused slices; returns the paths of the output's own files."""
+        _check_rgb_stack(fused)
+        if fused.shape[0] != len(self.scan):
+            raise ValueError(f"fused holds {fused.shape[0]} slices but the scan has {len(self.scan)}")
+        if min(fused.shape[2:]) < 1:
+            raise ValueError(f"fused slices of {_fmt_shape(fused.shape[2:])} hold no pixels")
+        with atomic_outputs(*self.paths) as staged:
+            if self.scan.output_kind == "nifti":
+                _write_volume(staged[0], fused, self.scan.grid)
+                written = [self.path]
+            else:
+                names = _write_slices(staged[0], fused, self.scan.names)
+                written = [self.path / n for n in names]
+            if self.montage is not None:
+                montage_image(fused, self.scan.names).save(staged[1], format="PNG")
+        return written
+
+
+def _check_replaceable(folder: Path) -> None:
+    """An existing output folder is replaced as a whole; only one that holds nothing but PNGs (a
+    previous fused output) may be, never a folder with other files in it."""
+    others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != ".png"]
+    if others:
+        raise UserError(f"{folder}: exists and holds more than PNG slices (e.g. {sorted(others)[0]}); "
+                        f"an output folder is replaced as a whole, so give a new --out")
+
+
+def _write_slices(folder: Path, fused: np.ndarray, names: list[str]) -> list[str]:
+    folder.mkdir()
+    files = []
+    for name, rgb in zip(names, fused, strict=True):
+        files.append(f"{name}.png")
+        Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 2, 0))).save(folder / files[-1], format="PNG")
+    return files
+
+
 # --------------------------------------------------------------------------- NIfTI volumes
 
 
-class _VolumeScan(Scan):
-    kind = "nifti"
+@dataclass(frozen=True)
+class VolumeGrid:
+    """The grid a fused volume is written on: the inputs' canonical (RAS) voxel-to-world affine,
+    their header, NIfTI class and slice shape (H, W)."""
 
-    def __init__(self, volumes: dict[str, np.ndarray], affine: np.ndarray, header, image_class: type):
-        self._volumes = volumes  # modality -> float32 [Z, H, W], the project's slice orientation
-        self._affine = affine  # canonical (RAS) voxel-to-world of the inputs
-        self._header = header
-        self._image_class = image_class
-        z, h, w = volumes["t1"].shape
-        width = max(3, len(str(z - 1)))
-        self.names = [f"z{k:0{width}d}" for k in range(z)]
-        self.shape = (h, w)
+    affine: np.ndarray
+    header: object
+    image_class: type
+    shape: tuple[int, int]
 
-    @classmethod
-    def open(cls, paths: dict[str, Path]) -> _VolumeScan:
-        images = {m: _load_canonical(p) for m, p in paths.items()}
-        _check_one_grid(paths, images)
-        ref = images["t1"]
-        affine, header, image_class = ref.affine.copy(), ref.header.copy(), type(ref)
-        # Pop each image once read so that only one raw volume is held beside the float32 ones.
-        volumes = {m: _axial_slices(paths[m], images.pop(m)) for m in MODALITIES}
-        return cls(volumes, affine, header, image_class)
-
-    def slice(self, i: int) -> ScanSlice:
-        i = self._index(i)
-        # Copies, so that a caller editing a slice in place cannot change the held volume.
-        t1, t2, func = (torch.from_numpy(self._volumes[m][i].copy())[None] for m in MODALITIES)
-        return ScanSlice(self.names[i], t1, t2, func)
-
-    def write_output(self, out: str | Path, fused: np.ndarray) -> list[Path]:
-        out = Path(out)
-        name = out.name.lower()
-        if not name.endswith(SCAN_SUFFIXES):
-            raise UserError(f"{out}: NIfTI input gives a NIfTI output; use a .nii or .nii.gz name")
-        if out.is_dir():
-            raise UserError(f"{out}: is a directory; give a file name for the output")
-        self._check_fused(fused)
-        h_out, w_out = fused.shape[2:]
-        img = self._image_class(_to_rgb24_xyz(fused), self._output_affine(h_out, w_out), self._output_header())
-        # nibabel picks the format from the file name, and atomic_path's temporary name ends in ".tmp":
-        # serialise to a stream instead, compressing it here for .nii.gz.
-        with atomic_path(out) as tmp:
-            try:
-                with open(tmp, "wb") as raw:
-                    if name.endswith(".gz"):
-                        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as stream:
-                            img.to_stream(stream)
-                    else:
-                        img.to_stream(raw)
-            except OSError as e:
-                raise UserError(f"{out}: cannot write ({e.strerror or e})") from None
-        return [out]
-
-    def _output_affine(self, h_out: int, w_out: int) -> np.ndarray:
+    def output_affine(self, h_out: int, w_out: int) -> np.ndarray:
         """The input's canonical affine, with in-plane voxels resized so the output spans the same extent.
 
         The fused slice covers the input slice's field of view with w_out x h_out voxels instead of
@@ -180,16 +238,61 @@ class _VolumeScan(Scan):
             [0.0, 0.0, 1.0, 0.0],
             [0.0, 0.0, 0.0, 1.0],
         ])
-        return self._affine @ out_to_in
+        return self.affine @ out_to_in
 
-    def _output_header(self):
-        hdr = self._header.copy()
+    def output_header(self):
+        hdr = self.header.copy()
         hdr.set_data_dtype(RGB24)
         hdr.set_slope_inter(None, None)  # RGB bytes are stored as they are
         hdr.set_intent("none")
         hdr["cal_min"] = hdr["cal_max"] = 0
         hdr["descrip"] = b"fused T1/T2/functional, RGB"
         return hdr
+
+
+def _write_volume(path: Path, fused: np.ndarray, grid: VolumeGrid) -> None:
+    """uint8 [Z,3,h,w] -> an RGB24 NIfTI at `path` (a staging name: the final name says .nii or .nii.gz)."""
+    h_out, w_out = fused.shape[2:]
+    img = grid.image_class(_to_rgb24_xyz(fused), grid.output_affine(h_out, w_out), grid.output_header())
+    # nibabel picks the format from the file name; serialise to a stream instead, compressing it
+    # here for .nii.gz.
+    with open(path, "wb") as raw:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as stream:
+                img.to_stream(stream)
+        else:
+            img.to_stream(raw)
+
+
+class _VolumeScan(Scan):
+    kind = "nifti"
+    output_kind = "nifti"
+
+    def __init__(self, volumes: dict[str, np.ndarray], grid: VolumeGrid, inputs: dict[str, Path]):
+        self._volumes = volumes  # modality -> float32 [Z, H, W], the project's slice orientation
+        self.grid = grid
+        self.inputs = inputs
+        z, h, w = volumes["t1"].shape
+        width = max(3, len(str(z - 1)))
+        self.names = [f"z{k:0{width}d}" for k in range(z)]
+        self.shape = (h, w)
+
+    @classmethod
+    def open(cls, paths: dict[str, Path]) -> _VolumeScan:
+        images = {m: _load_canonical(p) for m, p in paths.items()}
+        _check_one_grid(paths, images)
+        ref = images["t1"]
+        x, y = ref.shape[:2]
+        grid = VolumeGrid(ref.affine.copy(), ref.header.copy(), type(ref), (int(y), int(x)))
+        # Pop each image once read so that only one raw volume is held beside the float32 ones.
+        volumes = {m: _axial_slices(paths[m], images.pop(m)) for m in MODALITIES}
+        return cls(volumes, grid, dict(paths))
+
+    def slice(self, i: int) -> ScanSlice:
+        i = self._index(i)
+        # Copies, so that a caller editing a slice in place cannot change the held volume.
+        t1, t2, func = (torch.from_numpy(self._volumes[m][i].copy())[None] for m in MODALITIES)
+        return ScanSlice(self.names[i], t1, t2, func)
 
 
 def _load_canonical(path: Path):
@@ -199,12 +302,18 @@ def _load_canonical(path: Path):
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        img = nib.load(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # header oddities nibabel mends itself; what matters is refused below
+            img = nib.load(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
         raise UserError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
     shape = img.shape
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
         raise UserError(f"{path}: expected a 3-D volume, got shape {_fmt_shape(shape)}")
+    if min(shape[:3]) < 1:
+        raise UserError(f"{path}: the volume holds no voxels (shape {_fmt_shape(shape)})")
+    if np.issubdtype(img.get_data_dtype(), np.complexfloating):
+        raise UserError(f"{path}: holds complex values; save the magnitude (or the part to fuse) as a real volume")
     try:
         return nib.as_closest_canonical(img)
     except Exception as e:  # noqa: BLE001
@@ -228,7 +337,10 @@ def _check_one_grid(paths: dict[str, Path], images: dict) -> None:
 def _axial_slices(path: Path, img) -> np.ndarray:
     """Canonical image -> float32 [Z, H, W] in [0, 1]: axial slices, anterior up (as load_spm_volumes)."""
     try:
-        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+        # A scaling that overflows float32 (scl_slope 1e38) gives inf, refused below in one line.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            data = img.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from None
     data = data.reshape(data.shape[:3])  # drops a trailing singleton axis
@@ -260,10 +372,12 @@ def _fmt_shape(shape: tuple[int, ...]) -> str:
 
 class _FolderScan(Scan):
     kind = "folder"
+    output_kind = "folder"
 
-    def __init__(self, names: list[str], files: dict[str, list[Path]]):
+    def __init__(self, names: list[str], files: dict[str, list[Path]], inputs: dict[str, Path]):
         self.names = names
         self._files = files  # modality -> one file per name, in the order of `names`
+        self.inputs = inputs
         first = read_image(files["t1"][0])
         self.shape = (int(first.shape[-2]), int(first.shape[-1]))
 
@@ -282,7 +396,10 @@ class _FolderScan(Scan):
             raise UserError(f"slice '{stem}' is in {have} but not in {lack} ({len(unmatched)} unmatched name(s)); "
                             f"slices are matched by file name, so each needs a file in all three folders")
         names = sorted(common)
-        return cls(names, {m: [files[m][s] for s in names] for m in MODALITIES})
+        scan = cls(names, {m: [files[m][s] for s in names] for m in MODALITIES}, dict(dirs))
+        for i in range(len(scan)):  # every file read once now: a bad slice is refused before any work
+            scan.slice(i)
+        return scan
 
     def slice(self, i: int) -> ScanSlice:
         i = self._index(i)
@@ -296,21 +413,6 @@ class _FolderScan(Scan):
                                 f"({self.shape[0]}x{self.shape[1]}); all slices must have one size")
             imgs.append(img)
         return ScanSlice(self.names[i], *imgs)
-
-    def write_output(self, out: str | Path, fused: np.ndarray) -> list[Path]:
-        out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder; folder input gives a folder of PNGs")
-        self._check_fused(fused)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{out}: cannot create the folder ({e.strerror or e})") from None
-        written = []
-        for name, rgb in zip(self.names, fused, strict=True):
-            img = torch.from_numpy(rgb.astype(np.float32)) / 255.0
-            written.append(write_png(out / f"{name}.png", img))
-        return written
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
@@ -333,12 +435,20 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
 
 
 def write_montage(path: str | Path, fused: np.ndarray, names: list[str], tiles: int = 16) -> Path:
-    """A PNG overview of up to `tiles` slices of uint8 [N,3,h,w], evenly spaced and labelled by name.
+    """`montage_image` written as a PNG, atomically."""
+    path = Path(path)
+    sheet = montage_image(fused, names, tiles)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
+def montage_image(fused: np.ndarray, names: list[str], tiles: int = 16) -> Image.Image:
+    """An overview of up to `tiles` slices of uint8 [N,3,h,w], evenly spaced and labelled by name.
 
     The tiles fill a near-square grid (cols = ceil(sqrt(n)), rows = ceil(n / cols)) of h x w cells, row
-    by row; unused cells stay black. Written atomically.
+    by row; unused cells stay black.
     """
-    path = Path(path)
     _check_rgb_stack(fused)
     n, _, h, w = fused.shape
     if len(names) != n:
@@ -351,9 +461,7 @@ def write_montage(path: str | Path, fused: np.ndarray, names: list[str], tiles: 
     sheet = Image.new("RGB", (cols * w, rows * h))
     for k, i in enumerate(picks):
         sheet.paste(_labelled_tile(fused[i], names[i]), ((k % cols) * w, (k // cols) * h))
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return path
+    return sheet
 
 
 def _labelled_tile(rgb: np.ndarray, label: str) -> Image.Image:

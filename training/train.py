@@ -7,6 +7,7 @@ stopped. Checkpoints hold EMA weights for inference plus the online weights and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,7 +29,7 @@ from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleCo
 from tfsdeploy.data import Batch, Sample, augment, default_data_dir, make_batch, open_split, stack_samples
 from tfsdeploy.diffusion import Diffusion
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_path
+from tfsdeploy.fileio import atomic_path, write_error
 from tfsdeploy.metrics import psnr, ssim
 from tfsdeploy.model import build_model, count_parameters
 
@@ -358,8 +359,12 @@ class Trainer:
 
     def _record(self, entry: dict[str, Any]) -> None:
         if self.dist.main:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            path = self.run_dir / "log.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except OSError as e:  # a full disk: name the file
+                raise write_error(path, e) from None
 
     # ---------------------------------------------------------------- run
     def run(self, show_progress: bool = True, time_limit_s: float | None = None) -> Path | None:
@@ -475,15 +480,29 @@ class Trainer:
 def train(run_dir: str | Path, configs: Configs, data_root: str | Path | None = None, show_progress: bool = True,
           log: Callable[[str], None] = print, init_from: str | Path | None = None,
           time_limit_s: float | None = None) -> Path | None:
+    existed, fresh = Path(run_dir).exists(), not has_checkpoint(run_dir)
     trainer = Trainer(run_dir, configs, data_root, log, init_from=init_from)
     ok = False
     try:
         out = trainer.run(show_progress, time_limit_s)
         ok = True
         return out
+    except BaseException:
+        if fresh and trainer.dist.main and not has_checkpoint(run_dir):
+            _remove_unsaved_run(Path(run_dir), remove_folder=not existed)
+        raise
     finally:
         if trainer.dist.world > 1 and dist.is_initialized():
             if ok:
                 dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
 
+
+
+def _remove_unsaved_run(run_dir: Path, remove_folder: bool) -> None:
+    """A new run that failed before its first checkpoint (a full disk, an error) leaves nothing: its
+    log describes steps that no checkpoint holds, and an empty run folder would look like a run."""
+    (run_dir / "log.jsonl").unlink(missing_ok=True)
+    if remove_folder:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()

@@ -54,6 +54,9 @@ def build_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = COMB
     out = Path(out)
     check_folder_target(out)
     combos = list(combos)
+    twice = sorted({c for c in combos if combos.count(c) > 1})
+    if twice:
+        raise UserError(f"--combos names {', '.join(twice)} more than once; give each combination once")
     bad = [c for c in combos if c not in COMBOS]
     if bad:
         raise UserError(f"unknown combination(s) {bad}; choose from {', '.join(COMBOS)}")

@@ -290,14 +290,16 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet 
                   "device": info, "cpu_matmul_gflops": peak, "skipped": skipped, "latency": latency,
                   "projection": projection, "fuse": fuse, "cli_fuse": cold, "peak_rss_mib": rss_mib()[1],
                   "date": time.strftime("%Y-%m-%d %H:%M")}
-    write_bench_report(report, out_dir)
+    write_bench_report(report, out_dir, log)
     return report
 
 
 # --------------------------------------------------------------------------- reports
 
 
-def write_bench_report(r: dict, out_dir: Path) -> None:
+def write_bench_report(r: dict, out_dir: Path, log: Callable[[str], None] = print) -> None:
+    """bench.md and bench.json, and the plot bench.png when the `bench` extra (matplotlib) is
+    installed; r["plot"] names the plot written, or is None."""
     out_dir.mkdir(parents=True, exist_ok=True)
     d = r["device"]
     lines = [f"# tfsdeploy bench: {d['device']}", "",
@@ -352,9 +354,23 @@ def write_bench_report(r: dict, out_dir: Path) -> None:
                          f"{', '.join(f'{t:.2f}' for t in x['runs'])} |")
     with atomic_path(out_dir / "bench.md") as t:
         t.write_text("\n".join(lines) + "\n")
+    r["plot"] = "bench.png" if plotting_available() else None
     with atomic_path(out_dir / "bench.json") as t:
         t.write_text(json.dumps(r, indent=2))
-    _plot_latency(r, out_dir / "bench.png")
+    if r["plot"] is None:
+        log("no plot: bench.png needs matplotlib (pip install 'tfsdeploy[bench]'); the tables are in bench.md")
+        return
+    _plot_latency(r, out_dir / r["plot"])
+
+
+def plotting_available() -> bool:
+    """Whether the optional `bench` extra (matplotlib) is installed."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a module hidden by setting sys.modules[name] = None
+        return False
 
 
 def _plot_latency(r: dict, path: Path) -> None:

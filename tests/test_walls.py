@@ -21,7 +21,7 @@ ALLOWED = {
     "data": {"core", "data"},
     "engines": {"core", "engines"},
     "export": {"core", "engines", "export"},
-    "pipeline": {"core", "engines", "pipeline"},
+    "pipeline": {"core", "engines", "export", "pipeline"},  # export: long jobs compile on first use
     "training": {"core", "data", "engines", "training"},
     "tools": {"core", "data", "engines", "export", "pipeline", "tools"},
     "cli": {"core", "data", "engines", "export", "pipeline", "training", "tools", "cli"},
@@ -41,7 +41,8 @@ def layer_of(module: str) -> str | None:
         if module == prefix or module.startswith(prefix + "."):
             return layer
     core = {"__init__", "errors", "config", "model", "diffusion", "fusion", "metrics", "report_metrics", "imaging",
-            "inputs", "iospec", "checkpoint", "fileio", "paths", "artifacts", "bundle", "lpips", "scans"}
+            "inputs", "iospec", "checkpoint", "fileio", "paths", "artifacts", "bundle", "lpips", "scans",
+            "volumes", "dicom", "loopgraph"}
     if top == "tfsdeploy" and (module == "tfsdeploy" or module.split(".", 1)[1] in core):
         return "core"
     return None

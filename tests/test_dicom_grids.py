@@ -1,0 +1,368 @@
+"""Scans as they come from the scanner: DICOM series, volumes on different grids, rigid registration.
+
+The DICOM series are written here with pydicom from the SPM templates; the expected geometry of each is
+worked out from the affine it was written from, and the resampling is checked against
+nibabel.processing (scipy), an implementation independent of SimpleITK.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+pydicom = pytest.importorskip("pydicom", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+
+from nibabel.processing import resample_from_to  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
+
+from tfsdeploy.data.spm import SPM_MEMBERS, SPM_PREFIX, spm_archive  # noqa: E402
+from tfsdeploy.dicom import is_dicom_folder, list_dicom_series, read_dicom_series  # noqa: E402
+from tfsdeploy.errors import UserError  # noqa: E402
+from tfsdeploy.volumes import (  # noqa: E402
+    Registration, brain_box, check_overlap, onto_grid, register_rigid, resample_onto, save_transforms,
+    world_extent_of_box)
+
+EXTRA = "pip install 'tfsdeploy[scans]'"
+FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def spm() -> dict[str, nib.Nifti1Image]:
+    """SPM T1, T2 and SPECT templates (2 mm, 91x109x91), canonical RAS, data in memory."""
+    with zipfile.ZipFile(spm_archive()) as z:
+        out = {}
+        for key in ("t1", "t2", "spect"):
+            img = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(z.read(SPM_PREFIX + SPM_MEMBERS[key])))
+            out[key] = nib.Nifti1Image(img.get_fdata(dtype=np.float32), img.affine)
+    return out
+
+
+def rigid(rot_deg, shift_mm, center) -> np.ndarray:
+    """4x4 RAS: rotate by Rz @ Rx @ Ry (degrees about R, A, S) around `center`, then shift."""
+    ax, ay, az = np.radians(rot_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    m = np.eye(4)
+    m[:3, :3] = rz @ rx @ ry
+    m[:3, 3] = np.asarray(center) + np.asarray(shift_mm) - m[:3, :3] @ np.asarray(center)
+    return m
+
+
+def on_grid(img, shape, affine) -> nib.Nifti1Image:
+    """`img` resampled by nibabel.processing (scipy, trilinear) onto another grid."""
+    out = resample_from_to(img, (shape, affine), order=1, cval=0.0)
+    return nib.Nifti1Image(out.get_fdata(dtype=np.float32), affine)
+
+
+def write_series(img, folder: Path, description: str, names: list[str] | None = None, reverse: bool = False,
+                 series_uid: str | None = None, number: int = 1) -> tuple[list[Dataset], np.ndarray]:
+    """Write `img` (right-handed, orthogonal axes) as a DICOM series of its k-slices into `folder`.
+
+    names: file name of each slice k (default IM0000.dcm ...); reverse: instance numbers run against the
+    slice positions, as in a feet-first acquisition. Returns the datasets and the voxel values as stored
+    (quantised to int16 through RescaleSlope / RescaleIntercept).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    affine = np.asarray(img.affine, dtype=float)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row, col = (FLIP @ affine[:3, i] / spacing[i] for i in (0, 1))
+    lo, hi = float(data.min()), float(data.max())
+    slope = (hi - lo) / 30000 or 1.0
+    stored = np.round((data - lo) / slope).astype(np.int16)
+    study, series_uid = generate_uid(), series_uid or generate_uid()
+    nz = data.shape[2]
+    names = names or [f"IM{k:04d}.dcm" for k in range(nz)]
+    written = []
+    for k in range(nz):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientName, ds.PatientID, ds.StudyID = "Template^SPM", "SPM152", "1"
+        ds.StudyDate, ds.StudyTime = "20260101", "120000"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid
+        ds.SeriesDescription, ds.SeriesNumber, ds.Modality = description, number, "MR"
+        ds.InstanceNumber = nz - k if reverse else k + 1
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in FLIP @ (affine[:3, :3] @ [0, 0, k] + affine[:3, 3])]
+        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[0]:.6f}"]  # between rows, between columns
+        ds.SliceThickness = f"{spacing[2]:.6f}"
+        ds.Rows, ds.Columns = data.shape[1], data.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}", f"{lo:.10g}"
+        ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).astype("<i2").tobytes()  # [row, column]
+        ds.save_as(folder / names[k], enforce_file_format=True)
+        written.append(ds)
+    values = stored.astype(np.float64) * float(f"{slope:.10g}") + float(f"{lo:.10g}")
+    return written, values
+
+
+def oblique_grid(img, voxel: float, rot_deg=(10.0, 0.0, 0.0)) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A grid of `voxel` mm covering `img`'s field of view, turned by `rot_deg` around its centre."""
+    box = world_extent_of_box(img, np.array([[-0.5, n - 0.5] for n in img.shape[:3]]))
+    center = box.mean(axis=1)
+    shape = tuple(int(math.ceil((hi - lo) / voxel)) for lo, hi in box)
+    affine = np.diag([voxel, voxel, voxel, 1.0])
+    affine[:3, 3] = center - voxel * (np.array(shape) - 1) / 2
+    return shape, rigid(rot_deg, (0, 0, 0), center) @ affine
+
+
+@pytest.fixture(scope="module")
+def t1_series(spm, tmp_path_factory):
+    """The T1 template as a 2 mm axial series whose file names and instance numbers are shuffled."""
+    folder = tmp_path_factory.mktemp("t1_dicom")
+    nz = spm["t1"].shape[2]
+    perm = np.random.default_rng(0).permutation(nz)
+    datasets, values = write_series(spm["t1"], folder, "T1 template", names=[f"{p:04d}.dcm" for p in perm])
+    for ds, p in zip(datasets, perm):  # instance numbers no more ordered than the names
+        ds.InstanceNumber = int(p) + 1
+    return folder, values
+
+
+@pytest.fixture(scope="module")
+def t2_series(spm, tmp_path_factory):
+    """The T2 template resampled onto an oblique 3 mm grid, written feet-first (instance numbers descending)."""
+    shape, affine = oblique_grid(spm["t2"], 3.0)
+    img = on_grid(spm["t2"], shape, affine)
+    folder = tmp_path_factory.mktemp("t2_dicom")
+    _, values = write_series(img, folder, "T2 oblique 3 mm", reverse=True, number=2)
+    return folder, values, affine
+
+
+# --------------------------------------------------------------------------- DICOM series
+
+
+def test_series_with_shuffled_names_reads_with_its_geometry(spm, t1_series):
+    folder, values = t1_series
+    assert is_dicom_folder(folder)
+    vol = read_dicom_series(folder)
+    assert vol.series.slices == spm["t1"].shape[2] and vol.skipped == 0
+    assert vol.image.shape == spm["t1"].shape
+    np.testing.assert_allclose(vol.image.affine, spm["t1"].affine, atol=1e-4)
+    np.testing.assert_allclose(vol.image.get_fdata(), values, atol=1e-3 * np.abs(values).max())
+    # Slices are in place: slice k is the template's slice k, whatever its file is called.
+    assert np.corrcoef(vol.image.get_fdata().ravel(), spm["t1"].get_fdata().ravel())[0, 1] > 0.9999
+
+
+def test_oblique_series_with_another_spacing_reads_with_its_geometry(t2_series):
+    folder, values, affine = t2_series
+    vol = read_dicom_series(folder)
+    np.testing.assert_allclose(np.linalg.norm(vol.image.affine[:3, :3], axis=0), [3.0, 3.0, 3.0], atol=1e-5)
+    np.testing.assert_allclose(vol.image.affine, affine, atol=1e-4)
+    np.testing.assert_allclose(vol.image.get_fdata(), values, atol=1e-3 * np.abs(values).max())
+    assert "T2 oblique 3 mm" in vol.describe() and "3.00x3.00x3.00 mm" in vol.describe()
+
+
+def test_dicomdir_is_followed(spm, tmp_path):
+    from pydicom.fileset import FileSet
+
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::3, ::3, 30:40], spm["t1"].affine @ np.diag([3, 3, 1, 1]))
+    datasets, values = write_series(small, tmp_path / "loose", "T1 small")
+    fs = FileSet()
+    for ds in datasets:
+        fs.add(ds)
+    fs.write(tmp_path / "media")
+    assert (tmp_path / "media" / "DICOMDIR").is_file()
+    vol = read_dicom_series(tmp_path / "media")
+    np.testing.assert_allclose(vol.image.affine, small.affine, atol=1e-4)
+    np.testing.assert_allclose(vol.image.get_fdata(), values, atol=1e-3 * np.abs(values).max())
+
+
+def test_folder_with_two_series_is_refused_with_a_list_then_one_is_chosen(spm, tmp_path):
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::4, ::4, 40:46], spm["t1"].affine)
+    write_series(small, tmp_path / "a", "first", series_uid="1.2.826.0.1.1", number=1)
+    write_series(small, tmp_path / "b", "second", series_uid="1.2.826.0.1.2", number=2)
+    with pytest.raises(UserError) as e:
+        read_dicom_series(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "2 DICOM series" in msg and "--series UID" in msg
+    assert "1.2.826.0.1.1 'first' (MR, 6 slices)" in msg and "1.2.826.0.1.2 'second' (MR, 6 slices)" in msg
+    assert read_dicom_series(tmp_path, series="1.2.826.0.1.2").series.description == "second"
+    # Several UIDs (one per input of a command): the one this folder holds is taken.
+    assert read_dicom_series(tmp_path, series=["9.9", "1.2.826.0.1.1"]).series.description == "first"
+    with pytest.raises(UserError, match="holds no series 9.9"):
+        read_dicom_series(tmp_path, series="9.9")
+    assert [s.uid for s in list_dicom_series(tmp_path)[0]] == ["1.2.826.0.1.1", "1.2.826.0.1.2"]
+
+
+@pytest.fixture
+def small_series(spm, tmp_path):
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::4, ::4, 30:40], spm["t1"].affine)
+    write_series(small, tmp_path / "s", "small")
+    return tmp_path / "s"
+
+
+def one_line_error(folder, match: str) -> str:
+    with pytest.raises(UserError, match=match) as e:
+        read_dicom_series(folder)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_slice_is_refused(small_series):
+    (small_series / "IM0004.dcm").unlink()
+    msg = one_line_error(small_series, "uneven slice spacing")
+    assert "gap of 4.00 mm" in msg and "2.00 mm" in msg and "1 slice(s) missing" in msg
+
+
+def test_mixed_orientations_are_refused(small_series):
+    ds = pydicom.dcmread(small_series / "IM0003.dcm")
+    ds.ImageOrientationPatient = ["-1", "0", "0", "0", "0", "-1"]  # a coronal slice among axial ones
+    ds.save_as(small_series / "IM0003.dcm")
+    one_line_error(small_series, "mixes 2 slice orientations")
+
+
+def test_empty_and_non_dicom_folders_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(tmp_path / "empty", "the folder is empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("not an image\n" * 20)
+    assert not is_dicom_folder(tmp_path / "text")
+    one_line_error(tmp_path / "text", r"no DICOM images in its 1 file\(s\) \(e.g. notes.txt\)")
+    one_line_error(tmp_path / "absent", "no such folder")
+
+
+def test_stray_files_beside_a_series_are_skipped(small_series):
+    (small_series / "README.txt").write_text("exported\n")
+    vol = read_dicom_series(small_series)
+    assert vol.series.slices == 10 and vol.skipped == 1
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def test_volumes_on_different_grids_go_onto_the_reference_grid(spm, t1_series):
+    t1 = read_dicom_series(t1_series[0]).image
+    shape, affine = oblique_grid(spm["spect"], 4.0, rot_deg=(0.0, 0.0, 0.0))
+    spect4 = on_grid(spm["spect"], shape, affine)
+    images = {"t1": t1, "t2": spm["t2"], "func": spect4}
+    fractions = check_overlap(images, "t1")
+    assert fractions["t2"] == 1.0 and fractions["func"] > 0.99
+    out, lines = onto_grid(images, "t1", labels={"t1": "t1/", "t2": "t2.nii", "func": "spect.nii"})
+    assert out["t1"] is t1 and out["t2"] is spm["t2"]  # already on the grid: left as it is
+    assert len(lines) == 1 and lines[0].startswith("resampled spect.nii from ")
+    assert f"{'x'.join(map(str, shape))} of 4.00x4.00x4.00 mm onto t1/'s grid (91x109x91 of 2.00x2.00x2.00 mm)" in lines[0]
+    assert out["func"].shape == t1.shape
+    np.testing.assert_allclose(out["func"].affine, t1.affine)
+    # The same points, interpolated by scipy: equal wherever the reference voxel lies inside the SPECT grid.
+    expected = resample_from_to(spect4, t1, order=1).get_fdata()
+    ijk = np.moveaxis(np.indices(t1.shape), 0, -1).reshape(-1, 3)
+    theirs = (np.linalg.inv(affine) @ t1.affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+    inside = np.all((theirs > 0.01) & (theirs < np.array(shape) - 1.01), axis=1).reshape(t1.shape)
+    assert inside.mean() > 0.5
+    got = out["func"].get_fdata()
+    np.testing.assert_allclose(got[inside], expected[inside], atol=1e-4 * np.abs(expected).max())
+
+
+def test_resampling_through_a_rotated_lps_grid_matches_scipy(spm):
+    # A radiological (LAS, left-handed) grid turned about all three axes: every sign of the RAS <-> LPS flip shows.
+    shape, affine = oblique_grid(spm["t2"], 2.5, rot_deg=(7.0, -5.0, 12.0))
+    affine = affine @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] += affine[:3, 0] * -(shape[0] - 1)
+    moving = on_grid(spm["t2"], shape, affine)
+    got = resample_onto(moving, spm["t1"]).get_fdata()
+    expected = resample_from_to(moving, spm["t1"], order=1).get_fdata()
+    core = (slice(20, 70), slice(20, 90), slice(20, 70))
+    np.testing.assert_allclose(got[core], expected[core], atol=1e-4 * np.abs(expected).max())
+
+
+def test_volumes_that_do_not_overlap_are_refused(spm):
+    far = nib.Nifti1Image(spm["spect"].get_fdata(dtype=np.float32), spm["spect"].affine.copy())
+    far.affine[0, 3] += 500.0
+    far = nib.Nifti1Image(far.get_fdata(dtype=np.float32), np.array(far.affine))
+    with pytest.raises(UserError) as e:
+        check_overlap({"t1": spm["t1"], "func": far}, "t1", labels={"t1": "t1.nii", "func": "spect.nii"})
+    msg = str(e.value)
+    assert "\n" not in msg and "spect.nii and t1.nii do not overlap in world space" in msg
+    assert "t1.nii: x -91..91, y -127..91, z -73..109 mm" in msg and "spect.nii: x 409..591" in msg
+
+
+def test_a_volume_covering_too_little_of_the_brain_is_refused(spm):
+    box = world_extent_of_box(spm["t1"], brain_box(spm["t1"]))
+    fov = world_extent_of_box(spm["spect"], np.array([[-0.5, n - 0.5] for n in spm["spect"].shape]))
+    shifted = spm["spect"].affine.copy()
+    # The SPECT's left edge moved to 70 % of the way across the T1's brain box: it covers the last 30 %.
+    shifted[0, 3] += box[0, 0] + 0.7 * (box[0, 1] - box[0, 0]) - fov[0, 0]
+    img = nib.Nifti1Image(spm["spect"].get_fdata(dtype=np.float32), shifted)
+    with pytest.raises(UserError, match=r"func covers only (\d+) % of t1's brain box .* at least 50 % is needed") as e:
+        check_overlap({"t1": spm["t1"], "func": img}, "t1")
+    assert 27 <= int(re.search(r"only (\d+) %", str(e.value)).group(1)) <= 33 and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_registration_recovers_a_known_rotation_and_shift(spm, tmp_path):
+    box = world_extent_of_box(spm["t1"], brain_box(spm["t1"]))
+    center = box.mean(axis=1)
+    motion = rigid((4.0, -3.0, 6.0), (5.0, -4.0, 3.0), center)
+    # The T2 moved by `motion`: the anatomy at p now lies at motion(p). Its grid moves with it (exact, no resampling).
+    moved = nib.Nifti1Image(spm["t2"].get_fdata(dtype=np.float32), motion @ spm["t2"].affine)
+    reg = register_rigid(spm["t1"], moved)
+    # The registration maps a T1 point to the moved T2's point: it should be `motion` itself. Errors: the
+    # angle of the residual rotation, and the residual shift of the brain's centre (the rotation centre).
+    # The unmoved templates themselves sit about 0.5 mm and 0.2 degrees apart at the metric's optimum.
+    residual = np.linalg.inv(motion) @ reg.matrix()
+    angle = math.degrees(math.acos(np.clip((np.trace(residual[:3, :3]) - 1) / 2, -1, 1)))
+    shift = np.linalg.norm(residual[:3, :3] @ center + residual[:3, 3] - center)
+    assert angle < 1.0 and shift < 1.0, (angle, shift, reg.describe_transform())
+    assert reg.metric < reg.metric_start
+    np.testing.assert_allclose(reg.rotation_deg, (4.0, -3.0, 6.0), atol=1.0)
+    # Resampled through the registration, the moved T2 is back in the T1's place.
+    back = resample_onto(moved, spm["t1"], reg).get_fdata()
+    assert np.corrcoef(back.ravel(), spm["t2"].get_fdata().ravel())[0, 1] > 0.98
+    # The .tfm file ITK writes reads back as the same transform.
+    import SimpleITK as sitk
+
+    paths = save_transforms(tmp_path / "tfm", {"t2": reg}, "t1")
+    assert [p.name for p in paths] == ["t2_to_t1.tfm"] and not list((tmp_path / "tfm").glob(".*"))
+    again = sitk.ReadTransform(str(paths[0]))
+    point = (10.0, -20.0, 30.0)
+    np.testing.assert_allclose(again.TransformPoint(point), reg.itk_transform().TransformPoint(point), atol=1e-6)
+    assert "Mattes mutual information" in reg.describe_metric() and "deg about R/A/S" in reg.describe_transform()
+
+
+def test_registration_parameters_are_the_ras_matrix():
+    import SimpleITK as sitk
+
+    t = sitk.Euler3DTransform((3.0, -2.0, 1.0), 0.1, -0.2, 0.3, (1.0, 2.0, -3.0))
+    reg = Registration.from_itk(t, metric_start=0.0, metric=0.0, iterations=0, seconds=0.0, stop="")
+    flip = np.diag([-1.0, -1.0, 1.0])
+    p_ras = np.array([12.0, -7.0, 25.0])
+    q_lps = np.asarray(t.TransformPoint(tuple(flip @ p_ras)))
+    np.testing.assert_allclose((reg.matrix() @ np.r_[p_ras, 1])[:3], flip @ q_lps, atol=1e-9)
+    np.testing.assert_allclose(reg.matrix(), rigid(reg.rotation_deg, reg.translation_mm, reg.center_mm), atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the extra
+
+
+@pytest.mark.parametrize("module", ["SimpleITK", "pydicom"])
+def test_a_missing_extra_is_one_line_naming_it(monkeypatch, module, small_series, spm):
+    monkeypatch.setitem(sys.modules, module, None)  # `import` now fails as if it were not installed
+    with pytest.raises(UserError) as e:
+        read_dicom_series(small_series)
+    assert str(e.value) == f"reading DICOM series needs {module}, which is not installed: {EXTRA}"
+    if module == "SimpleITK":
+        with pytest.raises(UserError, match=re.escape(f"resampling volumes needs SimpleITK, which is not installed: {EXTRA}")):
+            resample_onto(spm["spect"], spm["t1"])
+        with pytest.raises(UserError, match="registration needs SimpleITK"):
+            register_rigid(spm["t1"], spm["t2"])

@@ -1,0 +1,253 @@
+"""DICOM series in: a folder (or a DICOMDIR) holding one series -> a volume with its true geometry.
+
+The headers are read with pydicom and checked before any pixel is: one series per folder (or the one
+chosen by its SeriesInstanceUID), one orientation, one slice size, evenly spaced slices along the slice
+normal. Slices are ordered by their position along that normal, never by file name or instance number.
+SimpleITK's series reader then reads the pixels (rescale slope and intercept applied), and the
+geometry is set from the checked headers. The volume comes back as the scan reader holds NIfTI
+volumes: a nibabel image, float32 [i, j, k] with a RAS affine (tfsdeploy.volumes).
+
+Needs the optional extra `tfsdeploy[scans]`; `is_dicom_folder` alone does not (it reads file
+preambles), so a caller can tell a DICOM folder from a folder of PNGs without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from tfsdeploy.errors import UserError
+from tfsdeploy.volumes import from_itk, import_extra
+
+DICOMDIR = "DICOMDIR"
+# Tolerances on header geometry: direction cosines, and slice gaps relative to their median.
+ORIENTATION_TOL = 1e-4
+GAP_TOL = 0.01
+
+
+def is_dicom_folder(path: str | Path) -> bool:
+    """True for a folder with a DICOMDIR or with a DICOM file ('DICM' at byte 128) among its first files."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / DICOMDIR).is_file():
+        return True
+    for n, f in enumerate(_files_under(path)):
+        if n >= 16:  # a folder of PNGs is told from a series by its first few files
+            break
+        if _has_dicom_preamble(f):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found in a folder. files: ordered along the slice normal once the series is checked."""
+
+    uid: str
+    description: str
+    modality: str
+    files: tuple[Path, ...]
+
+    @property
+    def slices(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        return f"{self.uid} '{self.description or 'no description'}' ({self.modality or '?'}, {self.slices} slices)"
+
+
+@dataclass(frozen=True)
+class DicomVolume:
+    """A DICOM series read as a volume: image (nibabel Nifti1Image, float32, RAS affine) and its series."""
+
+    image: object
+    series: SeriesInfo
+    skipped: int  # files in the folder that were not images of any series (DICOMDIR, reports, stray files)
+
+    def describe(self) -> str:
+        from tfsdeploy.volumes import describe_grid
+
+        return f"DICOM series {self.series.describe()}: {describe_grid(self.image)}"
+
+
+def list_dicom_series(folder: str | Path) -> tuple[list[SeriesInfo], int]:
+    """The image series in a folder (searched recursively) or a DICOMDIR, and how many files were skipped.
+
+    Refuses a missing or empty folder, and a folder with no DICOM image in it.
+    """
+    pydicom = import_extra("pydicom", "reading DICOM series")
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder; a DICOM series is given as the folder that holds it")
+    files = _dicomdir_files(pydicom, folder) if (folder / DICOMDIR).is_file() else list(_files_under(folder))
+    if not files:
+        raise UserError(f"{folder}: the folder is empty; expected the files of one DICOM series")
+    groups: dict[str, list] = {}
+    skipped, not_dicom = 0, []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError):
+            not_dicom.append(f)
+            continue
+        except OSError as e:
+            raise UserError(f"{f}: cannot read ({e.strerror or e})") from None
+        if "Rows" not in ds or "SeriesInstanceUID" not in ds:  # a DICOMDIR, a report, a presentation state
+            skipped += 1
+            continue
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+    if not groups:
+        example = f" (e.g. {not_dicom[0].name})" if not_dicom else ""
+        raise UserError(f"{folder}: no DICOM images in its {len(files)} file(s){example}")
+    infos = [SeriesInfo(uid, str(members[0][1].get("SeriesDescription", "")), str(members[0][1].get("Modality", "")),
+                        tuple(f for f, _ in members)) for uid, members in groups.items()]
+    def number(info: SeriesInfo) -> float:
+        value = groups[info.uid][0][1].get("SeriesNumber", None)
+        return float(value) if value not in (None, "") else float("inf")
+
+    infos.sort(key=lambda s: (number(s), s.uid))
+    return infos, skipped + len(not_dicom)
+
+
+def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = None) -> DicomVolume:
+    """Read the one DICOM series in `folder` (or the DICOMDIR there) as a volume with its true geometry.
+
+    series: a SeriesInstanceUID, or several (one per input of a command), of which the folder holds
+    exactly one; needed when the folder holds more than one series, which is otherwise refused with a
+    list of them (UID, description, modality, slice count).
+    """
+    pydicom = import_extra("pydicom", "reading DICOM series")
+    sitk = import_extra("SimpleITK", "reading DICOM series")
+    folder = Path(folder)
+    infos, skipped = list_dicom_series(folder)
+    chosen = _choose(folder, infos, series)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in chosen.files]
+    order, geometry = _check_series(folder, chosen, headers)
+    files = tuple(chosen.files[i] for i in order)
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise UserError(f"{folder}: cannot read the pixels of series {chosen.uid} ({reason})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{folder}: series {chosen.uid} is not a grey volume")
+    # The geometry checked from the headers, not the reader's guess from the first slices.
+    origin, direction, spacing = geometry
+    image.SetOrigin([float(v) for v in origin])
+    image.SetDirection([float(v) for v in direction.ravel()])
+    image.SetSpacing([float(v) for v in spacing])
+    info = SeriesInfo(chosen.uid, chosen.description, chosen.modality, files)
+    return DicomVolume(from_itk(image), info, skipped)
+
+
+def _choose(folder: Path, infos: list[SeriesInfo], series: str | Iterable[str] | None) -> SeriesInfo:
+    wanted = {series} if isinstance(series, str) else set(series or ())
+    if wanted:
+        found = [s for s in infos if s.uid in wanted]
+        if len(found) == 1:
+            return found[0]
+        held = "; ".join(s.describe() for s in infos)
+        if not found:
+            raise UserError(f"{folder}: holds no series {' or '.join(sorted(wanted))} (it holds: {held})")
+        raise UserError(f"{folder}: holds more than one of the chosen series ({held}); choose one per folder")
+    if len(infos) > 1:
+        held = "; ".join(s.describe() for s in infos)
+        raise UserError(f"{folder}: holds {len(infos)} DICOM series; choose one with --series UID: {held}")
+    return infos[0]
+
+
+def _check_series(folder: Path, info: SeriesInfo, headers: list) -> tuple[list[int], tuple]:
+    """Check one series' headers; return the slice order along the normal and (origin, direction, spacing) in LPS."""
+    where = f"{folder}: series {info.uid}"
+    if len(headers) < 2:
+        raise UserError(f"{where} has {len(headers)} slice; a volume needs at least 2")
+    for ds in headers:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise UserError(f"{where}: multi-frame DICOM files are not supported; export the series as one "
+                            "file per slice")
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise UserError(f"{where}: colour images ({ds.get('PhotometricInterpretation', '?')}) are not a "
+                            "grey volume")
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+        if missing:
+            raise UserError(f"{where}: {Path(ds.filename).name} has no {', '.join(missing)}, so its place in "
+                            "the volume is unknown")
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOL:
+        kinds = len(np.unique(np.round(orientations, 3), axis=0))
+        raise UserError(f"{where} mixes {kinds} slice orientations (ImageOrientationPatient differs between "
+                        "slices); a volume has one")
+    sizes = {(int(ds.Rows), int(ds.Columns), *(round(float(v), 4) for v in ds.PixelSpacing)) for ds in headers}
+    if len(sizes) > 1:
+        raise UserError(f"{where} mixes slice sizes or pixel spacings ({', '.join(map(str, sorted(sizes)))})")
+    row, col = orientations[0, :3], orientations[0, 3:]
+    normal = np.cross(row, col)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, positions = along[order], positions[order]
+    gaps = np.diff(along)
+    if gaps.min() < 1e-3:
+        raise UserError(f"{where} has several slices at one position ({along[np.argmin(gaps)]:.2f} mm along the "
+                        "normal): it holds more than one volume (echoes, time points, ...)")
+    gap = float(np.median(gaps))
+    bad = np.nonzero(np.abs(gaps - gap) > GAP_TOL * gap + 1e-3)[0]
+    if len(bad):
+        k = int(bad[0])
+        missing = f", about {round(gaps[k] / gap) - 1} slice(s) missing" if gaps[k] > 1.5 * gap else ""
+        raise UserError(f"{where} has uneven slice spacing: a gap of {gaps[k]:.2f} mm at {along[k]:.2f} mm along "
+                        f"the normal where the others are {gap:.2f} mm{missing}")
+    # Slices must stack along the normal; a tilted stack (gantry tilt) is a sheared volume.
+    drift = positions - positions[0] - np.outer(along - along[0], normal)
+    if np.linalg.norm(drift, axis=1).max() > max(0.01, 0.01 * gap):
+        raise UserError(f"{where}: its slices are not stacked along their normal (gantry tilt); resample it "
+                        "onto an orthogonal grid first")
+    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+    direction = np.stack([row, col, normal], axis=1)  # columns: the i, j, k axes in LPS
+    return [int(i) for i in order], (positions[0], direction, (col_spacing, row_spacing, gap))
+
+
+def _files_under(folder: Path) -> Iterable[Path]:
+    """Regular, non-hidden files under `folder`, in a stable order, recursively."""
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if not name.startswith(".") and name != DICOMDIR:
+                yield Path(root) / name
+
+
+def _dicomdir_files(pydicom, folder: Path) -> list[Path]:
+    from pydicom.fileset import FileSet
+
+    try:
+        fileset = FileSet(pydicom.dcmread(folder / DICOMDIR))
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
+        raise UserError(f"{folder / DICOMDIR}: cannot read the DICOMDIR ({type(e).__name__}: {e})") from None
+    files = [Path(inst.path) for inst in fileset]
+    absent = [f for f in files if not f.is_file()]
+    if absent:
+        raise UserError(f"{folder / DICOMDIR}: lists {len(absent)} file(s) that are not there (e.g. {absent[0]})")
+    return files
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+__all__ = ["DICOMDIR", "is_dicom_folder", "SeriesInfo", "DicomVolume", "list_dicom_series", "read_dicom_series"]

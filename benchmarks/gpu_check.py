@@ -8,14 +8,22 @@ offline run (installs nothing, downloads nothing) of under 8 minutes, compile in
    `fuse` of a volume (three NIfTI files cut from the installed templates), `evaluate --limit 4`
    and `bench`, each as a new process: exit code, wall time, last line, no traceback.
 2. The paper preset (random weights: speed does not depend on them), 256x256, x4, DDIM-10, through
-   FusionPipeline: eager fp32, the default CUDA path (fp16, channels-last, CUDA graphs) and fp16 +
-   torch.compile(reduce-overhead), at batch 1, 16 and 64; per denoiser call, per DDIM-10 fuse and in
-   slices/s, with the fused-image PSNR of each path against eager fp32. And the packaged x4 model
-   with its own sampler (DDIM-2) at its largest batch.
-3. A projected RTX 3090 column from each call's FLOPs and bytes and the card's data-sheet peaks.
+   FusionPipeline, one row per path in PATHS (eager fp32 with TF32 off and on, eager fp16, the default
+   CUDA path (fp16, channels-last, CUDA graphs) and fp16 + torch.compile(reduce-overhead)), at batch 1,
+   16 and 64: per denoiser call, per DDIM-10 fuse and in slices/s, the fraction of the data-sheet peak
+   of the math that ran (a fraction over 100 % fails the check), and the fused-image PSNR of each path
+   against eager fp32. And the packaged x4 model with its own sampler (DDIM-2) at its largest batch.
+3. One denoiser call per row under torch.profiler, and from it an RTX 3090 projection, kernel by
+   kernel (tfsdeploy/tools/projection.py); `--anchor` checks such projections against a measurement
+   made on another card.
 
-It writes benchmarks/reports/gpu-check-<device>.md and .json, rewritten after every step, so a run
-cut short keeps what it measured. A step that fails is recorded and the next one runs.
+It writes benchmarks/reports/gpu-check-<device>.md and .json (and -kernels.json, the profiled
+kernels, which `--anchor` reads back), rewritten after every step, so a run cut short keeps what it
+measured. A step that fails is recorded and the next one runs.
+
+A row is a BenchPath: a name and a function from a checkpoint to the FusionPipeline to time. To add
+one, append to PATHS, e.g. `torch_path("my path", EngineConfig(...), graph=True)` or
+`BenchPath("my engine", lambda ckpt: FusionPipeline(my_denoiser(ckpt), configs, 4, SampleConfig(steps=10)))`.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,13 +52,43 @@ from tfsdeploy.metrics import psnr  # noqa: E402
 from tfsdeploy.model import count_parameters  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.bench import random_checkpoint  # noqa: E402
-from tfsdeploy.tools.hardware import count_bytes, count_flops, device_info, gpu_peak_tflops, project_ms  # noqa: E402
+from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu_math, gpu_peak_tflops,  # noqa: E402
+                                      project_ms, tf32_mode)
+from tfsdeploy.tools.projection import (CARDS, LAUNCH_SOURCE, LAUNCH_US, MATH_KINDS, Kernel,  # noqa: E402
+                                        attribute_by_name, card_for, check_fraction, profile_call, project_call,
+                                        project_fuse)
 
-PATHS = {  # label -> EngineConfig of the torch engine
-    "eager fp32": EngineConfig(engine="torch", precision="fp32", cuda_graph=False, channels_last=False),
-    "default: fp16, channels-last, CUDA graph": EngineConfig(engine="torch"),
-    "fp16, channels-last, compile(reduce-overhead)": EngineConfig(engine="torch", compile=True, cuda_graph=False),
-}
+
+@dataclass(frozen=True)
+class BenchPath:
+    """One row of the latency table: a name, and how to build its pipeline (x4, DDIM-10) from a
+    checkpoint. `graph`: its denoiser calls replay CUDA graphs, so the projection adds no gaps
+    between kernels; `tf32`: TF32 for fp32 math while the row runs (None: torch's defaults);
+    `cuda_only`: skipped on a CPU."""
+
+    name: str
+    load: Callable[[Path], FusionPipeline]
+    graph: bool = False
+    tf32: bool | None = None
+    cuda_only: bool = False
+
+
+def torch_path(name: str, engine: EngineConfig, **kw) -> BenchPath:
+    return BenchPath(name, lambda ckpt: FusionPipeline.load(ckpt, 4, SampleConfig(steps=10), engine), **kw)
+
+
+EAGER_FP32 = EngineConfig(engine="torch", precision="fp32", cuda_graph=False, channels_last=False)
+DEFAULT = "default: fp16, channels-last, CUDA graph"
+PATHS = [  # the first row is the reference of the PSNR column
+    torch_path("eager fp32, TF32 off", EAGER_FP32, tf32=False),
+    torch_path("eager fp32, TF32 on", EAGER_FP32, tf32=True),
+    # the default path without its graph: the launch cost it saves, and names for its kernels' FLOPs
+    torch_path("eager fp16, channels-last", EngineConfig(engine="torch", cuda_graph=False)),
+    torch_path(DEFAULT, EngineConfig(engine="torch"), graph=True),
+    torch_path("fp16, channels-last, compile(reduce-overhead)",
+               EngineConfig(engine="torch", compile=True, cuda_graph=False), graph=True, cuda_only=True),
+]
+TARGET = "RTX 3090"
 TARGETS = {"ddim10_batch1_ms": 20.0, "paper_slices_per_s": 120.0, "packaged_slices_per_s": 1000.0}
 
 
@@ -57,12 +97,21 @@ class Report:
         name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
         self.stem = out / f"gpu-check-{name}"
         self.data = {"device": info, "date": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args), "cli": [],
-                     "latency": [], "packaged": None, "projection": [], "notes": []}
+                     "latency": [], "packaged": None, "profiles": [], "projection": [], "projection_note": "",
+                     "anchors": [], "notes": []}
+        # every profiled kernel, for `--anchor` runs on other cards; kept out of the report's JSON
+        self.kernels = {"device": info.get("gpu") or info["device"], "card": card_for(info.get("gpu", "")),
+                        "profiles": []}
         out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def kernels_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + "-kernels.json")
 
     def write(self) -> None:
         d, info = self.data, self.data["device"]
         self.stem.with_suffix(".json").write_text(json.dumps(d, indent=2, default=str))
+        self.kernels_path.write_text(json.dumps(self.kernels))
         lines = [f"# GPU check: {info['device']}", "", f"- {d['date']}; torch {info['torch']}"
                  + (f", CUDA {info.get('cuda')}, driver {info.get('driver')}" if info.get("cuda") else ""),
                  "- produced by `python benchmarks/gpu_check.py` in one run; every timing below comes from it", "",
@@ -70,43 +119,103 @@ class Report:
         for r in d["cli"]:
             lines.append(f"| `{r['command']}` | {r['exit']} | {r['seconds']:.1f} | {r['last'][:160]} |")
         if d["latency"]:
-            p = d["paper"]
-            lines += ["", f"## {p['preset'].capitalize()} preset ({p['parameters'] / 1e6:.1f} M parameters, {p['gflop']:.0f} GFLOP per call "
-                      f"at batch 1), {p['size']}x{p['size']}, x4, DDIM-10", "",
-                      "Medians after warm-up; CUDA-event timing. A DDIM-10 fuse is FusionPipeline on a condition "
-                      "already on the GPU: ten denoiser calls and the sampler around them.", "",
-                      "| path | runs as | batch | ms per call | DDIM-10 ms | slices/s | of peak | fused PSNR vs fp32 | "
-                      "set-up s |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in d["latency"]:
-                if "error" in r:
-                    lines.append(f"| {r['path']} | | {r['batch']} | failed: {r['error'][:120]} | | | | | |")
-                    continue
-                frac = "–" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}%"
-                ps = "–" if r.get("psnr_vs_fp32") is None else f"{r['psnr_vs_fp32']:.1f} dB"
-                lines.append(f"| {r['path']} | {r['engine']} | {r['batch']} | {r['call_ms']:.2f} | {r['fuse_ms']:.1f} | "
-                             f"{r['slices_per_s']:.1f} | {frac} | {ps} | {r['setup_s']:.1f} |")
+            lines += self._latency_lines()
         if d["packaged"]:
             k = d["packaged"]
             lines += ["", f"Packaged x4 model, default path, its own sampler (DDIM-{k['steps']}): batch {k['batch']}, "
                       f"{k['fuse_ms']:.1f} ms per batch, **{k['slices_per_s']:.0f} slices/s**; batch 1: "
                       f"{k['batch1_ms']:.1f} ms."]
-        if d["projection"]:
-            lines += ["", "## RTX 3090: a projection, not a measurement", "",
-                      "From each call's FLOPs and bytes (weights read once, every layer output written and read once) "
-                      "and the RTX 3090's data-sheet peaks (35.6 TFLOP/s fp32, 71 TFLOP/s fp16 tensor with fp32 "
-                      "accumulation, 936 GB/s): the roofline floor, and that floor at the fraction of peak the same "
-                      "path reached here.", "",
-                      "| path | batch | measured here ms | MB per call | 3090 floor ms | 3090 at this efficiency ms |",
-                      "|---|---:|---:|---:|---:|---:|"]
-            for r in d["projection"]:
-                eff = "–" if r["at_measured_efficiency_ms"] is None else f"{r['at_measured_efficiency_ms']:.2f}"
-                lines.append(f"| {r['path']} | {r['batch']} | {r['measured_ms']:.2f} | {r['mbytes']:.0f} | "
-                             f"{r['floor_ms']:.2f} | {eff} |")
+        if d["profiles"]:
+            lines += self._profile_lines()
+        lines += self._projection_lines() + self._anchor_lines()
         if d.get("targets"):
             lines += ["", "## Targets", ""] + [f"- {t}" for t in d["targets"]]
         lines += [""] + [f"- note: {n}" for n in d["notes"]]
         self.stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+    def _latency_lines(self) -> list[str]:
+        p = self.data["paper"]
+        lines = ["", f"## {p['preset'].capitalize()} preset ({p['parameters'] / 1e6:.1f} M parameters, "
+                 f"{p['gflop']:.0f} GFLOP per call at batch 1), {p['size']}x{p['size']}, x4, DDIM-10", "",
+                 "Medians after warm-up; CUDA-event timing. A DDIM-10 fuse is FusionPipeline on a condition "
+                 "already on the GPU: ten denoiser calls and the sampler around them. \"Of peak\" is the call's "
+                 "FLOPs per second over the data-sheet dense peak of the math that ran (column \"math\": fp16 or "
+                 "bf16 tensor, TF32 tensor when torch allows TF32 for fp32 layers, else fp32 SIMT); a value over "
+                 "100 % would be a bug in this report and fails the check.", "",
+                 "| path | runs as | math (peak TFLOP/s) | batch | ms per call | DDIM-10 ms | slices/s | of peak | "
+                 "fused PSNR vs fp32 | set-up s |",
+                 "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.data["latency"]:
+            if "error" in r:
+                lines.append(f"| {r['path']} | | | {r['batch']} | failed: {r['error'][:120]} | | | | | |")
+                continue
+            frac = "–" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}%"
+            if r.get("fraction_error"):
+                frac += " (impossible: check failed)"
+            ps = "–" if r.get("psnr_vs_fp32") is None else f"{r['psnr_vs_fp32']:.1f} dB"
+            mk = MATH_KINDS.get(r["math"], r["math"]) + (f" ({r['peak_tflops']:g})" if r["peak_tflops"] else "")
+            lines.append(f"| {r['path']} | {r['engine']} | {mk} | {r['batch']} | {r['call_ms']:.2f} | "
+                         f"{r['fuse_ms']:.1f} | {r['slices_per_s']:.1f} | {frac} | {ps} | {r['setup_s']:.1f} |")
+        return lines
+
+    def _profile_lines(self) -> list[str]:
+        unit = self.data["profiles"][0]["unit"]
+        lines = ["", f"## One denoiser call under torch.profiler ({unit})", "",
+                 f"Busy: the {unit}' own time; idle: the measured call time (above) less that, the time the "
+                 f"device waited for work to be issued. At launch cost: {unit} no longer than the {LAUNCH_US:g} us "
+                 "a kernel launch costs. "
+                 "FLOPs and bytes come from the operator that launched each kernel (the profiler's FLOPs, bytes "
+                 "from its input shapes), else from kernels of the same name in an earlier row (\"by name\"), "
+                 "else the kernel is taken as compute- or memory-bound by its name (\"assumed\").", "",
+                 f"| path | batch | {unit} | busy ms | idle ms | at launch cost | FLOPs and bytes from |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        for r in self.data["profiles"]:
+            share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(r["time_share"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {r['path']} | {r['batch']} | {r['kernels']} | {r['busy_ms']:.2f} | {r['idle_ms']:.2f} | "
+                         f"{r['at_launch_floor']} | {share} |")
+        return lines
+
+    def _projection_lines(self) -> list[str]:
+        d = self.data
+        if not d["projection"]:
+            return ["", f"## {TARGET}: no projection", "", d["projection_note"]] if d["projection_note"] else []
+        c, src = CARDS[TARGET], d["projection"][0]["source_card"]
+        lines = ["", f"## {TARGET}: a projection, not a measurement", "",
+                 f"Each kernel of the profiled call costs a launch ({LAUNCH_US:g} us on both cards) plus its work, "
+                 f"and its work runs on the {TARGET} at the efficiency it reached here: its roofline time there, "
+                 "max(FLOPs / peak of its math, bytes / bandwidth), divided by its roofline time here over its "
+                 "measured time less the launch. The call is the sum over its kernels, plus the idle time between "
+                 "kernels measured here when no CUDA graph replays them; DDIM-10 adds the sampler's own time as "
+                 "measured here.", "",
+                 f"- {TARGET}: {c['fp32']:g} TFLOP/s fp32, {c['tf32']:g} TF32, {c['fp16']:g} fp16/bf16 tensor, "
+                 f"{c['bandwidth_gbs']:g} GB/s ({c['source']})",
+                 f"- {src}: {CARDS[src]['fp32']:g} / {CARDS[src]['tf32']:g} / {CARDS[src]['fp16']:g} TFLOP/s, "
+                 f"{CARDS[src]['bandwidth_gbs']:g} GB/s ({CARDS[src]['source']})",
+                 f"- launch cost: {LAUNCH_SOURCE}", "",
+                 f"| path | batch | measured here ms per call | {TARGET} ms per call | {TARGET} DDIM-10 ms | "
+                 f"{TARGET} slices/s | old method ms per call |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in d["projection"]:
+            old = "–" if r["old_ms"] is None else f"{r['old_ms']:.2f}"
+            lines.append(f"| {r['path']} | {r['batch']} | {r['measured_ms']:.2f} | {r['projected_ms']:.2f} | "
+                         f"{r['fuse_ms']:.1f} | {r['slices_per_s']:.1f} | {old} |")
+        lines += ["", "The last column is the earlier whole-call method (the call's roofline floor divided by the "
+                  "fraction of peak reached here), kept beside the new one for this run only: it charges launch "
+                  "and idle time at the arithmetic's slow-down, so it overstates launch-bound paths."]
+        return lines
+
+    def _anchor_lines(self) -> list[str]:
+        if not self.data["anchors"]:
+            return []
+        lines = ["", "## The projection against measurements on other cards", "",
+                 "Each row's profiled kernels projected onto the other card kernel by kernel (tools/projection.py), beside what "
+                 "that card measured for the same row.", "",
+                 "| path | batch | projected from | onto | projected ms per call | measured ms per call | error |",
+                 "|---|---:|---|---|---:|---:|---:|"]
+        for r in self.data["anchors"]:
+            lines.append(f"| {r['path']} | {r['batch']} | {r['from']} | {r['to']} | {r['projected_ms']:.2f} | "
+                         f"{r['measured_ms']:.2f} | {100 * r['error']:+.0f}% |")
+        return lines
 
 
 def run_cli(report: Report, args: list[str], timeout: float) -> bool:
@@ -188,60 +297,136 @@ def time_ms(fn, repeats: int, warmup: int, cuda: bool) -> list[float]:
     return out
 
 
+def measure_path(path: BenchPath, ckpt: Path, cond: torch.Tensor, a: argparse.Namespace, cuda: bool):
+    """One row: the pipeline built, a denoiser call and a DDIM-10 fuse timed, one call profiled."""
+    t0 = time.perf_counter()
+    pipe = path.load(ckpt)
+    dev, batch = pipe.device, cond.shape[0]
+    c = cond.to(dev)
+    x, lvl = torch.randn(batch, 3, a.size, a.size).to(dev), torch.full((batch,), 0.5, device=dev)
+    call = statistics.median(time_ms(lambda: pipe.denoiser(x, c, lvl), a.repeats, a.warmup, cuda))
+    fused = pipe(c)  # warms the sampler path too
+    setup = time.perf_counter() - t0
+    fuse = statistics.median(time_ms(lambda: pipe(c), max(3, a.repeats // 3), 1, cuda))
+    dtype = pipe.denoiser.dtype
+    math = gpu_math(dtype) if cuda else "fp32"  # a CPU has no TF32
+    elem = torch.tensor([], dtype=dtype).element_size()
+    try:
+        kernels = profile_call(lambda: pipe.denoiser(x, c, lvl), cuda, math, elem)
+        profile_error = ""
+    except Exception as e:  # noqa: BLE001 - a profiler that fails must not lose the timings
+        kernels, profile_error = [], f"{type(e).__name__}: {e}"
+    row = {"path": path.name, "batch": batch, "call_ms": call, "fuse_ms": fuse, "slices_per_s": batch / fuse * 1e3,
+           "setup_s": setup, "engine": pipe.denoiser.describe(), "math": math,
+           "precision": "fp32" if dtype == torch.float32 else "fp16", "profile_error": profile_error}
+    return row, fused.float().cpu(), kernels
+
+
 def latency_table(report: Report, a: argparse.Namespace, work: Path, cuda: bool) -> None:
     ckpt = random_checkpoint(a.preset, work / "paper")
     model, _ = build_from_checkpoint(ckpt)
     report.data["paper"] = {"preset": a.preset, "parameters": count_parameters(model), "size": a.size,
                             "gflop": count_flops(model, 1, a.size) / 1e9}
     gpu_name = report.data["device"].get("gpu", "")
+    card = card_for(gpu_name) if cuda else None
+    if not cuda:
+        report.data["projection_note"] = ("No projection: this run measured a CPU, and the profile above lists CPU "
+                                          "operators, not GPU kernels.")
+    elif card is None:
+        report.data["projection_note"] = f"No projection: {gpu_name} is not in the data-sheet table (CARDS)."
+    elif card == TARGET:
+        report.data["projection_note"] = f"No projection: the tables above are measured on the {TARGET} itself."
     weight_bytes = {p: sum(q.numel() for q in model.parameters()) * (4 if p == "fp32" else 2) for p in ("fp32", "fp16")}
     # FLOPs and bytes grow with the batch (the weights are read once): count at batch 1, on the CPU
     flops1 = report.data["paper"]["gflop"] * 1e9
     act_bytes = {p: count_bytes(model.to(torch.float32 if p == "fp32" else torch.float16), 1, a.size) - weight_bytes[p]
-                 for p in ("fp32", "fp16")} if cuda else {}
+                 for p in ("fp32", "fp16")} if card else {}
     model.float()
-    fused_fp32 = {}
-    paths = {k: v for k, v in PATHS.items() if cuda or not v.compile}
+    fused_ref: dict[int, torch.Tensor] = {}
+    named: dict[int, list[Kernel]] = {}  # kernels an operator claimed, per batch, for "by name"
     for batch in (int(b) for b in a.batches.split(",")):
         g = torch.Generator().manual_seed(1)
         cond = torch.rand(batch, 5, a.size, a.size, generator=g)
-        for label, engine_cfg in paths.items():
-            t0 = time.perf_counter()
+        for path in (p for p in PATHS if cuda or not p.cuda_only):
             try:
-                pipe = FusionPipeline.load(ckpt, 4, SampleConfig(steps=10), engine_cfg)
-                dev = pipe.device
-                c = cond.to(dev)
-                x, lvl = torch.randn(batch, 3, a.size, a.size).to(dev), torch.full((batch,), 0.5, device=dev)
-                call = statistics.median(time_ms(lambda: pipe.denoiser(x, c, lvl), a.repeats, a.warmup, cuda))
-                fused = pipe(c)  # warms the sampler path too
-                setup = time.perf_counter() - t0
-                fuse = statistics.median(time_ms(lambda: pipe(c), max(3, a.repeats // 3), 1, cuda))
+                with tf32_mode(path.tf32):
+                    row, fused, kernels = measure_path(path, ckpt, cond, a, cuda)
             except Exception as e:  # noqa: BLE001 - one failing path must not lose the others
-                report.data["latency"].append({"path": label, "batch": batch, "error": f"{type(e).__name__}: {e}"})
+                report.data["latency"].append({"path": path.name, "batch": batch, "error": f"{type(e).__name__}: {e}"})
                 report.write()
                 continue
             flops = flops1 * batch
-            precision = "fp32" if pipe.denoiser.dtype == torch.float32 else "fp16"
-            peak = gpu_peak_tflops(gpu_name, precision) if cuda else None
-            frac = flops / (call / 1e3) / 1e12 / peak if peak else None
-            if label == "eager fp32":
-                fused_fp32[batch] = fused.float().cpu()
-            ref = fused_fp32.get(batch)
-            row = {"path": label, "batch": batch, "call_ms": call, "fuse_ms": fuse, "slices_per_s": batch / fuse * 1e3,
-                   "fraction_of_peak": frac, "setup_s": setup, "engine": pipe.denoiser.describe(),
-                   "psnr_vs_fp32": None if ref is None or label == "eager fp32" else
-                   min(200.0, float(psnr(fused.float().cpu(), ref).mean()))}
+            peak = gpu_peak_tflops(gpu_name, row["math"]) if cuda else None
+            row["peak_tflops"] = peak
+            row["fraction_of_peak"] = frac = flops / (row["call_ms"] / 1e3) / 1e12 / peak if peak else None
+            try:
+                check_fraction(frac, f"{path.name}, batch {batch}")
+            except ValueError as e:
+                row["fraction_error"] = str(e)
+            if path.name == PATHS[0].name:
+                fused_ref[batch] = fused
+            ref = fused_ref.get(batch)
+            row["psnr_vs_fp32"] = (None if ref is None or path.name == PATHS[0].name
+                                   else min(200.0, float(psnr(fused, ref).mean())))
             report.data["latency"].append(row)
-            if cuda:
-                nbytes = weight_bytes[precision] + batch * act_bytes[precision]
-                proj = project_ms(flops, nbytes, "RTX 3090", precision, frac)
-                report.data["projection"].append({"path": label, "batch": batch, "measured_ms": call,
-                                                  "mbytes": nbytes / 1e6, **proj})
-            print(f"{label}, batch {batch}: {call:.2f} ms per call, DDIM-10 {fuse:.1f} ms", flush=True)
+            kernels, idle_ms = record_profile(report, path, row, kernels, named.setdefault(batch, []), cuda, card)
+            if card and card != TARGET and not kernels:
+                report.data["notes"].append(f"{path.name}, batch {batch}: the profiler recorded no kernels "
+                                            f"({row['profile_error'] or 'no error'}); no projection for this row")
+            elif card and card != TARGET:
+                nbytes = weight_bytes[row["precision"]] + batch * act_bytes[row["precision"]]
+                old = project_ms(flops, nbytes, TARGET, row["math"], frac)["at_measured_efficiency_ms"]
+                proj = project_call(kernels, card, TARGET, path.graph, gaps_us=idle_ms * 1e3)
+                fuse = project_fuse(row["call_ms"], proj["projected_ms"], row["fuse_ms"], 10, batch)
+                report.data["projection"].append({"path": path.name, "batch": batch, "measured_ms": row["call_ms"],
+                                                  "source_card": card, "projected_ms": proj["projected_ms"],
+                                                  "old_ms": old, **{k: fuse[k] for k in ("fuse_ms", "slices_per_s")}})
+            print(f"{path.name}, batch {batch}: {row['call_ms']:.2f} ms per call, DDIM-10 {row['fuse_ms']:.1f} ms",
+                  flush=True)
             report.write()
-            pipe = None  # free the engine (and its CUDA graphs) before the next one
             if cuda:
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # the engine (and its CUDA graphs) went with measure_path
+
+
+def record_profile(report: Report, path: BenchPath, row: dict, kernels: list[Kernel], named: list[Kernel],
+                   cuda: bool, card: str | None) -> tuple[list[Kernel], float]:
+    """The row's profiled call: its summary in the report, its kernels in the kernels file. Returns
+    the kernels, given FLOPs and bytes by name where no operator claimed them, and the idle ms."""
+    kernels = attribute_by_name(kernels, named)
+    named += [k for k in kernels if k.source == "operator"]
+    graph = path.graph and cuda
+    busy = sum(k.dur_us for k in kernels) / 1e3
+    idle = max(0.0, row["call_ms"] - busy)
+    label = {"operator": "operator", "by name": "by name", "none": "assumed"}
+    share: dict[str, float] = {}
+    for k in kernels:
+        share[label[k.source]] = share.get(label[k.source], 0.0) + (k.dur_us / (busy * 1e3) if busy else 0.0)
+    report.data["profiles"].append({
+        "path": path.name, "batch": row["batch"], "unit": "GPU kernels" if cuda else "CPU operators",
+        "kernels": len(kernels), "busy_ms": busy, "idle_ms": idle, "graph": graph,
+        "at_launch_floor": sum(k.dur_us <= LAUNCH_US for k in kernels), "time_share": share})
+    report.kernels["profiles"].append({"path": path.name, "batch": row["batch"], "card": card, "graph": graph,
+                                       "device": report.kernels["device"], "call_ms": row["call_ms"],
+                                       "idle_ms": idle, "kernels": [k.as_row() for k in kernels]})
+    return kernels, idle
+
+
+def anchor_checks(report: Report, files: list[Path]) -> None:
+    """Project each row profiled on another card (its -kernels.json) onto this one, and this run's
+    rows onto that card, and keep how far each projection lands from the measurement."""
+    here = {(p["path"], p["batch"]): p for p in report.kernels["profiles"]}
+    for f in files:
+        for o in json.loads(Path(f).read_text())["profiles"]:
+            h = here.get((o["path"], o["batch"]))
+            if h is None or not h["card"] or not o["card"] or h["card"] == o["card"] or not o["kernels"]:
+                continue
+            for src, dst in ((o, h), (h, o)):
+                proj = project_call([Kernel.from_row(k) for k in src["kernels"]], src["card"], dst["card"],
+                                    src["graph"], gaps_us=src["idle_ms"] * 1e3)["projected_ms"]
+                report.data["anchors"].append({"path": o["path"], "batch": o["batch"], "from": src["device"],
+                                               "to": dst["device"], "projected_ms": proj,
+                                               "measured_ms": dst["call_ms"], "error": proj / dst["call_ms"] - 1})
+    report.write()
 
 
 def packaged_throughput(report: Report, a: argparse.Namespace, cuda: bool) -> None:
@@ -258,7 +443,7 @@ def packaged_throughput(report: Report, a: argparse.Namespace, cuda: bool) -> No
 
 def judge(report: Report) -> None:
     d, out = report.data, []
-    default = "default: fp16, channels-last, CUDA graph"
+    default = DEFAULT
     best1 = [r for r in d["latency"] if r.get("batch") == 1 and "fuse_ms" in r]
     if best1:
         r = min(best1, key=lambda r: r["fuse_ms"])
@@ -279,6 +464,9 @@ def judge(report: Report) -> None:
                    f"{'met' if k >= TARGETS['packaged_slices_per_s'] else 'not met'}")
     failed = [r["command"] for r in d["cli"] if r["exit"] != 0]
     out.append("every command exited 0" if not failed else f"commands that failed: {', '.join(failed)}")
+    bad = [r["fraction_error"] for r in d["latency"] if r.get("fraction_error")]
+    if any(r.get("fraction_of_peak") is not None for r in d["latency"]):
+        out.append("every fraction of peak <= 100%" if not bad else f"impossible fractions of peak: {'; '.join(bad)}")
     d["targets"] = out
     report.write()
 
@@ -295,7 +483,13 @@ def main() -> None:
     ap.add_argument("--skip-cli", action="store_true", help="only the latency table")
     ap.add_argument("--allow-cpu", action="store_true", help="run without a GPU (smoke test of the script)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "reports")
+    ap.add_argument("--anchor", type=Path, action="append", default=[], metavar="KERNELS_JSON",
+                    help="a gpu-check-*-kernels.json from another card: project its rows onto this card and "
+                         "this run's onto it, and report how far each lands from the measurement")
     a = ap.parse_args()
+    for f in a.anchor:
+        if not f.is_file():
+            sys.exit(f"error: --anchor {f}: no such file")
     cuda = torch.cuda.is_available()
     if not cuda and not a.allow_cpu:
         sys.exit("error: no CUDA GPU; pass --allow-cpu to smoke-test the script on a CPU")
@@ -305,7 +499,10 @@ def main() -> None:
         work = Path(tmp)
         if not a.skip_cli:
             cli_checks(report, work, a.quick)
-        for step in (lambda: latency_table(report, a, work, cuda), lambda: packaged_throughput(report, a, cuda)):
+        steps = [lambda: latency_table(report, a, work, cuda), lambda: packaged_throughput(report, a, cuda)]
+        if a.anchor:
+            steps.append(lambda: anchor_checks(report, a.anchor))
+        for step in steps:
             try:
                 step()
             except Exception as e:  # noqa: BLE001 - record it, keep what was measured
@@ -314,7 +511,8 @@ def main() -> None:
     report.data["notes"].append(f"whole check: {time.perf_counter() - t0:.0f} s")
     judge(report)
     print(report.stem.with_suffix(".md").read_text())
-    failed = [r for r in report.data["cli"] if r["exit"] != 0] + [r for r in report.data["latency"] if "error" in r]
+    failed = [r for r in report.data["cli"] if r["exit"] != 0] + [r for r in report.data["latency"]
+                                                                  if "error" in r or r.get("fraction_error")]
     if failed or any(n.startswith("a step failed") for n in report.data["notes"]):
         sys.exit("error: some checks failed (see the report)")
 

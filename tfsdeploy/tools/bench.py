@@ -27,8 +27,8 @@ from tfsdeploy.fileio import atomic_path
 from tfsdeploy.inputs import Triplet, write_triplet
 from tfsdeploy.paths import display_path
 from tfsdeploy.pipeline import FusionPipeline, resolve_device, torch_denoiser
-from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu_peak_tflops, matmul_peak_gflops,
-                                      project_ms, rss_mib, sync)
+from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu_math, gpu_peak_tflops,
+                                      matmul_peak_gflops, project_ms, rss_mib, sync)
 from tfsdeploy.tools.report import fmt
 
 # "torch" is eager fp32 on the device: the reference every ratio is taken against. "torch-fast" is
@@ -140,7 +140,8 @@ def _inputs(batch: int, size: int, device) -> tuple[torch.Tensor, ...]:
 
 
 def _precision(engine: Denoiser) -> str:
-    return "fp32" if engine.dtype == torch.float32 else "fp16"
+    """The math whose peak the engine's "of peak" uses: fp32 layers may run on TF32 tensor cores."""
+    return gpu_math(engine.dtype)
 
 
 def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: BenchConfig, peak: dict | None,

@@ -1,9 +1,10 @@
 """What the machine is and what it can do: device facts, FLOP and byte counts of a denoiser call,
-measured CPU peak, data-sheet GPU peaks, memory in use. Shared by `bench`, the sampler study and the
-GPU check."""
+measured CPU peak, the data-sheet GPU peak of the math that runs (the table lives in
+tools/projection.py), memory in use. Shared by `bench`, the sampler study and the GPU check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -12,16 +13,7 @@ from pathlib import Path
 import torch
 
 from tfsdeploy import __version__
-
-# Data-sheet dense peaks (TFLOP/s; fp16/bf16 on tensor cores with fp32 accumulation) and memory
-# bandwidth (GB/s), for the "of peak" columns and for projections onto cards that are not here.
-GPU_PEAKS = {
-    "H200": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "bandwidth_gbs": 4800.0},
-    "H100": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0, "bandwidth_gbs": 3350.0},
-    "A100": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0, "bandwidth_gbs": 2039.0},
-    "RTX 3090": {"fp32": 35.6, "fp16": 71.0, "bf16": 71.0, "bandwidth_gbs": 936.0},
-}
-
+from tfsdeploy.tools.projection import CARDS, card_for, math_kind
 
 def sync() -> None:
     if torch.cuda.is_available():
@@ -117,11 +109,34 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def gpu_peak_tflops(name: str, precision: str) -> float | None:
-    for key, peaks in GPU_PEAKS.items():
-        if key in name:
-            return peaks.get(precision)
-    return None
+def gpu_peak_tflops(name: str, kind: str) -> float | None:
+    """Data-sheet dense peak of `kind` ('fp32', 'tf32', 'fp16', 'bf16') on the GPU called `name`."""
+    card = card_for(name)
+    return CARDS[card][kind] if card else None
+
+
+def tf32_allowed() -> bool:
+    """Whether torch may run fp32 convolutions or matrix products on TF32 tensor cores right now
+    (cuDNN convolutions may by default; matrix products may not)."""
+    return bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
+
+
+def gpu_math(dtype: torch.dtype) -> str:
+    """The math a torch layer of `dtype` runs on the GPU as torch is set now (see math_kind)."""
+    return math_kind(str(dtype), tf32_allowed())
+
+
+@contextlib.contextmanager
+def tf32_mode(on: bool | None):
+    """TF32 for fp32 convolutions and matrix products on (True) or off (False) inside the block,
+    torch's own defaults for None; the previous setting comes back after."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if on is not None:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def count_bytes(model: torch.nn.Module, batch: int, size: int) -> int:
@@ -149,9 +164,10 @@ def count_bytes(model: torch.nn.Module, batch: int, size: int) -> int:
 
 
 def project_ms(flops: int, nbytes: int, card: str, precision: str, efficiency: float | None = None) -> dict:
-    """A call's time on `card` from its data-sheet peaks: the roofline floor max(FLOPs / peak,
+    """A whole call's time on `card` from its data-sheet peaks: the roofline floor max(FLOPs / peak,
     bytes / bandwidth), and, given the fraction of peak measured on the GPU at hand, the floor
-    divided by it. A projection, never a measurement."""
-    peaks = GPU_PEAKS[card]
+    divided by it. A projection, never a measurement; it ignores launch costs, so it overstates
+    launch-bound calls (tools/projection.py projects kernel by kernel instead)."""
+    peaks = CARDS[card]
     floor = max(flops / (peaks[precision] * 1e12), nbytes / (peaks["bandwidth_gbs"] * 1e9)) * 1e3
     return {"card": card, "floor_ms": floor, "at_measured_efficiency_ms": floor / efficiency if efficiency else None}

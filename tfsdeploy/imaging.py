@@ -222,6 +222,10 @@ def _read_tiff(path: Path) -> np.ndarray:
         if len(tif.pages) > 1:
             raise UserError(_pages_message(path, len(tif.pages)))
         page = tif.pages[0]
+        if int(page.photometric) not in (1, 2):
+            # Palette, CMYK, white-is-zero...: stored values are not what a viewer shows; Pillow
+            # converts them as a viewer does.
+            return _read_pil(path)
         arr = page.asarray()
         tag = page.tags.get(274)
         orientation = int(tag.value) if tag is not None else 1

@@ -80,6 +80,12 @@ def list_dicom_series(folder: str | Path) -> tuple[list[SeriesInfo], int]:
 
     Refuses a missing or empty folder, and a folder with no DICOM image in it.
     """
+    infos, _, skipped = _read_headers(Path(folder))
+    return infos, skipped
+
+
+def _read_headers(folder: Path) -> tuple[list[SeriesInfo], dict[str, list], int]:
+    """list_dicom_series, plus each series' headers (pydicom datasets without pixels) in its files' order."""
     pydicom = import_extra("pydicom", "reading DICOM series")
     folder = Path(folder)
     if not folder.exists():
@@ -113,7 +119,7 @@ def list_dicom_series(folder: str | Path) -> tuple[list[SeriesInfo], int]:
         return float(value) if value not in (None, "") else float("inf")
 
     infos.sort(key=lambda s: (number(s), s.uid))
-    return infos, skipped + len(not_dicom)
+    return infos, {uid: [ds for _, ds in members] for uid, members in groups.items()}, skipped + len(not_dicom)
 
 
 def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = None) -> DicomVolume:
@@ -123,12 +129,12 @@ def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = N
     exactly one; needed when the folder holds more than one series, which is otherwise refused with a
     list of them (UID, description, modality, slice count).
     """
-    pydicom = import_extra("pydicom", "reading DICOM series")
+    import_extra("pydicom", "reading DICOM series")
     sitk = import_extra("SimpleITK", "reading DICOM series")
     folder = Path(folder)
-    infos, skipped = list_dicom_series(folder)
+    infos, headers_of, skipped = _read_headers(folder)
     chosen = _choose(folder, infos, series)
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in chosen.files]
+    headers = headers_of[chosen.uid]
     order, geometry = _check_series(folder, chosen, headers)
     files = tuple(chosen.files[i] for i in order)
 

@@ -247,13 +247,16 @@ def onto_grid(images: Mapping[str, object], reference: str, registrations: Mappi
 class RegisterConfig:
     """Rigid (6 degrees of freedom) registration by Mattes mutual information, coarse to fine.
 
-    Both volumes are first block-averaged to voxels of at least `working_mm` (finer detail does not
-    move a rigid fit of brain volumes, and it is what makes a 256^3 T1 cheap). `shrink` and `smooth`
+    Both volumes are first block-averaged to voxels of at least `working_mm`, or `follow_moving` times
+    the moving volume's largest voxel when that is coarser: detail finer than the moving volume's own
+    voxels cannot guide the fit, and skipping it is what makes a 256^3 T1 against a 4 mm SPECT cheap.
+    `shrink` and `smooth`
     (sigmas in working voxels) give the pyramid levels; `sampling` is the fraction of voxels the metric
     draws at each level (at random, from `seed`, so a run is repeatable).
     """
 
     working_mm: float = 2.0
+    follow_moving: float = 0.75
     shrink: tuple[int, ...] = (4, 2, 1)
     smooth: tuple[float, ...] = (2.0, 1.0, 0.0)
     sampling: float = 0.1
@@ -342,8 +345,9 @@ def register_rigid(fixed, moving, config: RegisterConfig = RegisterConfig(), lab
     """
     sitk = import_extra("SimpleITK", "registration")
     t0 = time.perf_counter()
-    fixed_itk = _working_copy(to_itk(fixed, "the reference volume"), config.working_mm)
-    moving_itk = _working_copy(to_itk(moving, label), config.working_mm)
+    working_mm = max(config.working_mm, config.follow_moving * float(voxel_sizes(moving.affine).max()))
+    fixed_itk = _working_copy(to_itk(fixed, "the reference volume"), working_mm)
+    moving_itk = _working_copy(to_itk(moving, label), working_mm)
     box = world_extent_of_box(fixed, brain_box(fixed))
     transform = sitk.Euler3DTransform()
     transform.SetCenter([float(v) for v in _FLIP @ box.mean(axis=1)])

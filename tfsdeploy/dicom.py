@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.volumes import from_itk, import_extra
+from tfsdeploy.volumes import describe_grid, from_itk, import_extra
 
 DICOMDIR = "DICOMDIR"
 # Tolerances on header geometry: direction cosines, and slice gaps relative to their median.
@@ -70,8 +70,6 @@ class DicomVolume:
     skipped: int  # files in the folder that were not images of any series (DICOMDIR, reports, stray files)
 
     def describe(self) -> str:
-        from tfsdeploy.volumes import describe_grid
-
         return f"DICOM series {self.series.describe()}: {describe_grid(self.image)}"
 
 

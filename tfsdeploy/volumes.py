@@ -401,5 +401,5 @@ def _fmt_mm(v) -> str:
 
 __all__ = ["SCANS_EXTRA", "MIN_OVERLAP", "import_extra", "to_itk", "from_itk", "itk_affine", "voxel_sizes",
            "volume_data", "same_grid", "describe_grid", "world_extent", "describe_extent", "brain_box", "coverage",
-           "check_overlap", "resample_onto", "onto_grid", "RegisterConfig", "Registration", "register_rigid",
+           "check_overlap", "world_extent_of_box", "resample_onto", "onto_grid", "RegisterConfig", "Registration", "register_rigid",
            "save_transforms"]

@@ -219,6 +219,8 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
 
     assert "trained from scratch" in error("--x4", start, "--blend", "4:0.5")
     assert "none of the models" in error("--x4", start, "--blend", "0.5")
+    # A member that is already a blend is named as such, not as changed since its fine-tune.
+    assert "already a blend" in error("--x4", tmp_path / "b" / "x4.safetensors", "--blend", "0.5")
     res = run("bundle", tmp_path / "b2", "--x2", start, "--x4", tmp_path / "ft", "--fp32", "--blend", "0.25")
     assert res.exit_code == 0, res.output  # one A: the fine-tuned members only
     assert "blend" not in read_bundle(tmp_path / "b2")["models"]["2"]
@@ -233,3 +235,30 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
     assert "has changed" in error("--x4", tmp_path / "ft", "--blend", "0.5")
     shutil.rmtree(start)
     assert "is gone" in error("--x4", tmp_path / "ft", "--blend", "0.5")
+
+
+def test_a_bundles_own_ddim_steps_beyond_its_schedule_blame_the_bundle(tmp_path, three, synth_dataset):
+    out = tmp_path / "bundle"
+    assert run("bundle", out, "--x4", three[4]).exit_code == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["models"]["4"]["ddim_steps"] = 10**6
+    (out / "bundle.json").write_text(json.dumps(meta))
+    trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
+    res = run("fuse", *trip, "--model", out, "--out", tmp_path / "f.png", "--no-progress")
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "bundle.json" in lines[0] and "ddim_steps" in lines[0] and "--steps 1000000" not in lines[0]
+    assert run("fuse", *trip, "--model", out, "--out", tmp_path / "f.png", "--no-progress", "--steps", 2).exit_code == 0
+
+
+def test_info_flags_a_default_model_that_is_not_a_model(tmp_path, monkeypatch, three):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    monkeypatch.setenv("TFSDEPLOY_MODEL", str(junk))
+    res = run("info")
+    assert res.exit_code == 0
+    line = next(x for x in res.output.splitlines() if x.startswith("default model:"))
+    assert "NOT USABLE" in line and "not a checkpoint" in line
+    monkeypatch.setenv("TFSDEPLOY_MODEL", str(three[4]))
+    line = next(x for x in run("info").output.splitlines() if x.startswith("default model:"))
+    assert "checkpoint, step 1" in line and "NOT USABLE" not in line

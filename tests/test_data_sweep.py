@@ -493,6 +493,21 @@ def test_a_full_disk_leaves_nothing_behind(base, full_disk, small_bundle, tmp_pa
     refused(work, "bundle", work / "b", "--x4", base["model"], "--fp32", match="no space")
 
 
+def test_an_export_that_fails_on_a_full_disk_leaves_no_empty_folder(base, work, monkeypatch):
+    """The exporter makes its folder, then the disk fills while the graph is written (simulated here:
+    a real export takes the better part of a minute on this CPU)."""
+    import errno
+
+    import export.onnx_export as onnx_export
+
+    def full(model, precision, out, *args, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx_export, "export_onnx", full)
+    refused(work, "export", base["model"], "--out", work / "new" / "export", "--no-fp16", match="no space")
+
+
 def test_ctrl_c_while_writing_a_scan_leaves_no_output(base, work):
     """SIGINT lands while the folder's slices are being written (the writer is slowed down and says
     when it has begun): exit 130, one line, and neither the output nor its staging folder remains."""
@@ -529,6 +544,21 @@ main()
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("fusing ")]
     assert lines == ["error: interrupted"], err
     assert hashes(work) == before, diff(before, hashes(work))
+
+
+def test_large_images_are_read_without_a_warning(base, work, monkeypatch):
+    """Pillow warns of a "decompression bomb" above MAX_IMAGE_PIXELS (89 MP); such an image is read all
+    the same, so the warning is not shown. (A smaller limit stands in for a 100 MP file.)"""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)  # the 64x48 inputs hold 3072 pixels
+    fused_ok("fuse", *triplet(base, work), "-m", base["model"], "--out", work / "o.png", *FAST)
+    np.testing.assert_array_equal(png(work / "o.png"), base["ref"])
+
+
+def test_duplicate_combinations_are_refused_before_any_work(work):
+    refused(work, "data", "build", "--out", work / "ds", "--size", 32, "--combos", "t1-t2-spect,t1-t2-spect",
+            match="more than once")
 
 
 # --------------------------------------------------------------------------- datasets

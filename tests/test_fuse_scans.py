@@ -120,3 +120,24 @@ def test_activation_estimate_grows_with_size_and_covers_attention():
     small, big = activation_bytes(paper, 256), activation_bytes(paper, 1024)
     assert 10 * small < big  # 16x the pixels, and the 16x16 attention level now attends over 64x64
     assert activation_bytes(paper, 4096) > 2**36  # (256*256)^2 fp32 attention scores alone are 16 GiB
+
+
+def test_a_batch_beyond_the_exports_range_is_refused_before_any_denoiser_call(volumes, exported, monkeypatch):
+    from engines.onnx_engine import OnnxDenoiser
+
+    calls = []
+    real = OnnxDenoiser.__call__
+    monkeypatch.setattr(OnnxDenoiser, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    onnx_path = exported["fp32"][0]
+    pipe = FusionPipeline.load(onnx_path, 4, SampleConfig(steps=2), EngineConfig(engine="onnx"))
+    scan = open_scan(*volumes)
+    with pytest.raises(UserError, match="batch 5 is outside the exported range 1..3"):
+        pipe.fuse_scan(scan, size=64, batch_size=8)  # 5 slices: the first call would hold all of them
+    assert calls == []
+    assert pipe.fuse_scan(scan, size=64, batch_size=3).shape[0] == 5 and len(calls) == 2 * 2
+
+
+def test_adapt_on_an_exported_artifact_names_the_artifact(tmp_path, volumes, exported):
+    line = one_error_line(run("fuse", *volumes, "--model", exported["fp32"][0], "--adapt", 2, "--out",
+                              tmp_path / "o.nii.gz"))
+    assert "--adapt" in line and "exported artifact" in line and "engine torch" not in line

@@ -219,3 +219,24 @@ def test_profile_call_on_the_cpu_reads_a_real_profile():
     conv = sum(k.flops for k in ks if k.name == "aten::conv2d")
     # every convolution FLOP that torch's FLOP counter sees, and no more
     assert 0.9 * count_flops(model, 1, 32) <= conv <= count_flops(model, 1, 32)
+
+
+def test_unknown_dtype_has_no_math_kind():
+    with pytest.raises(ValueError, match="int8"):
+        math_kind("int8", True)
+
+
+def test_kernel_faster_than_its_dram_roofline_is_counted():
+    # 48 MB in 5 us above the launch: 9.6 TB/s, twice the H200's DRAM bandwidth (an L2-resident tensor)
+    fast = Kernel("vectorized_elementwise_kernel", 0.0, 8.0, 0.0, 48e6, "fp16", "operator")
+    proj = project_call([fast, MEMORY], "H200", "RTX 3090", graph=True)
+    assert proj["over_roofline"] == 1
+    # still projected at its own efficiency: 3 + 5 us x 4800 / 936
+    assert project_kernel(fast, "H200", "RTX 3090") == pytest.approx(3 + 5 * 4800 / 936)
+
+
+def test_kernel_rows_round_trip_through_json():
+    import json
+
+    for k in (COMPUTE, MEMORY, LAUNCH, Kernel("k", 1.5, 2.0, None, None, "tf32", "none")):
+        assert Kernel.from_row(json.loads(json.dumps(k.as_row()))) == k

@@ -330,3 +330,63 @@ def test_montage_grid(tmp_path):
     with Image.open(path) as im:
         assert im.size == (4 * w, 3 * h)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.png", "m.png"]
+
+
+# --------------------------------------------------------------------------- all-or-nothing outputs
+
+
+def test_a_scan_output_and_its_montage_are_published_together_or_not_at_all(tmp_path, volumes, monkeypatch):
+    import tfsdeploy.scans as scans
+
+    scan = open_volumes(volumes)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    output = scans.ScanOutput(scan, out_dir / "case.x4.nii.gz")
+    assert output.montage == out_dir / "case.x4_montage.png"  # named from the whole output name
+    output.check()
+    fused = position_coded(Z, Y, X)
+    assert output.publish(fused) == [out_dir / "case.x4.nii.gz"]
+    first = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert sorted(first) == ["case.x4.nii.gz", "case.x4_montage.png"]
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scans, "montage_image", broken)  # the volume is staged, then the montage fails
+    with pytest.raises(UserError, match=r"case\.x4\.nii\.gz: cannot write here \(No space left on device\)"):
+        output.publish(fused[:, :, ::-1])
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == first  # the previous outputs, untouched
+
+
+def test_a_folder_output_replaces_the_previous_one_as_a_whole(folders, tmp_path):
+    scan = open_scan(folders["t1"], folders["t2"], folders["func"])
+    out = tmp_path / "fused"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"a slice of another scan")
+    scan.write_output(out, position_coded(3, 16, 12))
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
+    (out / "notes.txt").write_text("not a slice")
+    with pytest.raises(UserError, match="replaced as a whole"):
+        scan.write_output(out, position_coded(3, 16, 12))
+    assert (out / "notes.txt").is_file()
+
+
+def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path, volumes):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    out = tmp_path / "fused.nii.gz"
+    dead = tmp_path / f".fused.nii.gz.{dead_pid}.k9xq.tmp"  # a write killed with kill -9
+    dead.write_bytes(b"half a volume")
+    dead_dir = tmp_path / f".fused.nii.gz.{dead_pid}.abcd.tmp"
+    (dead_dir / "inner").mkdir(parents=True)
+    alive = tmp_path / f".fused.nii.gz.{os.getpid()}.live.tmp"  # a write still running
+    alive.write_bytes(b"in progress")
+    other = tmp_path / f".other.nii.gz.{dead_pid}.k9xq.tmp"  # another output's: not ours to judge
+    other.write_bytes(b"x")
+    open_volumes(volumes).write_output(out, position_coded(Z, Y, X))
+    assert out.is_file() and not dead.exists() and not dead_dir.exists()
+    assert alive.exists() and other.exists()

@@ -243,3 +243,62 @@ def test_the_base_invocations_are_valid(sweep_inputs, tmp_path, monkeypatch):
             argv = command_line(cmd, fn, base_invocations(tiny_run, data, triplet, work)[variant])
             res = runner.invoke(app, argv)
             assert res.exit_code == 0, f"tfsdeploy {' '.join(argv)}\n{res.output}"
+
+
+# --------------------------------------------------------------------------- optional packages
+
+
+def hide(monkeypatch, package: str) -> None:
+    """Make `import package` (and its submodules) fail, as on an install without its extra."""
+    import sys
+
+    for name in list(sys.modules):
+        if name == package or name.startswith(package + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
+def test_bench_without_matplotlib_writes_its_tables_and_says_why_there_is_no_plot(tmp_path, monkeypatch):
+    hide(monkeypatch, "matplotlib")
+    argv = command_line("bench", commands()["bench"], base_invocations(Path(), Path(), ["", "", ""], tmp_path)["bench"])
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output and res.exception is None
+    assert sorted(p.name for p in (tmp_path / "bench").iterdir()) == ["bench.json", "bench.md"]
+    said = [line for line in res.output.splitlines() if "no plot" in line]
+    assert len(said) == 1 and "needs matplotlib" in said[0]
+    assert "bench.png" not in res.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime", "onnxscript", "tensorrt"])
+def test_commands_needing_an_optional_package_say_so_in_one_line(package, sweep_inputs, tmp_path, monkeypatch,
+                                                                request):
+    """Without each optional package in turn: the commands that need it end in one `error:` line
+    naming what to install and leave nothing; `info` reports it missing; the rest still run."""
+    tiny_run, data, triplet = sweep_inputs
+    onnx_file = request.getfixturevalue("exported")["fp32"][0] if package == "onnxruntime" else None
+    hide(monkeypatch, package)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def one_line(argv: list[str]) -> str:
+        res = runner.invoke(app, [str(a) for a in argv])
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+        assert "Traceback" not in res.output and not list(work.iterdir())
+        return lines[0]
+
+    export = ["export", tiny_run, "--out", work / "export", "--min-size", "32", "--max-size", "64",
+              "--parity-steps", "1", "--no-fp16"]
+    if package == "tensorrt":
+        assert "--trt" in one_line(export + ["--no-onnx", "--trt"])
+    else:
+        assert package in one_line(export) and "pip install" in one_line(export)
+    if package == "onnxruntime":
+        fuse = ["fuse", *triplet, "-m", onnx_file, "--out", work / "o.png", "--no-progress"]
+        assert "onnx runtime is not installed" in one_line(fuse).lower()
+        info = runner.invoke(app, ["info"])
+        assert info.exit_code == 0 and "  onnx: no" in info.output, info.output
+    res = runner.invoke(app, ["fuse", *triplet, "-m", str(tiny_run), "--engine", "torch", "--steps", "1",
+                              "--out", str(work / "o.png"), "--no-progress"])
+    assert res.exit_code == 0, res.output

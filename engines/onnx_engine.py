@@ -52,6 +52,7 @@ class OnnxDenoiser:
             raise UserError(f"{self.path}: ONNX Runtime cannot load it ({type(e).__name__}: {e})") from None
         self.provider = self.session.get_providers()[0]
         self.device = torch.device("cuda") if self.provider == "CUDAExecutionProvider" else torch.device("cpu")
+        self.capturable = False  # ONNX Runtime synchronises with the host inside a call
 
     def describe(self) -> str:
         return f"onnx {self.precision} ({self.provider})"

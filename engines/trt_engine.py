@@ -67,6 +67,7 @@ class TrtDenoiser:
         if names != {*INPUTS, OUTPUT}:
             raise UserError(f"{self.path}: engine tensors {sorted(names)} do not match the I/O spec")
         self.cuda_graph = cuda_graph
+        self.capturable = False  # TensorRT keeps its own optional per-call graph
         self._graph: torch.cuda.CUDAGraph | None = None
         self._shape: tuple[int, ...] | None = None
         self._buffers: dict[str, torch.Tensor] = {}

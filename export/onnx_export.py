@@ -29,7 +29,7 @@ from tfsdeploy.config import ARTIFACT_FILES
 from tfsdeploy.errors import UserError
 from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
-from tfsdeploy.model import TFSDiffUNet
+from tfsdeploy.model import TFSDiffUNet, set_norm_upcast
 
 DEFAULT_OPSET = 18
 # Above this the graph's weights go to a separate `.data` file (protobuf's limit is 2 GiB).
@@ -46,7 +46,8 @@ class HalfDenoiser(nn.Module):
 
     def __init__(self, model: TFSDiffUNet):
         super().__init__()
-        self.model = copy.deepcopy(model).half()
+        # the islands are part of the exported precision, whatever a live engine did to its own copy
+        self.model = set_norm_upcast(copy.deepcopy(model).half(), True)
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         return self.model(x_t.half(), cond.half(), noise_level.float()).float()

@@ -44,6 +44,8 @@ def write_folder(root: Path, names: list[str], size: int = 64, seed: int = 0, gt
 class AnalyticDenoiser:
     """A plain function behind the Denoiser protocol (diffusers-style contract tests)."""
 
+    capturable = False
+
     def __init__(self, fn, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.fn, self.device, self.dtype = fn, torch.device(device), dtype
 

@@ -91,6 +91,8 @@ class OnDevice:
     """An engine on another device than its inputs (torch's meta device: shapes without data). It
     refuses inputs that are not on its device and records the condition tensor of every call."""
 
+    capturable = False
+
     def __init__(self, device="meta"):
         self.device, self.dtype, self.conds = torch.device(device), torch.float32, []
 

@@ -82,5 +82,11 @@ def default_export_dir(ckpt: str | Path) -> Path:
     return path.parent / EXPORT_DIR / path.stem
 
 
+def compiled_cache_dir(ckpt_sha256: str) -> Path:
+    """Where long jobs put the AOTInductor packages they build on first use: the user cache, one
+    folder per checkpoint (by its weights' sha256), whatever folder the checkpoint sits in."""
+    return cache_dir() / "compiled" / ckpt_sha256[:16]
+
+
 __all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
-           "default_export_dir"]
+           "default_export_dir", "compiled_cache_dir"]

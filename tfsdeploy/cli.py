@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import sys
@@ -235,17 +236,23 @@ def _explicit(ctx: typer.Context, name: str) -> bool:
 # --------------------------------------------------------------------------- fuse
 
 
-ENGINE_HELP = ("auto, torch, onnx, onnx-fp16 or trt. auto: on a GPU a valid TensorRT engine, else torch "
-               "(fp16, channels-last, CUDA graphs); on a CPU a valid fp32 ONNX export, else torch.")
+ENGINE_HELP = ("auto, torch, onnx, onnx-fp16, trt or aoti. auto: on a GPU a valid TensorRT engine, else a valid "
+               "AOTInductor package (scans, evaluate and bench build one on first use), else torch (fp16); a DDIM "
+               "fuse runs as one CUDA graph; on a CPU a valid fp32 ONNX export, else torch.")
 
 
 def _engine_config(engine: str = "auto", device: str = "auto", precision: str = "auto",
                    cuda_graph: Optional[bool] = None, compile: bool = False, threads: int = 0,
-                   export_dir: Optional[Path] = None):
+                   export_dir: Optional[Path] = None, long_job: bool = False):
+    """`long_job`: a scan, an evaluation or a benchmark, worth compiling the denoiser for on first use."""
     from tfsdeploy.config import EngineConfig
 
     return EngineConfig(engine=engine, device=device, precision=precision, cuda_graph=cuda_graph, compile=compile,
-                        threads=threads, export_dir=str(export_dir) if export_dir else None)
+                        threads=threads, export_dir=str(export_dir) if export_dir else None, build_missing=long_job)
+
+
+def _notice(text: str) -> None:
+    typer.echo(text, err=True)
 
 
 @app.command()
@@ -325,7 +332,7 @@ def fuse(
         write_png(out, fuse_baseline(trip, scale, size or 256, method))
         typer.echo(f"wrote {out} (bicubic + {method} fusion, x{scale})")
         return
-    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose), notice=_notice)
     if adapt:
         pipe = _adapted(pipe, [read_triplet(t1, t2, func)], size, adapt, seed, progress)
     with _progress_bar(sample.sampler, progress) as bar:
@@ -379,7 +386,8 @@ def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Opt
     output = ScanOutput(scan, out)
     output.check()
     out, montage = output.path, output.montage
-    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose))
+    engine_cfg = dataclasses.replace(engine_cfg, build_missing=not adapt)  # a scan is a long job
+    pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose), notice=_notice)
     output_box(*scan.shape, pipe.check_size(size))
     batch = batch_size or pipe.max_batch(pipe.check_size(size))
     if adapt:  # one adapted model for the whole scan, from up to ADAPT_SLICES slices spread over it
@@ -542,7 +550,8 @@ def evaluate(
                      limit=limit, size=size, montage_image=montage_image)
     if limit < 0:
         raise UserError(f"--limit must be >= 0, got {limit}")
-    entries, samples = evaluation_inputs(list(model), data, cfg, _engine_config(engine, threads=threads), typer.echo)
+    entries, samples = evaluation_inputs(list(model), data, cfg, _engine_config(engine, threads=threads, long_job=True),
+                                         typer.echo)
     with _progress_bar("evaluate", progress) as bar:
         summary = run_evaluation(entries, samples, out, cfg, lpips_backbone, lpips_lin, progress=bar, log=typer.echo)
     for scale, tables in summary["tables"].items():
@@ -561,7 +570,7 @@ def evaluation_inputs(models: list[Path], data: Optional[Path], cfg, engine_cfg,
 
     entries, labels, first_size = [], set(), 0
     for path in (named_model(m) for m in models):
-        pipes = {s: FusionPipeline.load(path, s, cfg.sample, engine_cfg) for s in cfg.scales}
+        pipes = {s: FusionPipeline.load(path, s, cfg.sample, engine_cfg, notice=log) for s in cfg.scales}
         first_size = first_size or pipes[cfg.scales[0]].image_size
         entries.append(model_entry(path, pipes, cfg, labels))
     samples = open_split(ensure_dataset(data, log=log), cfg.split, cfg.size or first_size or 256).load()
@@ -579,6 +588,8 @@ def export(
     onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export the fp32 ONNX."),
     fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Export the fp16 ONNX (fp32 islands and I/O)."),
     trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT FP16 engine (needs TensorRT and a GPU)."),
+    aoti: bool = typer.Option(False, "--aoti", help="Also build an AOTInductor package for this machine: fp16 on "
+                              "a GPU, fp32 on a CPU (minutes on a CPU; `--no-onnx --no-fp16 --aoti` builds only it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: CKPT/export)."),
     max_batch: int = typer.Option(4, min=1, max=1024, help="Largest batch the artifacts accept."),
     min_size: int = typer.Option(0, min=0, max=8192,
@@ -588,8 +599,8 @@ def export(
     parity_steps: int = typer.Option(10, min=1, max=1000, help="DDIM steps of the fused-image parity check."),
     workspace_gib: float = typer.Option(8.0, max=1024.0, help="TensorRT builder workspace."),
 ) -> None:
-    """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16) and TensorRT FP16, each checked for parity.
-    A bundle exports every member, each into its own folder."""
+    """Export the TMFA + U-Net denoiser to ONNX (fp32, fp16), TensorRT FP16 and AOTInductor, each checked
+    for parity. A bundle exports every member, each into its own folder."""
     _long_running()
     from tfsdeploy.artifacts import default_export_dir
     from tfsdeploy.bundle import bundle_members, is_bundle, named_model
@@ -607,11 +618,11 @@ def export(
         members = {0: model}
     for member in members.values():
         with removed_if_left_empty(out or default_export_dir(member)):  # a failed export leaves no empty folder
-            _export_one(member, onnx, fp16, trt, out, max_batch, min_size, max_size, opset, parity_steps,
+            _export_one(member, onnx, fp16, trt, aoti, out, max_batch, min_size, max_size, opset, parity_steps,
                         workspace_gib)
 
 
-def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Path], max_batch: int,
+def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, aoti: bool, out: Optional[Path], max_batch: int,
                 min_size: int, max_size: int, opset: int, parity_steps: int, workspace_gib: float) -> None:
     from engines.trt_engine import tensorrt_status
     from export.onnx_export import default_spec, export_onnx
@@ -628,8 +639,8 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
     precisions = [p for p, on in (("fp32", onnx), ("fp16", fp16)) if on]
     if trt_mod is not None and build_plan(trt_mod.__version__).onnx_precision not in precisions:
         precisions.append(build_plan(trt_mod.__version__).onnx_precision)
-    if not precisions and not trt:
-        raise UserError("nothing to export: pass --onnx, --fp16 or --trt")
+    if not precisions and not trt and not aoti:
+        raise UserError("nothing to export: pass --onnx, --fp16, --trt or --aoti")
     typer.echo(f"exporting {model} -> {out} (batch {spec.min_batch}..{spec.max_batch}, "
                f"size {spec.min_size}..{spec.max_size}, multiple of {spec.size_multiple}, opset {opset})")
     done = {}
@@ -648,6 +659,12 @@ def _export_one(model: Path, onnx: bool, fp16: bool, trt: bool, out: Optional[Pa
         onnx_path = done[build_plan(trt_mod.__version__).onnx_precision]
         engine = build_engine(onnx_path, out, model, workspace_gib, parity_steps, parity_image, log=typer.echo)
         typer.echo(f"  {engine.name}: TensorRT FP16 engine")
+    if aoti:
+        from export.aoti_export import export_aoti
+
+        package, rep = export_aoti(model, out, "auto", spec, parity_steps, parity_image, log=typer.echo)
+        typer.echo(f"  {package.name}: AOTInductor package, parity vs torch fp32: relative L2 "
+                   f"{rep['relative_l2']:.2e}, fused PSNR {rep['fused_psnr_db']:.1f} dB")
 
 
 # --------------------------------------------------------------------------- bench
@@ -661,7 +678,7 @@ def bench(
                                          "default: random weights of --preset; speed does not depend on the "
                                          "weights, except that exported engines are found beside it)."),
     preset: str = typer.Option("small", help="Model preset when no --model is given."),
-    engines: str = typer.Option("torch,torch-fast,torch-compile,onnx,onnx-fp16,trt",
+    engines: str = typer.Option("torch,torch-fast,torch-compile,onnx,onnx-fp16,trt,aoti",
                                 help="Engines to measure (torch is eager fp32, torch-fast the default GPU path); "
                                 "unavailable ones are skipped with the reason."),
     sizes: str = typer.Option("128,256", help="Image sides for the per-call latency."),
@@ -693,7 +710,7 @@ def bench(
 
     check_scale(scale)
     check_folder_target(out)
-    engine_cfg = _engine_config(engine, threads=threads)
+    engine_cfg = _engine_config(engine, threads=threads, long_job=True)
     study_steps = _parse_ints(ddim_steps, "--ddim-steps")
     if quality and (not study_steps or min(study_steps) < 1):
         raise UserError(f"--ddim-steps takes positive step counts, got {ddim_steps!r}")
@@ -705,7 +722,7 @@ def bench(
         from tfsdeploy.pipeline import FusionPipeline
         from tfsdeploy.tools.study import StudyConfig, sampler_study
 
-        pipe = FusionPipeline.load(model, scale, engine=engine_cfg)
+        pipe = FusionPipeline.load(model, scale, engine=engine_cfg, notice=_notice)
         samples = open_split(ensure_dataset(data, log=typer.echo), "test", size).load()
         r = sampler_study(pipe, samples, StudyConfig(images=images, size=size, ddim_steps=study_steps,
                                                      ddpm_steps=ddpm_full), out, log=typer.echo)

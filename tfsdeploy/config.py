@@ -177,11 +177,16 @@ class SampleConfig:
 
 DEVICES = ("auto", "cpu", "cuda")
 # The engines, named once. `auto` picks among them. Each compiled engine runs one exported file
-# (TensorRT's name carries its cache key, hence the glob), and a file's suffix says which engine
-# runs it when it is handed over directly.
-ENGINES = ("torch", "onnx", "onnx-fp16", "trt")
-ARTIFACT_FILES = {"onnx": "denoiser-fp32.onnx", "onnx-fp16": "denoiser-fp16.onnx", "trt": "denoiser-fp16-*.plan"}
-ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt"}
+# (the TensorRT and AOTInductor names carry their cache keys, hence the globs), and a file's suffix
+# says which engine runs it when it is handed over directly.
+ENGINES = ("torch", "onnx", "onnx-fp16", "trt", "aoti")
+ARTIFACT_FILES = {"onnx": "denoiser-fp32.onnx", "onnx-fp16": "denoiser-fp16.onnx", "trt": "denoiser-fp16-*.plan",
+                  "aoti": "denoiser-aoti-*.pt2"}
+ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt", ".pt2": "aoti"}
+# What `auto` tries, in order, before the torch engine. On CUDA: a TensorRT engine, then an
+# AOTInductor package (both compiled, one graph per call). On a CPU: the fp32 ONNX, which ran ahead
+# of eager torch and of an AOTInductor package in benchmarks/reports/cpu-engines.md.
+AUTO_ORDER = {"cuda": ("trt", "aoti"), "cpu": ("onnx",)}
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -189,16 +194,24 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 class EngineConfig:
     """How the denoiser runs: which engine, on which device, in which precision, and whether its
     calls are compiled or replayed from CUDA graphs. "auto" (and None) pick the fast path for the
-    device: on CUDA, the torch engine runs fp16, channels-last, from CUDA graphs; on a CPU, fp32."""
+    device: on CUDA a compiled engine when one is valid, else the torch engine in fp16 with native
+    GroupNorm; a whole DDIM fuse replayed from one CUDA graph; on a CPU, fp32."""
 
-    engine: str = "auto"  # auto, torch, onnx, onnx-fp16 or trt
+    engine: str = "auto"  # auto, torch, onnx, onnx-fp16, trt or aoti
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
     precision: str = "auto"  # torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16
-    cuda_graph: bool | None = None  # None: on for the torch engine on CUDA, off for TensorRT
-    channels_last: bool | None = None  # None: on for the torch engine on CUDA
-    compile: bool = False  # torch.compile the model first (paid once per process)
+    cuda_graph: bool | None = None  # None: on for torch and AOTInductor on CUDA, off for TensorRT
+    channels_last: bool | None = None  # None: off (NCHW measured faster for the eager engine on an H200)
+    compile: bool = False  # torch.compile the model first (cached on disk, so paid once per machine)
     threads: int = 0  # CPU threads for torch and ONNX Runtime (0 = their default)
     export_dir: str | None = None  # where exported engines live (None: beside the checkpoint)
+    # With CUDA graphs on: capture a whole DDIM fuse (every denoiser call and the update arithmetic
+    # between them) into one graph, for engines that can be recorded (torch, AOTInductor). False
+    # keeps one graph per denoiser call.
+    whole_loop: bool = True
+    # Long jobs on CUDA: build the AOTInductor package on first use when none is valid (into the
+    # cache), so the next process only loads it. One-image fuses never build.
+    build_missing: bool = False
 
     def __post_init__(self) -> None:
         _check(self.engine in ("auto", *ENGINES), f"engine must be auto or one of {', '.join(ENGINES)}, "
@@ -221,7 +234,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def artifact_engine(path: Any) -> str | None:
-    """The engine family that runs an exported file ("onnx" or "trt"), or None for a checkpoint."""
+    """The engine family that runs an exported file ("onnx", "trt" or "aoti"), or None for a checkpoint."""
     name = str(path)
     return next((e for suffix, e in ARTIFACT_SUFFIXES.items() if name.endswith(suffix)), None)
 

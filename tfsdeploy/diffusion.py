@@ -33,11 +33,14 @@ class Denoiser(Protocol):
     x_t [B,3,H,W], cond [B,5,H,W] and noise_level [B] (sqrt(gamma)) are float32 tensors on
     `device`; the prediction [B,3,H,W] comes back float32 on `device`. `dtype` is the precision the
     engine computes in, and `describe()` says in one line what runs (engine, precision, device).
-    The samplers keep their state on `device` and never ask which engine they drive.
+    `capturable` says whether a CUDA graph may record its calls as part of a whole fuse
+    (tfsdeploy.loopgraph). The samplers keep their state on `device` and never ask which engine
+    they drive.
     """
 
     device: torch.device
     dtype: torch.dtype
+    capturable: bool
 
     def describe(self) -> str: ...
 
@@ -242,21 +245,43 @@ class Diffusion:
         if clip is not None:
             clip = (clip[0].to(device), clip[1].to(device))
         if self.cfg.objective == "regression":  # one deterministic call; sampler settings do not apply
-            zero, x = torch.zeros(b, device=device), torch.zeros(shape, device=device)
-            out = self.split(model(x, cond, zero), x, zero, clip).x0
+            out = self.denoise(model, torch.zeros(shape, device=device), cond, [], clip=clip)
             if progress is not None:
                 progress(1, 1)
             return out
-        seeds = [int(seed)] * b if isinstance(seed, int) else [int(s) for s in seed]
-        if len(seeds) != b:
-            raise UserError(f"{len(seeds)} seeds for a batch of {b}")
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        gens = self.generators(seed, b)
 
         def noise() -> torch.Tensor:
-            return torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)
+            return self.initial_noise(gens, shape).to(device)
 
-        ts = self.schedule.timesteps(steps, spacing)
-        x = noise()
+        return self.denoise(model, noise(), cond, self.schedule.timesteps(steps, spacing), sampler, clip, noise,
+                            progress)
+
+    def generators(self, seed: int | Sequence[int], batch: int) -> list[torch.Generator]:
+        """One CPU generator per slice: `seed` for every slice, or one seed each."""
+        seeds = [int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise UserError(f"{len(seeds)} seeds for a batch of {batch}")
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    @staticmethod
+    def initial_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+        """A [B,...] draw of standard noise on the CPU, slice i from generator i."""
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in gens])
+
+    def denoise(self, model: Denoiser, x: torch.Tensor, cond: torch.Tensor, ts: Sequence[int], sampler: str = "ddim",
+                clip: tuple[torch.Tensor, torch.Tensor] | None = None,
+                noise: Callable[[], torch.Tensor] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The sampler's loop from x = x_T over the timesteps `ts` (all on `model.device`) -> x0.
+        No host synchronisation: with DDIM (or the regression objective, `ts` empty) it is a fixed
+        sequence of kernels that a CUDA graph can record whole (tfsdeploy.loopgraph). DDPM draws
+        fresh noise from `noise()` at every step but the last."""
+        device = model.device
+        b = x.shape[0]
+        if self.cfg.objective == "regression":  # the network sees x_t = 0 at level 0, as in training
+            zero, x = torch.zeros(b, device=device), torch.zeros_like(x)
+            return self.split(model(x, cond, zero), x, zero, clip).x0
         abar = self.schedule.alphas_cumprod
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
@@ -269,6 +294,7 @@ class Diffusion:
                 beta = 1 - a_t / a_prev
                 mean = (a_prev**0.5 * beta / (1 - a_t)) * pred.x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
                 if t_prev > 0:
+                    assert noise is not None, "DDPM needs a noise source"
                     var = beta * (1 - a_prev) / (1 - a_t)
                     x = mean + var**0.5 * noise()
                 else:
@@ -284,9 +310,34 @@ class Diffusion:
         The condition moves to the model's device once; the baseline, the clip range and the
         sampler state are made there. `seeds` (one per slice) replaces `sample.seed`."""
         cond01 = cond01.to(model.device)
+        if self.deterministic(sample):  # the path a whole-fuse CUDA graph records, run eagerly
+            x_T = self.initial_noise(self.generators(sample.seed if seeds is None else seeds, cond01.shape[0]),
+                                     (cond01.shape[0], 3, *cond01.shape[-2:]))
+            return self.fuse_from_noise(model, cond01, x_T.to(model.device), sample, progress)
         base01 = fuse_condition(cond01)
         x0 = self.sample(model, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
                          sampler=sample.sampler, steps=sample.steps or None, spacing=sample.spacing,
                          seed=sample.seed if seeds is None else seeds, clip=self.clip_range(base01),
                          progress=progress)
+        return self.decode(x0, base01)
+
+    def deterministic(self, sample: SampleConfig) -> bool:
+        """Whether a fuse is a fixed function of the condition and the initial noise (DDIM, or the
+        regression objective): then the whole of it can be recorded as one CUDA graph."""
+        return self.cfg.objective == "regression" or sample.sampler == "ddim"
+
+    @torch.no_grad()
+    def fuse_from_noise(self, model: Denoiser, cond01: torch.Tensor, x_T: torch.Tensor,
+                        sample: SampleConfig = SampleConfig(),
+                        progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """A deterministic fuse from its initial noise x_T [B,3,H,W]: baseline, DDIM loop (or the one
+        regression call), decode. Every tensor is on `model.device` and nothing syncs with the host."""
+        if not self.deterministic(sample):
+            raise UserError("a fuse from given noise needs DDIM (DDPM draws new noise at every step)")
+        base01 = fuse_condition(cond01)
+        ts = [] if self.cfg.objective == "regression" else \
+            self.schedule.timesteps(sample.steps or DEFAULT_DDIM_STEPS, sample.spacing)
+        x0 = self.denoise(model, x_T, cond01 * 2 - 1, ts, "ddim", self.clip_range(base01), progress=progress)
+        if progress is not None and not ts:
+            progress(1, 1)
         return self.decode(x0, base01)

@@ -5,8 +5,11 @@ Call contract (the Denoiser interface, see engines/):
 where noise_level is sqrt(gamma) = sqrt(alpha_bar) in [0, 1] and the prediction is eps, x0 or v
 as the checkpoint's DiffusionConfig says (eps for the paper's setting).
 
-Precision: GroupNorm, the attention softmax and the noise-level sinusoids always run in fp32.
+Precision: GroupNorm, the attention softmax and the noise-level sinusoids run in fp32 by default.
 Each casts its input up and its output back, so the casts survive autocast, `.half()` and export.
+The CUDA eager engine turns the GroupNorm casts off (`set_norm_upcast(model, False)`): CUDA's
+group_norm already accumulates its statistics in fp32, and the casts around ~100 norms cost more
+than the norms themselves.
 """
 
 from __future__ import annotations
@@ -21,9 +24,14 @@ from tfsdeploy.config import ModelConfig
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype."""
+    """GroupNorm computed in fp32 whatever the input dtype (unless `upcast` is turned off, when it
+    runs in the input's dtype)."""
+
+    upcast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.upcast or x.dtype == torch.float32:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
         return y.to(x.dtype)
 
@@ -209,6 +217,14 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def set_norm_upcast(model: nn.Module, upcast: bool) -> nn.Module:
+    """Keep (True, the default and what exports use) or drop the fp32 casts around every GroupNorm."""
+    for m in model.modules():
+        if isinstance(m, GroupNorm32):
+            m.upcast = upcast
+    return model
 
 
 def build_model(cfg: ModelConfig) -> TFSDiffUNet:

@@ -3,8 +3,10 @@
 It owns everything between "this model, this scale" and a fused image:
 
 - the checkpoint that runs (a bundle's member for the scale) and its default sampler steps;
-- the engine (`auto`: a valid TensorRT engine on CUDA, else the torch fast path; on a CPU a valid
-  fp32 ONNX export, else torch), its device and precision, and its compile / CUDA-graph mode;
+- the engine (`auto`: on CUDA a valid TensorRT engine, else a valid AOTInductor package, else the
+  torch fast path; on a CPU a valid fp32 ONNX export, else torch), its device and precision, and
+  its compile / CUDA-graph mode; long jobs on CUDA build the AOTInductor package on first use;
+- on CUDA, a whole DDIM fuse recorded into one CUDA graph (tfsdeploy.loopgraph);
 - the sampler, whose state lives on the engine's device (the condition moves there once);
 - batching by the memory the device has, for whole scans.
 
@@ -24,10 +26,11 @@ import torch
 
 from tfsdeploy.bundle import model_for_scale, named_model, sample_for
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
-from tfsdeploy.config import ENGINES, EngineConfig, SampleConfig, artifact_engine
+from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.errors import UserError
 from tfsdeploy.inputs import Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition
+from tfsdeploy.loopgraph import GraphBackend, WholeFuseGraphs
 from tfsdeploy.model import activation_bytes
 
 Progress = Callable[[int, int], None]
@@ -52,15 +55,18 @@ def torch_denoiser(ckpt: str | Path, device: torch.device, cfg: EngineConfig) ->
     precision = cfg.precision if cfg.precision != "auto" else ("fp16" if cuda else "fp32")
     model, ck = build_from_checkpoint(ckpt)
     return TorchDenoiser(model, device, DTYPES[precision], compile=cfg.compile,
-                         channels_last=cuda if cfg.channels_last is None else cfg.channels_last,
+                         channels_last=bool(cfg.channels_last),
                          cuda_graph=cuda if cfg.cuda_graph is None else cfg.cuda_graph), ck.configs
 
 
 def load_denoiser(ckpt: str | Path, cfg: EngineConfig = EngineConfig(),
-                  log: Callable[[str], None] = lambda s: None) -> tuple[Denoiser, Configs]:
+                  log: Callable[[str], None] = lambda s: None,
+                  notice: Callable[[str], None] = lambda s: None) -> tuple[Denoiser, Configs]:
     """The denoiser for a checkpoint or an exported artifact, as `cfg` asks. `auto` never leaves a
-    GPU idle: on CUDA it takes a valid TensorRT engine, else the torch fast path; on a CPU a valid
-    fp32 ONNX export, else torch."""
+    GPU idle: on CUDA it takes a valid TensorRT engine, else a valid AOTInductor package (built now,
+    into the cache, when `cfg.build_missing` asks for it), else the torch fast path; on a CPU a valid
+    fp32 ONNX export, else torch. `log` hears why a candidate was skipped, `notice` what the user
+    should know (a compile about to take a while, or one that failed)."""
     from engines.loader import find_artifact, load_artifact
 
     device = resolve_device(cfg.device)
@@ -71,18 +77,40 @@ def load_denoiser(ckpt: str | Path, cfg: EngineConfig = EngineConfig(),
     if kind is not None:
         if cfg.engine not in ("auto", *(e for e in ENGINES if e.startswith(kind))):
             raise UserError(f"{ckpt} is an exported artifact; it cannot run on engine {cfg.engine}")
-        return load_artifact(ckpt, device.type, cfg.threads, trt_graph)
+        return load_artifact(ckpt, cfg.device if kind == "aoti" else device.type, cfg.threads, trt_graph)
     if cfg.engine == "torch":
         return torch_denoiser(ckpt, device, cfg)
     if cfg.engine != "auto":
-        return load_artifact(find_artifact(ckpt, cfg.engine, cfg.export_dir), device.type, cfg.threads, trt_graph)
-    for candidate in ("trt",) if device.type == "cuda" else ("onnx",):
+        return load_artifact(find_artifact(ckpt, cfg.engine, cfg.export_dir, device.type), device.type, cfg.threads,
+                             trt_graph)
+    for candidate in AUTO_ORDER[device.type]:
         try:
-            return load_artifact(find_artifact(ckpt, candidate, cfg.export_dir), device.type, cfg.threads,
-                                 trt_graph)
+            return load_artifact(find_artifact(ckpt, candidate, cfg.export_dir, device.type), device.type,
+                                 cfg.threads, trt_graph)
         except UserError as e:
             log(f"auto: skipping {candidate}: {e}")
+    if cfg.build_missing and device.type == "cuda" and not cfg.compile and cfg.precision in ("auto", "fp16"):
+        try:
+            return build_package(ckpt, notice)
+        except UserError as e:
+            notice(f"warning: {e}; running the torch engine instead")
     return torch_denoiser(ckpt, device, cfg)
+
+
+def build_package(ckpt: str | Path, notice: Callable[[str], None]) -> tuple[Denoiser, Configs]:
+    """Compile this checkpoint's AOTInductor package for this GPU into the cache, and load it: the
+    first long job pays the compile, every later process only the load."""
+    from engines.aoti_engine import AotiDenoiser
+    from export.aoti_export import export_aoti
+    from export.onnx_export import default_spec
+    from tfsdeploy.artifacts import checkpoint_fingerprint, compiled_cache_dir
+
+    model, ck = build_from_checkpoint(ckpt)
+    spec = default_spec(model, max_batch=MAX_BATCH["cuda"])
+    del model
+    out = compiled_cache_dir(checkpoint_fingerprint(ckpt)["sha256"])
+    path, _ = export_aoti(ckpt, out, "cuda", spec, log=notice)
+    return AotiDenoiser(path), ck.configs
 
 
 def check_fusable_file(ckpt: str | Path) -> None:
@@ -113,7 +141,10 @@ class FusionPipeline:
     """A loaded model at one scale, ready to fuse. See the module docstring."""
 
     def __init__(self, denoiser: Denoiser, configs: Configs, scale: int, sample: SampleConfig,
-                 source: str | Path = ""):
+                 source: str | Path = "", whole_loop: bool = True, notice: Callable[[str], None] = lambda s: None,
+                 graphs: GraphBackend | None = None):
+        """`whole_loop`: record a whole DDIM fuse into one CUDA graph when the engine can be recorded
+        (`graphs` replaces the CUDA backend in tests). `notice` hears a capture that failed."""
         check_scale(scale)
         check_fusable(configs.model, source or "model")
         self.denoiser = denoiser
@@ -124,13 +155,18 @@ class FusionPipeline:
         self.scale = scale
         self.sample = sample
         self.source = Path(source) if source else None
+        self.notice = notice
+        recordable = whole_loop and denoiser.capturable and (graphs is not None or denoiser.device.type == "cuda")
+        self.loop = WholeFuseGraphs(self.diffusion, denoiser, graphs) if recordable else None
 
     @classmethod
     def load(cls, model: str | Path | None, scale: int, sample: SampleConfig = SampleConfig(),
-             engine: EngineConfig = EngineConfig(), log: Callable[[str], None] = lambda s: None) -> "FusionPipeline":
+             engine: EngineConfig = EngineConfig(), log: Callable[[str], None] = lambda s: None,
+             notice: Callable[[str], None] = lambda s: None) -> "FusionPipeline":
         """The pipeline for `model` (checkpoint, run folder, bundle, exported artifact, or None for the
         default model) at `scale`: a bundle's member for the scale, with its recommended DDIM steps
-        when `sample` gives none."""
+        when `sample` gives none. `log` hears why `auto` skipped an engine; `notice` what a user
+        should see (a first-use compile, a graph capture that failed)."""
         check_scale(scale)
         model = named_model(model)
         sample = sample_for(model, scale, sample)
@@ -138,8 +174,9 @@ class FusionPipeline:
         check_fusable_file(member)
         if engine.threads:
             torch.set_num_threads(engine.threads)
-        denoiser, configs = load_denoiser(member, engine, log)
-        return cls(denoiser, configs, scale, sample, member)
+        denoiser, configs = load_denoiser(member, engine, log, notice)
+        whole_loop = engine.whole_loop and engine.cuda_graph is not False
+        return cls(denoiser, configs, scale, sample, member, whole_loop=whole_loop, notice=notice)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -163,7 +200,8 @@ class FusionPipeline:
 
     def describe(self) -> str:
         where = f", model {self.source}" if self.source else ""
-        return f"x{self.scale}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}{where}"
+        graph = ", one CUDA graph per fuse" if self.loop is not None and self.loop.supports(self.sample) else ""
+        return f"x{self.scale}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}{graph}{where}"
 
     def check_size(self, size: int) -> int:
         """The output side for `size` (0 = the model's training size), validated."""
@@ -181,7 +219,11 @@ class FusionPipeline:
 
     def max_batch(self, size: int, cap: int = 0) -> int:
         """The largest batch of `size` slices that fits in half the device's free memory (at most
-        `cap`, or MAX_BATCH for the device). Refuses a size whose single slice does not fit."""
+        `cap`, or MAX_BATCH for the device, and a compiled engine's largest batch). Refuses a size whose
+        single slice does not fit."""
+        spec = getattr(self.denoiser, "spec", None)  # a compiled engine's I/O range
+        if spec is not None:
+            cap = min(cap or MAX_BATCH.get(self.device.type, 4), spec.max_batch)
         need, free = self.slice_bytes(size), free_memory(self.device)
         budget = free // 2
         if need > budget:
@@ -198,6 +240,16 @@ class FusionPipeline:
         h, w = cond01.shape[-2:]
         if h % self.size_multiple or w % self.size_multiple:
             raise UserError(f"image size {h}x{w} is not a multiple of {self.size_multiple} for this model")
+        if self.loop is not None and self.loop.supports(self.sample):
+            try:
+                fused = self.loop.fuse(cond01, self.sample, seeds)
+                if progress is not None:
+                    progress(self.steps, self.steps)
+                return fused
+            except RuntimeError as e:  # a driver or an op that cannot be recorded: stay correct
+                self.loop = None
+                self.notice(f"warning: recording the whole fuse as one CUDA graph failed ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); replaying per call")
         return self.diffusion.fuse(self.denoiser, cond01, self.sample, seeds, progress)
 
     def fuse_triplet(self, trip: Triplet, size: int = 0, progress: Progress | None = None) -> torch.Tensor:

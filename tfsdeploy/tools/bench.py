@@ -120,6 +120,12 @@ def build_engines(ckpt: Path, cfg: BenchConfig, workdir: Path, log: Callable[[st
             elif name in ("onnx", "onnx-fp16"):
                 path = onnx("fp16" if name == "onnx-fp16" else "fp32")
                 engines[name] = load_artifact(path, device.type, cfg.threads)[0]
+            elif name == "aoti":
+                from export.aoti_export import export_aoti
+
+                package, _ = export_aoti(ckpt, workdir / "export", device.type, spec, parity_steps=2,
+                                         parity_image=parity_image, log=log)
+                engines[name] = load_artifact(package, device.type)[0]
             elif name == "trt":
                 trt, reason = tensorrt_status()
                 if trt is None:

@@ -1,0 +1,118 @@
+"""The AOTInductor engine: a `.pt2` package that `torch.export` + `aoti_compile_and_package` built
+ahead of time (export/aoti_export.py), loaded in seconds and run without Python in the loop.
+
+A package is native code for one machine: CUDA kernels for one GPU architecture, or C++ for one CPU
+instruction set, linked against one torch. Its sidecar records all three, and a package built by
+another torch, for another GPU or for another CPU instruction set is refused with the reason,
+never loaded (a CPU package compiled for AVX-512 would crash on an AVX2-only CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tfsdeploy.artifacts import read_sidecar
+from tfsdeploy.errors import UserError
+from tfsdeploy.iospec import IOSpec
+
+
+def device_identity(device_type: str) -> dict[str, str]:
+    """What a package is native to on this machine: the GPU and its compute capability, or the CPU's
+    architecture and the vector instruction set Inductor generates code for."""
+    if device_type == "cuda":
+        p = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {"device": "cuda", "gpu": p.name, "compute_capability": f"{p.major}.{p.minor}"}
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return {"device": "cpu", "machine": platform.machine(), "cpu_isa": str(pick_vec_isa()) or "none"}
+
+
+def identity_text(ident: dict[str, Any]) -> str:
+    if ident.get("device") == "cuda":
+        return f"{ident.get('gpu')} (sm {ident.get('compute_capability')})"
+    return f"a {ident.get('machine')} CPU with {ident.get('cpu_isa')}"
+
+
+def check_package_meta(meta: dict[str, Any], where: str | Path) -> dict[str, str]:
+    """Refuse a package built by another torch or for another device; returns this machine's identity."""
+    fix = "rebuild it with `tfsdeploy export --aoti`"
+    if meta.get("kind") != "aoti":
+        raise UserError(f"{where}: not an AOTInductor package")
+    if meta.get("torch") != torch.__version__:
+        raise UserError(f"{where} was built with torch {meta.get('torch')}, this is torch {torch.__version__}; {fix}")
+    device = meta.get("device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{where} was built for {identity_text(meta)}, and no CUDA GPU is available here")
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"{where}: unknown device {device!r} in its sidecar")
+    here = device_identity(device)
+    if any(meta.get(k) != v for k, v in here.items()):
+        raise UserError(f"{where} was built for {identity_text(meta)}, this is {identity_text(here)}; {fix}")
+    return here
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.export and Inductor print progress and warnings meant for their developers."""
+    names = ("torch._inductor", "torch._dynamo", "torch.export", "torch._export", "torch.fx")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+class AotiDenoiser:
+    """A loaded AOTInductor package behind the Denoiser protocol (fp32 in and out, whatever it
+    computes in)."""
+
+    name = "aoti"
+
+    def __init__(self, path: str | Path, meta: dict[str, Any] | None = None):
+        """`meta` is the sidecar; pass it only for a package being verified before its sidecar exists."""
+        self.path = Path(path)
+        self.meta = meta if meta is not None else read_sidecar(self.path)
+        check_package_meta(self.meta, self.path)
+        self.spec = IOSpec.from_json(self.meta["io"])
+        self.precision = self.meta.get("precision", "fp32")
+        self.dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        cuda = self.meta["device"] == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        # Its kernels run on the current stream and allocate from torch's caching allocator, so a
+        # whole-fuse CUDA graph can record them.
+        self.capturable = cuda
+        try:
+            with quiet():
+                self.runner = torch._inductor.aoti_load_package(str(self.path))
+        except Exception as e:  # noqa: BLE001 - a corrupt package, or a library it links against is missing
+            raise UserError(f"{self.path}: cannot load the AOTInductor package ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+    def describe(self) -> str:
+        where = self.meta.get("gpu") if self.device.type == "cuda" else f"cpu, {self.meta.get('cpu_isa')}"
+        return f"aoti {self.precision} ({where})"
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x_t.shape
+        self.spec.check(b, h, w)
+        args = [t.to(self.device, torch.float32).contiguous() for t in (x_t, cond, noise_level)]
+        with torch.inference_mode():
+            out = self.runner(*args)
+        return out.float()
+
+
+__all__ = ["AotiDenoiser", "check_package_meta", "device_identity", "identity_text", "quiet"]

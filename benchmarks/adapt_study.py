@@ -139,24 +139,27 @@ def icbm_volumes(wheel: Path) -> dict[str, np.ndarray]:
             "pet": normalise_volume(ndimage.gaussian_filter(uptake, 2.5)), "gm": gm}
 
 
-def icbm_cases(wheel: Path, scale: int, n: int) -> list[Case]:
-    """`n` axial slices spread over the brain, alternately SPECT- and PET-like."""
+def icbm_cases(wheel: Path, scale: int, n: int, blur: bool = False, coronal: bool = False) -> list[Case]:
+    """`n` axial slices spread over the brain (or, with `coronal`, coronal slices, top of the head up),
+    alternately SPECT- and PET-like, bicubic down (or, with `blur`, degraded as `degrade_blur` does)."""
     from tfsdeploy.data.spm import slice_to_image
 
     vols = _ICBM.get(wheel)
     if vols is None:
         vols = _ICBM[wheel] = icbm_volumes(wheel)
-    frac = (vols["gm"] > 0.2).mean(axis=(1, 2))
+    axes = (0, 2) if coronal else (1, 2)
+    frac = (vols["gm"] > 0.2).mean(axis=axes)
     zs = np.nonzero(frac >= 0.02)[0]
     lo, hi = zs[0] + 0.2 * (zs[-1] - zs[0]), zs[0] + 0.85 * (zs[-1] - zs[0])
     cases = []
     for i, z in enumerate(np.linspace(lo, hi, n).round().astype(int)):
         func = "spect" if i % 2 == 0 else "pet"
-        t1, t2, f = (slice_to_image(vols[k][z], SIZE) for k in ("t1", "t2", func))
+        t1, t2, f = (slice_to_image(vols[k][::-1, z] if coronal else vols[k][z], SIZE) for k in ("t1", "t2", func))
         hr = _u8(as_triplet(t1, t2, f).stacked())  # sources as an 8-bit dataset would hold them
         gt = fuse_condition(hr[None])[0]
-        lr = resize(hr[None], (SIZE // scale, SIZE // scale))[0]
-        cases.append(Case(f"icbm-{func}_z{z:03d}", Triplet(lr[:1], lr[1:2], lr[2:]), gt))
+        lr = degrade_blur(hr[None], scale, i)[0] if blur else resize(hr[None], (SIZE // scale, SIZE // scale))[0]
+        view = "cor" if coronal else "z"
+        cases.append(Case(f"icbm-{func}_{view}{z:03d}", Triplet(lr[:1], lr[1:2], lr[2:]), gt))
     return cases
 
 
@@ -167,16 +170,25 @@ def _u8(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(0, 1) * 255 + 0.5).floor() / 255
 
 
-def test_split_cases(scale: int, n: int, as_trained: bool = False, synthetic: bool = False) -> list[Case]:
-    """`n` slices spread over the default dataset's test split, from the SPM templates (or, with
-    `synthetic`, from the synthetic source), degraded unlike training (or, with `as_trained`, as
-    training degrades: the in-domain control)."""
+def degrade_blur(hr: torch.Tensor, scale: int, seed: int) -> torch.Tensor:
+    """[B,C,H,W] in [0, 1] -> low resolution, degraded unlike training: Gaussian blur (sigma 0.7 x
+    scale px), area down, Gaussian noise (sigma 0.01, seeded), 8-bit."""
+    lr = F.avg_pool2d(gaussian_blur(hr, 0.7 * scale), scale)
+    gen = torch.Generator().manual_seed(int(seed))
+    return _u8(lr + 0.01 * torch.randn(lr.shape, generator=gen))
+
+
+def test_split_cases(scale: int, n: int, as_trained: bool = False, synthetic: bool = False,
+                     split: str = "test") -> list[Case]:
+    """`n` slices spread over the default dataset's test split (or `split`), from the SPM templates
+    (or, with `synthetic`, from the synthetic source), degraded unlike training (or, with
+    `as_trained`, as training degrades: the in-domain control)."""
     from tfsdeploy.data import ensure_dataset, open_split
 
-    samples = [s for s in open_split(ensure_dataset(None, log=lambda s: None), "test", SIZE).load()
+    samples = [s for s in open_split(ensure_dataset(None, log=lambda s: None), split, SIZE).load()
                if s.name.startswith("synth-") == synthetic]
     if not samples:
-        sys.exit(f"the default dataset has no {'synthetic' if synthetic else 'SPM'} test slices: "
+        sys.exit(f"the default dataset has no {'synthetic' if synthetic else 'SPM'} {split} slices: "
                  f"tfsdeploy data build --force")
     cases = []
     for i in np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int):
@@ -185,9 +197,7 @@ def test_split_cases(scale: int, n: int, as_trained: bool = False, synthetic: bo
         if as_trained:
             lr = resize(hr[:, :5], (SIZE // scale, SIZE // scale))[0]
         else:
-            lr = F.avg_pool2d(gaussian_blur(hr[:, :5], 0.7 * scale), scale)
-            gen = torch.Generator().manual_seed(int(i))
-            lr = _u8(lr + 0.01 * torch.randn(lr.shape, generator=gen))[0]
+            lr = degrade_blur(hr[:, :5], scale, int(i))[0]
         cases.append(Case(s.name if synthetic else f"spm-{s.name}", Triplet(lr[:1], lr[1:2], lr[2:5]), hr[0, 5:]))
     return cases
 

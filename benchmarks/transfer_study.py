@@ -1,5 +1,6 @@
 """Does a model carry over to data it was not trained on? Each model is scored against the
-upsample-then-fuse baseline on four test sets, per scale, with the default sampler (DDIM-2).
+upsample-then-fuse baseline on up to seven test sets, per scale, with DDIM-2 (or --steps), as it is
+or with its predicted residual shrunk (--alphas) and with a geometric self-ensemble (--ensemble).
 
     pip download nilearn --no-deps -d /tmp/nl            # once: the ICBM volumes (read, never installed)
     python benchmarks/transfer_study.py --model packaged=default \\
@@ -10,11 +11,22 @@ scale. Test sets:
 
   spm-test   the SPM test split, degraded as in training (bicubic down): the issue-6 bar
              (+1.5 dB at x4, +3 dB at x8 for the packaged model);
+  spm-val    the SPM validation split, bicubic down: for choosing settings (never spm-test);
   spm-blur   the same SPM test slices degraded otherwise: Gaussian blur σ = 0.7·scale px, area down,
              noise σ 0.01, 8-bit (benchmarks/adapt_study.py);
   icbm       axial slices synthesised from the 1 mm ICBM 2009a T1 / GM / WM that ship inside the
              nilearn wheel (benchmarks/adapt_study.py), bicubic down: another anatomy, another source;
+  icbm-blur  the same ICBM slices degraded as spm-blur is;
+  icbm-cor   coronal ICBM slices, bicubic down: the same source cut another way;
   synth      the test split of `data build`'s synthetic source (skull, texture, noise, lesions).
+
+Variants: every model runs with every DDIM step count in --steps and every alpha in --alphas. Alpha
+multiplies the network's output, which is the same as scaling its last convolution (weight and
+bias; nothing follows it): the network predicts the clean residual over the baseline, so alpha
+scales the predicted residual. 1 is the model as it is, 0 the baseline (`python -m training.shrink`
+stores such a member in a bundle). With
+--ensemble each variant also runs as the mean of the fused images of the 8 flips and quarter turns
+of the condition (each mapped back): 8 network passes per step instead of 1.
 
 Writes transfer.md and transfer.json under --out.
 """
@@ -45,17 +57,56 @@ from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.hardware import device_info  # noqa: E402
 
 SIZE = 256
-DATASETS = ("spm-test", "spm-blur", "icbm", "synth")
+DATASETS = ("spm-test", "spm-val", "spm-blur", "icbm", "icbm-blur", "icbm-cor", "synth")
+ICBM_SETS = ("icbm", "icbm-blur", "icbm-cor")
 
 
 def load_cases(dataset: str, scale: int, n: int, wheel: Path | None) -> list[Case]:
     if dataset == "spm-test":
         return test_split_cases(scale, n, as_trained=True)
+    if dataset == "spm-val":
+        return test_split_cases(scale, n, as_trained=True, split="val")
     if dataset == "spm-blur":
         return test_split_cases(scale, n)
-    if dataset == "icbm":
-        return icbm_cases(wheel, scale, n)
+    if dataset in ICBM_SETS:
+        return icbm_cases(wheel, scale, n, blur=dataset == "icbm-blur", coronal=dataset == "icbm-cor")
     return test_split_cases(scale, n, as_trained=True, synthetic=True)
+
+
+def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 flips and quarter turns of [..., H, W] (k = 0: as is), or its inverse."""
+    if inverse:
+        x = x.flip(-1) if k >= 4 else x
+        return torch.rot90(x, -(k % 4), dims=(-2, -1))
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def ensemble_fuse(pipe: FusionPipeline, cond01: torch.Tensor) -> torch.Tensor:
+    """The mean of the fused images of the 8 flips and quarter turns of a square condition [1,5,S,S],
+    each mapped back. Bicubic upsampling commutes with them, so this is the ensemble of fusing the
+    transformed low-resolution inputs."""
+    batch = torch.cat([dihedral(cond01, k) for k in range(8)])
+    out = pipe(batch).float().cpu()
+    return torch.stack([dihedral(out[k], k, inverse=True) for k in range(8)]).mean(0, keepdim=True)
+
+
+class ScaledDenoiser:
+    """A pipeline's network with its output multiplied by `alpha`: the same as scaling its last
+    convolution (what training.shrink stores). It keeps the last call's raw output, so variants that
+    hand it the same input (every alpha's first DDIM step, from the same seed) run the network once."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.alpha, self._last = inner, 1.0, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if last is None or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(last[:3], (x_t, cond, level))):
+            last = self._last = (x_t.clone(), cond.clone(), level.clone(), self.inner(x_t, cond, level))
+        return last[3] * self.alpha
 
 
 def parse_model(spec: str) -> tuple[str, dict[int, str] | str]:
@@ -78,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spm-test-images", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wheel", default="", help=f"the nilearn wheel (default: {WHEEL_GLOB})")
+    ap.add_argument("--steps", default="2", help="DDIM step counts, e.g. 1,2 (0: the bundle's recommendation)")
+    ap.add_argument("--alphas", default="1", help="residual scales, e.g. 0,0.5,1 (1: the model as it is)")
+    ap.add_argument("--ensemble", action="store_true", help="also the 8-fold geometric self-ensemble")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -89,18 +143,33 @@ def main(argv: list[str] | None = None) -> None:
     scales = [int(s) for s in args.scales.split(",")]
     wheel = Path(args.wheel or next(iter(sorted(glob.glob(WHEEL_GLOB))), ""))
     wheel = wheel if str(wheel) else None
-    if "icbm" in datasets and (wheel is None or not wheel.is_file()):
+    if set(ICBM_SETS) & set(datasets) and (wheel is None or not wheel.is_file()):
         sys.exit("icbm needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
-    sample = SampleConfig(sampler="ddim", steps=2, seed=0)
+    steps = [int(s) for s in args.steps.split(",")]
+    alphas = [float(a) for a in args.alphas.split(",")]
+    ensembles = (False, True) if args.ensemble else (False,)
+
+    def variant(label: str, n_steps: int, alpha: float, ens: bool) -> str:
+        name = label + (f" s{n_steps}" if len(steps) > 1 else "") + (f" a{alpha:g}" if len(alphas) > 1 else "")
+        return name + (" e8" if ens else "")
+
     engine = EngineConfig(engine="torch", device="cpu", threads=args.threads)
     t_start = time.perf_counter()
-    rows = []
+    rows, labels = [], []
     for scale in scales:
         pipes = {}
         for label, model in models:
             path = model.get(scale) if isinstance(model, dict) else model
-            if path is not None:
-                pipes[label] = FusionPipeline.load(path, scale, sample, engine=engine)
+            if path is None:
+                continue
+            for n_steps in steps:
+                pipe = FusionPipeline.load(path, scale, SampleConfig(sampler="ddim", steps=n_steps, seed=0),
+                                           engine=engine)
+                pipe.denoiser = ScaledDenoiser(pipe.denoiser)
+                for ens in ensembles:
+                    for alpha in alphas:
+                        pipes[variant(label, n_steps, alpha, ens)] = (pipe, alpha, ens)
+        labels += [v for v in pipes if v not in labels]
         for dataset in datasets:
             n = args.spm_test_images if dataset == "spm-test" else args.images
             cases = load_cases(dataset, scale, n, wheel)
@@ -108,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
             for case in cases:
                 cond01, (t, b, l, r) = make_condition(case.lr, scale, SIZE)
                 per["baseline"].append(score(fuse_condition(cond01)[0, :, t:b, l:r], case.gt01))
-                for label, pipe in pipes.items():
-                    per[label].append(score(pipe.fuse_triplet(case.lr, SIZE), case.gt01))
+                for label, (pipe, alpha, ens) in pipes.items():
+                    pipe.denoiser.alpha = alpha
+                    out = ensemble_fuse(pipe, cond01) if ens else pipe(cond01).float().cpu()
+                    per[label].append(score(out[0, :, t:b, l:r], case.gt01))
             base_psnr = np.array([s["psnr"] for s in per["baseline"]])
             row = {"scale": scale, "dataset": dataset, "images": len(cases), "cases": [c.name for c in cases]}
             for label, scores in per.items():
@@ -122,9 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{k} {row[k]['psnr']:.2f}/{row[k]['ssim']:.4f} ({row[k]['gain']:+.2f})" for k in per), flush=True)
     meta = {"models": {label: (m if isinstance(m, str) else {f"x{k}": v for k, v in m.items()})
                        for label, m in models},
-            "sampler": "DDIM-2, seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(args.threads),
+            "sampler": (f"DDIM-{args.steps}" if args.steps != "0" else "DDIM with each member's recommended steps")
+            + ", seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(args.threads),
             "minutes": round((time.perf_counter() - t_start) / 60, 1), "command": " ".join(sys.argv)}
-    write_report(Path(args.out), rows, [label for label, _ in models], meta)
+    write_report(Path(args.out), rows, labels, meta)
 
 
 def describe(device: dict) -> str:
@@ -134,28 +206,36 @@ def describe(device: dict) -> str:
 def rewrite(out: Path) -> None:
     """transfer.md again from transfer.json (after editing the JSON's meta, say)."""
     data = json.loads((out / "transfer.json").read_text())
-    write_report(out, data["rows"], list(data["meta"]["models"]), data["meta"])
+    write_report(out, data["rows"], data["meta"].get("labels") or list(data["meta"]["models"]), data["meta"])
 
 
 def write_report(out: Path, rows: list[dict], labels: list[str], meta: dict) -> None:
+    """One table per scale: a line per model variant, a column per test set, each cell the mean gain
+    in PSNR over the baseline (slices better / slices) and the model's SSIM."""
+    meta = {**meta, "labels": labels}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "transfer.json") as tmp:
         Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    head = "| scale | test set | slices | baseline PSNR / SSIM | " + " | ".join(
-        f"{label}: PSNR / SSIM (gain, wins)" for label in labels) + " |"
     lines = ["# Transfer: gains over upsample-then-fuse on data the models were or were not trained on", "",
              f"{meta['sampler']}, {meta['size']}x{meta['size']}; {describe(meta['device'])}; {meta['minutes']} min.",
              "", f"`{meta['command']}`", "",
              "Models: " + "; ".join(f"**{k}** = `{v}`" for k, v in meta["models"].items()), "",
-             head, "|" + "---|" * (4 + len(labels))]
-    for r in rows:
-        b = r["baseline"]
-        cells = [f"{r[label]['psnr']:.2f} / {r[label]['ssim']:.4f} ({r[label]['gain']:+.2f} dB, "
-                 f"{r[label]['wins']}/{r['images']})" if label in r else "–" for label in labels]
-        lines.append(f"| x{r['scale']} | {r['dataset']} | {r['images']} | {b['psnr']:.2f} / {b['ssim']:.4f} | "
-                     + " | ".join(cells) + " |")
+             "Each cell: mean PSNR gain over the baseline (slices better / slices), then the mean SSIM.", ""]
+    for scale in sorted({r["scale"] for r in rows}):
+        here = [r for r in rows if r["scale"] == scale]
+        lines += [f"## x{scale}", "", "| | " + " | ".join(f"{r['dataset']} ({r['images']})" for r in here) + " |",
+                  "|---|" + "---:|" * len(here),
+                  "| baseline PSNR / SSIM | " + " | ".join(
+                      f"{r['baseline']['psnr']:.2f} / {r['baseline']['ssim']:.4f}" for r in here) + " |"]
+        for label in labels:
+            if not any(label in r for r in here):
+                continue
+            cells = [f"{r[label]['gain']:+.2f} ({r[label]['wins']}/{r['images']}) {r[label]['ssim']:.4f}"
+                     if label in r else "–" for r in here]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     with atomic_path(out / "transfer.md") as tmp:
-        Path(tmp).write_text("\n".join(lines) + "\n")
+        Path(tmp).write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

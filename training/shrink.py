@@ -1,0 +1,103 @@
+"""Shrink a bundle member's predicted residual towards the upsample-then-fuse baseline.
+
+A TFS-Diff member of the packaged kind predicts the clean residual over the baseline (x0-prediction,
+target "residual"), and its last layer is a convolution with nothing after it. Scaling that
+convolution's weight and bias by alpha therefore scales every prediction by alpha: alpha = 1 is the
+member as it is, alpha = 0 is exactly the baseline. Where a member's residual is right in direction
+but too large for data it was not trained on, a smaller alpha keeps part of the gain and bounds the
+loss (benchmarks/transfer_study.py --alphas measures it).
+
+    python -m training.shrink BUNDLE --scale 2 --alpha 0.3 [--ddim-steps 1] [--out NEW_BUNDLE]
+
+rewrites the member in place (or into a copy of the bundle), atomically: its file, its sha256 in
+bundle.json, `residual_alpha` there and in the member's header (which also records the sha256 of the
+weights it was made from), and, with --ddim-steps, the member's recommended DDIM step count. Without
+--alpha only the step count changes and the member's file is kept as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tfsdeploy.bundle import BUNDLE_FILE, read_bundle
+from tfsdeploy.checkpoint import read_meta, sha256_file
+from tfsdeploy.errors import UserError
+from tfsdeploy.fileio import atomic_dir, current_umask, write_safetensors
+
+FINAL_CONV = ("final.conv.weight", "final.conv.bias")
+
+
+def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_steps: int = 0,
+                  out: str | Path | None = None, notes: str | None = None) -> Path:
+    """Write `bundle` (to `out`, default: in place) with member x`scale` shrunk by `alpha` (None:
+    as it is), recommending `ddim_steps` (0: as it was), and with `notes` (None: as they were)."""
+    from safetensors.torch import load_file
+
+    bundle = Path(bundle)
+    out = Path(out) if out is not None else bundle
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise UserError(f"alpha must lie in [0, 1], got {alpha}")
+    manifest = read_bundle(bundle)
+    entry = manifest["models"].get(str(scale))
+    if entry is None:
+        raise UserError(f"{bundle}: no x{scale} member")
+    src = bundle / entry["file"]
+    if sha256_file(src) != entry.get("sha256"):
+        raise UserError(f"{src}: corrupted (sha256 does not match {BUNDLE_FILE})")
+    _, meta = read_meta(src)
+    diffusion = meta.get("diffusion", {})
+    if diffusion.get("prediction") != "x0" or diffusion.get("target") != "residual":
+        raise UserError(f"{src}: only an x0-prediction model of the residual can be shrunk this way")
+    if alpha is not None and "residual_alpha" in meta:
+        raise UserError(f"{src}: already shrunk (alpha {meta['residual_alpha']}); shrink the member it came from")
+    if ddim_steps < 0 or ddim_steps > meta.get("schedule", {}).get("num_steps", 0):
+        raise UserError(f"x{scale}: {ddim_steps} DDIM steps is not a step count of this schedule")
+    if alpha is not None:
+        weights = load_file(str(src))
+        missing = [k for k in FINAL_CONV if k not in weights]
+        if missing:
+            raise UserError(f"{src}: no {', '.join(missing)}; not a TFS-Diff network")
+        for k in FINAL_CONV:
+            weights[k] = (weights[k].float() * alpha).to(weights[k].dtype)
+        meta = {**meta, "residual_alpha": alpha, "residual_alpha_of": entry["sha256"]}
+    with atomic_dir(out) as tmp:
+        for item in bundle.iterdir():
+            if item.name != BUNDLE_FILE and item.is_file() and (alpha is None or item.name != entry["file"]):
+                shutil.copy2(item, tmp / item.name)
+        if alpha is not None:
+            write_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / entry["file"],
+                              metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
+            os.chmod(tmp / entry["file"], 0o666 & ~current_umask())
+            entry = {**entry, "sha256": sha256_file(tmp / entry["file"]), "residual_alpha": alpha}
+        if ddim_steps:
+            entry["ddim_steps"] = ddim_steps
+        manifest["models"][str(scale)] = entry
+        if notes is not None:
+            manifest["notes"] = notes
+        (tmp / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--scale", type=int, required=True)
+    ap.add_argument("--alpha", type=float, default=None, help="residual scale in [0, 1] (default: keep the weights)")
+    ap.add_argument("--ddim-steps", type=int, default=0, help="the member's recommended DDIM steps (0: keep)")
+    ap.add_argument("--out", default=None, help="write a new bundle here instead of in place")
+    ap.add_argument("--notes", default=None, help="replace the bundle's notes")
+    args = ap.parse_args(argv)
+    try:
+        print(shrink_member(args.bundle, args.scale, args.alpha, args.ddim_steps, args.out, args.notes))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -134,7 +134,8 @@ PATHS = [  # the first row is the reference of the PSNR column
     torch_path("eager fp32, TF32 on", EAGER_FP32, tf32=True),
     # the default path without its graphs: the launch cost they save, and names for their kernels' FLOPs
     torch_path("eager fp16, native GroupNorm", EngineConfig(engine="torch", cuda_graph=False)),
-    torch_path("torch fp16, a CUDA graph per call", EngineConfig(engine="torch", whole_loop=False), graph=True),
+    torch_path("torch fp16, a CUDA graph per call", EngineConfig(engine="torch", whole_loop=False), graph=True,
+               cuda_only=True),
     torch_path(DEFAULT, EngineConfig(engine="torch"), graph=True),
     aoti_path("AOTInductor fp16, a CUDA graph per call", whole_loop=False),
     aoti_path("AOTInductor fp16, one CUDA graph per fuse", whole_loop=True),

@@ -9,18 +9,14 @@ never loaded (a CPU package compiled for AVX-512 would crash on an AVX2-only CPU
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import platform
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tfsdeploy.artifacts import read_sidecar
-from tfsdeploy.errors import UserError
+from tfsdeploy.errors import UserError, quiet
 from tfsdeploy.iospec import IOSpec
 
 
@@ -38,7 +34,7 @@ def device_identity(device_type: str) -> dict[str, str]:
 def identity_text(ident: dict[str, Any]) -> str:
     if ident.get("device") == "cuda":
         return f"{ident.get('gpu')} (sm {ident.get('compute_capability')})"
-    return f"a {ident.get('machine')} CPU with {ident.get('cpu_isa')}"
+    return f"a CPU ({ident.get('machine')}, {ident.get('cpu_isa')})"
 
 
 def check_package_meta(meta: dict[str, Any], where: str | Path) -> dict[str, str]:
@@ -59,21 +55,8 @@ def check_package_meta(meta: dict[str, Any], where: str | Path) -> dict[str, str
     return here
 
 
-@contextlib.contextmanager
-def quiet():
-    """torch.export and Inductor print progress and warnings meant for their developers."""
-    names = ("torch._inductor", "torch._dynamo", "torch.export", "torch._export", "torch.fx")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+# torch.export and Inductor print progress and warnings meant for their developers
+COMPILER_LOGGERS = ("torch._inductor", "torch._dynamo", "torch.export", "torch._export", "torch.fx")
 
 
 class AotiDenoiser:
@@ -96,7 +79,7 @@ class AotiDenoiser:
         # whole-fuse CUDA graph can record them.
         self.capturable = cuda
         try:
-            with quiet():
+            with quiet(*COMPILER_LOGGERS):
                 self.runner = torch._inductor.aoti_load_package(str(self.path))
         except Exception as e:  # noqa: BLE001 - a corrupt package, or a library it links against is missing
             raise UserError(f"{self.path}: cannot load the AOTInductor package ({type(e).__name__}: "
@@ -115,4 +98,4 @@ class AotiDenoiser:
         return out.float()
 
 
-__all__ = ["AotiDenoiser", "check_package_meta", "device_identity", "identity_text", "quiet"]
+__all__ = ["AotiDenoiser", "check_package_meta", "device_identity", "identity_text", "COMPILER_LOGGERS"]

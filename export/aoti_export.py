@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 import torch
 
-from engines.aoti_engine import AotiDenoiser, device_identity, identity_text, quiet
+from engines.aoti_engine import COMPILER_LOGGERS, AotiDenoiser, device_identity, identity_text
 from export.onnx_export import HalfDenoiser, default_spec, versions
 from tfsdeploy.artifacts import checkpoint_fingerprint, read_sidecar, sidecar_path, write_sidecar
 from tfsdeploy.checkpoint import build_from_checkpoint
-from tfsdeploy.errors import UserError
+from tfsdeploy.errors import UserError, quiet
 from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import IOSpec
 
@@ -99,7 +99,7 @@ def export_aoti(ckpt: str | Path, out_dir: str | Path, device: str = "auto", spe
         tmp = Path(tmpdir) / target.name
         t0 = time.perf_counter()
         try:
-            with quiet(), torch.no_grad():
+            with quiet(*COMPILER_LOGGERS), torch.no_grad():
                 program = torch.export.export(module, example, dynamic_shapes=spec.dynamic_shapes())
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
         except Exception as e:  # noqa: BLE001 - compiler failures are long; keep the first line

@@ -7,15 +7,11 @@ place, with its sidecar written last.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import os
 import platform
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +22,7 @@ from tfsdeploy import __version__
 from tfsdeploy.artifacts import checkpoint_fingerprint, default_export_dir, sidecar_path, write_sidecar
 from tfsdeploy.checkpoint import build_from_checkpoint
 from tfsdeploy.config import ARTIFACT_FILES
-from tfsdeploy.errors import UserError
+from tfsdeploy.errors import UserError, quiet
 from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
 from tfsdeploy.model import TFSDiffUNet, set_norm_upcast
@@ -72,27 +68,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.onnx prints progress lines and warnings meant for its developers; keep the CLI clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
 def write_onnx(module: nn.Module, spec: IOSpec, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """Export `module` with the spec's names and dynamic shapes, and check the result."""
     import onnx
 
-    with _quiet():
+    with quiet("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
         try:
             program = torch.onnx.export(
                 module, spec.example_inputs(), input_names=list(INPUTS), output_names=[OUTPUT],

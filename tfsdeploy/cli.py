@@ -259,8 +259,8 @@ def _notice(text: str) -> None:
 @user_errors
 def fuse(
     t1: Path = typer.Argument(..., help="MR-T1: an image (PNG, JPEG or TIFF; 8 or 16 bit), a NIfTI volume "
-                              "(.nii, .nii.gz) or a folder of slices."),
-    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT), of the same kind."),
+                              "(.nii, .nii.gz), a DICOM series (its folder) or a folder of slices."),
+    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT), of the same kind (volumes: NIfTI and DICOM mix)."),
     func: Path = typer.Argument(..., help="SPECT or PET, of the same kind; grey images get the built-in colour map."),
     scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
@@ -294,23 +294,39 @@ def fuse(
                               "for N steps on pairs made from the input itself (degraded once more by x2), then "
                               "fuse with it; torch engine; 0 = off. 10 helps at x4 on scans unlike the templates "
                               "(about +0.3 dB); more steps, or x8, can cost quality."),
+    grid: str = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "
+                             "their affines) and the output lies on: t1, t2 or func."),
+    series: list[str] = typer.Option([], "--series", help="Volumes: the SeriesInstanceUID to read from a DICOM "
+                                     "folder holding several series (repeat it for several folders)."),
+    register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes to "
+                                  "the --grid one first (6 DOF, mutual information; needs tfsdeploy[scans])."),
+    save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
+                                                   "folder as ITK .tfm files (T2_to_T1.tfm ...), once the fuse "
+                                                   "succeeds."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
     """Fuse three registered low-resolution images (or volumes, or folders of slices) into one
-    high-resolution colour image (or volume, or folder)."""
+    high-resolution colour image (or volume, or folder). Volumes may be NIfTI files or DICOM series
+    folders on different grids; they are resampled onto one grid (and with --register registered)."""
     from tfsdeploy.config import SampleConfig, artifact_engine
     from tfsdeploy.fileio import check_outputs_spare_inputs
     from tfsdeploy.imaging import check_writable, write_png
     from tfsdeploy.inputs import check_scale, fuse_baseline, read_triplet
     from tfsdeploy.pipeline import FusionPipeline
-    from tfsdeploy.scans import scan_kind
+    from tfsdeploy.scans import MODALITIES, refuse_volume_options, scan_kind
 
     check_scale(scale)
+    if grid not in MODALITIES:
+        raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
+    if save_transforms is not None and not register:
+        raise UserError("--save-transforms writes the transforms of --register; add --register")
     for given in (t1, t2, func):  # the inputs first: a missing one is not an output problem
         if not given.exists():
             raise UserError(f"{given}: no such file or folder")
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
+    if kind is None:
+        refuse_volume_options(grid, series, register, "images")
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
     if adapt and model is not None and artifact_engine(model) is not None:
         raise UserError(f"--adapt fine-tunes the model's weights, and {model} is an exported artifact; give the "
@@ -319,8 +335,9 @@ def fuse(
         engine = "torch"  # adaptation fine-tunes the network: only the torch engine has gradients
     engine_cfg = _engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir)
     if kind is not None:
+        volume_opts = dict(grid=grid, series=tuple(series), register=register, transforms=save_transforms)
         _fuse_scan(kind, t1, t2, func, scale, model, out, sample, size, engine_cfg, batch_size, method, adapt,
-                   progress, verbose)
+                   progress, verbose, **volume_opts)
         return
     out = out or Path("fused.png")
     check_writable(out)
@@ -371,25 +388,31 @@ def _progress_bar(label: str, enabled: bool, unit: str = ""):
 
 def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Optional[Path], out: Optional[Path],
                sample, size: int, engine_cfg, batch_size: int, method: str, adapt: int, progress: bool,
-               verbose: bool) -> None:
-    """`fuse` on three NIfTI volumes or three folders of slices: every axial slice, in batches."""
+               verbose: bool, grid: str = "t1", series: tuple[str, ...] = (), register: bool = False,
+               transforms: Optional[Path] = None) -> None:
+    """`fuse` on three volumes (NIfTI or DICOM) or three folders of slices: every axial slice, in batches."""
     _long_running()
     from tfsdeploy.inputs import output_box
     from tfsdeploy.pipeline import FusionPipeline
-    from tfsdeploy.scans import ScanOutput, open_scan
+    from tfsdeploy.scans import ScanOutput, check_transform_folder, open_scan
 
     if method != "diffusion":
         raise UserError("--method applies to single images; scans are fused with the model")
     if batch_size < 0:
         raise UserError(f"--batch-size must be >= 0, got {batch_size}")
-    scan = open_scan(t1, t2, func)
-    output = ScanOutput(scan, out)
+    if transforms is not None:  # before registering: the output's own checks follow once the scan is read
+        check_transform_folder(transforms, [], [t1, t2, func])
+    read: list[str] = []  # what was read, registered and resampled: said once every check has passed
+    scan = open_scan(t1, t2, func, grid=grid, series=series, register=register, log=read.append)
+    output = ScanOutput(scan, out, transforms=transforms)
     output.check()
     out, montage = output.path, output.montage
     engine_cfg = dataclasses.replace(engine_cfg, build_missing=not adapt)  # a scan is a long job
     pipe = FusionPipeline.load(model, scale, sample, engine_cfg, log=_verbose_log(verbose), notice=_notice)
     output_box(*scan.shape, pipe.check_size(size))
     batch = batch_size or pipe.max_batch(pipe.check_size(size))
+    for line in read:
+        _notice(line)
     if adapt:  # one adapted model for the whole scan, from up to ADAPT_SLICES slices spread over it
         from tfsdeploy.inputs import as_triplet
 
@@ -402,9 +425,11 @@ def _fuse_scan(kind: str, t1: Path, t2: Path, func: Path, scale: int, model: Opt
     with _progress_bar("fuse", progress, "slices") as bar:
         fused = pipe.fuse_scan(scan, size, batch, progress=bar)
     written = output.publish(fused)
-    where = out if kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
+    where = out if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
     typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
                f"{pipe.describe()})")
+    if output.transform_files:
+        typer.echo(f"wrote {transforms}/ ({', '.join(p.name for p in output.transform_files)})")
 
 
 # --------------------------------------------------------------------------- bundle
@@ -786,6 +811,10 @@ def info() -> None:
         typer.echo("  onnx: no (pip install 'tfsdeploy[onnx]')")
     trt, reason = tensorrt_status()
     typer.echo(f"  trt: tensorrt {trt.__version__}" if trt is not None else f"  trt: no ({reason})")
+    from engines.aoti_engine import device_identity, identity_text
+
+    here = device_identity("cuda" if torch.cuda.is_available() else "cpu")
+    typer.echo(f"  aoti: torch {torch.__version__}, packages built here run on {identity_text(here)}")
     d = default_data_dir()
     typer.echo(f"dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
     from tfsdeploy.bundle import default_model, describe_model

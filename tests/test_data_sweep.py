@@ -202,7 +202,6 @@ def test_bad_volumes_are_refused(base, work):
         "4-D": (np.stack([v, v], axis=-1), "3-D"),
         "complex": ((v + 1j * v).astype(np.complex64), "complex"),
         "NaN": (np.where(v > 500, np.nan, v).astype(np.float32), "NaN"),
-        "other grid": (v[:, :, :2], "different shapes"),
     }
     for name, (data, word) in cases.items():
         paths = volumes(base, work)
@@ -211,8 +210,10 @@ def test_bad_volumes_are_refused(base, work):
     paths = volumes(base, work)
     save_volume(paths[0], base["vols"]["t1"], scl_slope=1e38, scl_inter=0.0)  # values overflow float32
     refused(work, "fuse", *paths, "-m", base["model"], "--out", work / "o.nii.gz", *FAST, match="infinite")
-    save_volume(paths[0], base["vols"]["t1"], affine=np.diag([2.0, 2.0, 2.6, 1.0]))
-    refused(work, "fuse", *paths, "-m", base["model"], "--out", work / "o.nii.gz", *FAST, match="registered")
+    far = AFFINE.copy()
+    far[2, 3] = 300.0  # another grid is resampled onto the T1's, but not one that misses it
+    save_volume(paths[0], base["vols"]["t1"][:, :, :2], affine=far)
+    refused(work, "fuse", *paths, "-m", base["model"], "--out", work / "o.nii.gz", *FAST, match="do not overlap")
     for m, p in zip(MODS, volumes(base, work)):  # a sliver: 1 x 300 voxels in plane, 2 slices
         save_volume(p, np.ones((1, 300, 2), np.float32) * (1 + MODS.index(m)))
     refused(work, "fuse", *paths, "-m", base["model"], "--out", work / "o.nii.gz", *FAST, match="pixel")
@@ -249,6 +250,43 @@ def test_outputs_that_alias_inputs_are_refused(base, work):
     refused(work, "fuse", *dirs, "-m", base["model"], "--out", dirs[0], *FAST, match="input")
     refused(work, "fuse", *dirs, "-m", base["model"], "--out", dirs[0] / "inner", *FAST, match="input")
     refused(work, "fuse", *dirs, "-m", base["model"], "--out", work / "scan", *FAST, match="input")
+
+
+def test_bad_dicom_series_and_volume_options_are_refused(base, work):
+    pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+    pydicom = pytest.importorskip("pydicom", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+    from test_dicom_grids import write_series
+
+    v = base["vols"]["t1"]
+    t1 = nib.Nifti1Image(np.concatenate([v, v[:, :, :1]], axis=2), AFFINE)  # 4 slices
+    paths = volumes(base, work)
+    args = ("-m", base["model"], "--out", work / "o.nii.gz", *FAST)
+
+    def series(name: str, **kw) -> Path:
+        write_series(t1, work / name, name, **kw)
+        return work / name
+
+    gap = series("gap")
+    (gap / "IM0001.dcm").unlink()
+    refused(work, "fuse", gap, *paths[1:], *args, match="uneven slice spacing")
+    turned = series("turned")
+    ds = pydicom.dcmread(turned / "IM0002.dcm")
+    ds.ImageOrientationPatient = ["-1", "0", "0", "0", "0", "-1"]
+    ds.save_as(turned / "IM0002.dcm")
+    refused(work, "fuse", turned, *paths[1:], *args, match="mixes 2 slice orientations")
+    (work / "empty").mkdir()
+    refused(work, "fuse", paths[0], work / "empty", paths[2], *args, match="the folder is empty")
+    two = work / "two"
+    write_series(t1, two / "a", "a", series_uid="1.2.3.1")
+    write_series(t1, two / "b", "b", series_uid="1.2.3.2", number=2)
+    refused(work, "fuse", two, *paths[1:], *args, match="holds 2 DICOM series")
+    refused(work, "fuse", two, *paths[1:], *args, "--series", "1.2.3.9", match="holds no series 1.2.3.9")
+    good = series("good")
+    refused(work, "fuse", good, *paths[1:], *args, "--series", "1.2.3.9", match="no DICOM input holds")
+    refused(work, "fuse", good, *paths[1:], *args, "--grid", "ct", match="--grid must be one of")
+    refused(work, "fuse", good, *paths[1:], *args, "--save-transforms", work / "tfm", match="add --register")
+    refused(work, "fuse", good, *paths[1:], *args, "--register", "--save-transforms", good, match="good")
+    fused_ok("fuse", good, *paths[1:], *args)
 
 
 def test_outputs_of_the_wrong_kind_are_refused_before_any_work(base, work):

@@ -84,16 +84,20 @@ def test_fuse_cli_on_folders_writes_a_folder_of_pngs(tmp_path, tiny_run):
 
 
 def test_bad_scans_are_one_line_errors_and_leave_nothing(tmp_path, volumes, tiny_run):
-    nib.save(nib.Nifti1Image(np.zeros((48, 40, 6), np.float32), AFFINE), tmp_path / "short.nii.gz")
+    far = AFFINE.copy()
+    far[2, 3] = 400.0  # another grid is resampled onto the T1's, but not one that misses it
+    nib.save(nib.Nifti1Image(np.zeros((48, 40, 6), np.float32), far), tmp_path / "far.nii.gz")
     out = tmp_path / "o.nii.gz"
-    assert "different shapes" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path / "short.nii.gz",
-                                                    "--model", tiny_run, "--out", out))
+    assert "do not overlap" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path / "far.nii.gz",
+                                                  "--model", tiny_run, "--out", out))
     nib.save(nib.Nifti1Image(np.zeros((48, 40, 5), np.float32), np.diag([1.0, 1.0, 1.0, 1.0])), tmp_path / "m.nii.gz")
-    assert "grid" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path / "m.nii.gz", "--model", tiny_run,
-                                        "--out", out))
-    assert "not a mix" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path, "--model", tiny_run))
+    assert "covers only" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path / "m.nii.gz", "--model",
+                                               tiny_run, "--out", out))
+    # Beside volumes, a folder without slice images is read as a DICOM series.
+    assert "no DICOM images" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path, "--model", tiny_run))
     png = tmp_path / "a.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    assert "not a mix" in one_error_line(run("fuse", volumes[0], volumes[1], tmp_path, "--model", tiny_run))
     assert "not a NIfTI volume" in one_error_line(run("fuse", png, volumes[1], volumes[2], "--model", tiny_run))
     assert "--method applies to single images" in one_error_line(run("fuse", *volumes, "--method", "guided"))
     assert "--batch-size" in one_error_line(run("fuse", *volumes, "--model", tiny_run, "--batch-size", -1))

@@ -123,9 +123,9 @@ def _read_headers(folder: Path) -> tuple[list[SeriesInfo], dict[str, list], int]
 def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = None) -> DicomVolume:
     """Read the one DICOM series in `folder` (or the DICOMDIR there) as a volume with its true geometry.
 
-    series: a SeriesInstanceUID, or several (one per input of a command), of which the folder holds
-    exactly one; needed when the folder holds more than one series, which is otherwise refused with a
-    list of them (UID, description, modality, slice count).
+    series: a SeriesInstanceUID, or several (one per input of a command), of which a folder holding more
+    than one series must hold exactly one; such a folder is otherwise refused with a list of its series
+    (UID, description, modality, slice count). A folder holding one series gives that one.
     """
     import_extra("pydicom", "reading DICOM series")
     sitk = import_extra("SimpleITK", "reading DICOM series")
@@ -157,7 +157,7 @@ def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = N
 
 def _choose(folder: Path, infos: list[SeriesInfo], series: str | Iterable[str] | None) -> SeriesInfo:
     wanted = {series} if isinstance(series, str) else set(series or ())
-    if wanted:
+    if wanted and len(infos) > 1:
         found = [s for s in infos if s.uid in wanted]
         if len(found) == 1:
             return found[0]

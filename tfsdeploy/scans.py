@@ -4,6 +4,10 @@ Two layers, kept apart so that new input forms slot in without touching how outp
 
 * Readers (`open_scan` and the `Scan` classes) turn inputs into axial slices. They check everything
   that can be checked before any work: the shapes, the grids, and for folders every slice's file.
+  Volumes are NIfTI files or DICOM series (a folder holding one, tfsdeploy.dicom), in any mix. When
+  they lie on different grids, or with `register`, they are checked to overlap in world space,
+  optionally registered rigidly, and resampled onto the reference grid (`grid`: the T1's by
+  default) by tfsdeploy.volumes, which needs the optional extra `tfsdeploy[scans]`.
   A volume is read in the orientation the dataset builder uses (`load_spm_volumes`): brought to the
   closest canonical (RAS) orientation and stored as [z, y, x] with z ascending, anterior at the top
   of each slice and x growing towards the subject's right along a row. Volumes are normalised to
@@ -13,11 +17,14 @@ Two layers, kept apart so that new input forms slot in without touching how outp
   voxel size scaled to the fused slice size) for volume input, one PNG per slice for folder input,
   and beside it `NAME_montage.png`. It is checked before any work (its name, its place, that it
   spares every input) and written all or nothing: everything goes into a temporary folder beside
-  the output and is renamed into place at the end, replacing a previous output as a whole.
+  the output and is renamed into place at the end, replacing a previous output as a whole. With
+  `transforms`, the registrations go into that folder as ITK .tfm files, published as a whole
+  folder once the outputs are in place, and only then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import warnings
@@ -30,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_outputs, atomic_path, check_outputs_spare_inputs
+from tfsdeploy.fileio import atomic_dir, atomic_outputs, atomic_path, check_folder_target, check_outputs_spare_inputs
 from tfsdeploy.imaging import IMAGE_SUFFIXES, check_writable, normalise_volume, read_image
 
 SCAN_SUFFIXES = (".nii", ".nii.gz")
@@ -41,11 +48,18 @@ AFFINE_TOL_MM = 1e-3
 MONTAGE_SUFFIX = "_montage.png"
 
 
+VOLUME_KINDS = ("nifti", "dicom")
+TRANSFORM_SUFFIX = ".tfm"
+
+
 def scan_kind(path: str | Path) -> str | None:
-    """"nifti" for a .nii/.nii.gz name, "folder" for a directory, None otherwise (a single 2-D image)."""
+    """"nifti" for a .nii/.nii.gz name, "dicom" for a folder holding a DICOM series (or a DICOMDIR),
+    "folder" for another directory, None otherwise (a single 2-D image)."""
+    from tfsdeploy.dicom import is_dicom_folder
+
     path = Path(path)
     if path.is_dir():
-        return "folder"
+        return "dicom" if is_dicom_folder(path) else "folder"
     if path.name.lower().endswith(SCAN_SUFFIXES):
         return "nifti"
     return None
@@ -100,19 +114,49 @@ class Scan(ABC):
         return i % len(self)
 
 
-def open_scan(t1: str | Path, t2: str | Path, func: str | Path) -> Scan:
-    """Open three registered NIfTI volumes, or three folders of slices matched by file name."""
+def open_scan(t1: str | Path, t2: str | Path, func: str | Path, *, grid: str = "t1",
+              series: tuple[str, ...] = (), register: bool = False, log=None) -> Scan:
+    """Open three volumes (NIfTI files or DICOM series folders, in any mix), or three folders of slices
+    matched by file name.
+
+    Volumes only: grid, the input whose grid the others are resampled onto and the output lies on
+    ("t1", "t2" or "func"); series, SeriesInstanceUIDs choosing the series of a DICOM folder that holds
+    several (each folder takes the one it holds); register, rigidly register the other two volumes to
+    the reference before resampling. log(line) receives one line per volume read, per registration
+    (metric, transform) and per volume resampled. Everything is read and checked here, before any work.
+    """
     paths = dict(zip(MODALITIES, (Path(t1), Path(t2), Path(func)), strict=True))
     kinds = {m: scan_kind(p) for m, p in paths.items()}
     for m, p in paths.items():
         if kinds[m] is None and not p.exists():
             raise UserError(f"{p}: no such file or folder")
         if kinds[m] is None:
-            raise UserError(f"{p}: not a NIfTI volume ({', '.join(SCAN_SUFFIXES)}) or a folder of slices")
-    if len(set(kinds.values())) > 1:
-        listed = ", ".join(f"{m} is {'a NIfTI volume' if k == 'nifti' else 'a folder'}" for m, k in kinds.items())
-        raise UserError(f"give three NIfTI volumes or three folders, not a mix ({listed})")
-    return _VolumeScan.open(paths) if kinds["t1"] == "nifti" else _FolderScan.open(paths)
+            raise UserError(f"{p}: not a NIfTI volume ({', '.join(SCAN_SUFFIXES)}), a DICOM series or a folder "
+                            "of slices")
+    if any(k in VOLUME_KINDS for k in kinds.values()):
+        # Beside volumes, a folder without slice images is a DICOM series to be (read and refused as it is:
+        # empty, or holding no DICOM image).
+        kinds = {m: "dicom" if k == "folder" and not _images_by_stem(paths[m]) else k for m, k in kinds.items()}
+    what = {"nifti": "a NIfTI volume", "dicom": "a DICOM series", "folder": "a folder of slices"}
+    if len({k in VOLUME_KINDS for k in kinds.values()}) > 1:
+        listed = ", ".join(f"{m} is {what[k]}" for m, k in kinds.items())
+        raise UserError(f"give three volumes (NIfTI or DICOM series) or three folders of slices, not a mix ({listed})")
+    if grid not in MODALITIES:
+        raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
+    if kinds["t1"] == "folder":
+        refuse_volume_options(grid, series, register, "folders of slices")
+        return _FolderScan.open(paths)
+    if series and "dicom" not in kinds.values():
+        raise UserError("--series chooses a DICOM series, and no input is a DICOM folder")
+    return _VolumeScan.open(paths, kinds, grid, tuple(series), register, log or (lambda line: None))
+
+
+def refuse_volume_options(grid: str, series, register: bool, inputs: str) -> None:
+    """One line for an option that applies to volumes only, given with `inputs` (images, folders...)."""
+    given = [o for o, on in (("--grid", grid != "t1"), ("--series", bool(series)), ("--register", register)) if on]
+    if given:
+        raise UserError(f"{given[0]} applies to volumes (NIfTI files or DICOM series); {inputs} are fused slice by "
+                        "slice as they are, already registered")
 
 
 def default_output(scan: Scan) -> Path:
@@ -143,10 +187,14 @@ class ScanOutput:
         output.publish(fused)      # all of it, or (on any failure or Ctrl-C) nothing
     """
 
-    def __init__(self, scan: Scan, out: str | Path | None = None, montage: bool = True):
+    def __init__(self, scan: Scan, out: str | Path | None = None, montage: bool = True,
+                 transforms: str | Path | None = None):
         self.scan = scan
         self.path = Path(out) if out is not None else default_output(scan)
         self.montage = montage_path(self.path) if montage else None
+        # A folder for the scan's registrations (KEY_to_REFERENCE.tfm), published after the outputs.
+        self.transforms = Path(transforms) if transforms is not None else None
+        self.transform_files: list[Path] = []  # what publish wrote there
 
     @property
     def paths(self) -> list[Path]:
@@ -171,6 +219,14 @@ class ScanOutput:
         probe = self.montage or out.parent / f"{out.name}.png"
         if self.montage is not None or probe.parent.is_dir():
             check_writable(probe)
+        if self.transforms is not None:
+            self._check_transforms()
+
+    def _check_transforms(self) -> None:
+        if not getattr(self.scan, "registrations", None):
+            raise UserError(f"{self.transforms}: there are no transforms to save; --save-transforms goes with "
+                            "--register")
+        check_transform_folder(self.transforms, self.paths, list(self.scan.inputs.values()))
 
     def publish(self, fused: np.ndarray) -> list[Path]:
         """Write uint8 [N,3,h,w] fused slices; returns the paths of the output's own files."""
@@ -179,16 +235,46 @@ class ScanOutput:
             raise ValueError(f"fused holds {fused.shape[0]} slices but the scan has {len(self.scan)}")
         if min(fused.shape[2:]) < 1:
             raise ValueError(f"fused slices of {_fmt_shape(fused.shape[2:])} hold no pixels")
-        with atomic_outputs(*self.paths) as staged:
-            if self.scan.output_kind == "nifti":
-                _write_volume(staged[0], fused, self.scan.grid)
-                written = [self.path]
-            else:
-                names = _write_slices(staged[0], fused, self.scan.names)
-                written = [self.path / n for n in names]
-            if self.montage is not None:
-                montage_image(fused, self.scan.names).save(staged[1], format="PNG")
+        with contextlib.ExitStack() as stack:
+            if self.transforms is not None:  # renamed into place only once the outputs are
+                from tfsdeploy.volumes import save_transforms
+
+                staged_tfm = stack.enter_context(atomic_dir(self.transforms))
+                tfms = save_transforms(staged_tfm, self.scan.registrations, self.scan.reference)
+            with atomic_outputs(*self.paths) as staged:
+                if self.scan.output_kind == "nifti":
+                    _write_volume(staged[0], fused, self.scan.grid)
+                    written = [self.path]
+                else:
+                    names = _write_slices(staged[0], fused, self.scan.names)
+                    written = [self.path / n for n in names]
+                if self.montage is not None:
+                    montage_image(fused, self.scan.names).save(staged[1], format="PNG")
+        if self.transforms is not None:
+            self.transform_files = [self.transforms / t.name for t in tfms]
         return written
+
+
+def check_transform_folder(folder: Path, outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse, before any work, a folder for transforms that cannot be written or replaced as a whole,
+    or that is, holds or lies in one of the outputs or inputs."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: exists and is not a folder; the transforms go into a folder")
+    check_folder_target(folder)
+    if folder.is_dir():
+        others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != TRANSFORM_SUFFIX]
+        if others:
+            raise UserError(f"{folder}: exists and holds more than {TRANSFORM_SUFFIX} transforms (e.g. "
+                            f"{sorted(others)[0]}); the folder is replaced as a whole, so give a new one")
+    real = folder.resolve()
+    for p in outputs:
+        r = p.resolve()
+        if r == real or r.is_relative_to(real) or real.is_relative_to(r):
+            raise UserError(f"{folder}: the transforms need a folder of their own, apart from the output {p}")
+    try:
+        check_outputs_spare_inputs([folder], inputs)
+    except UserError as e:
+        raise UserError(str(e).replace("--out", "--save-transforms")) from None
 
 
 def _check_replaceable(folder: Path) -> None:
@@ -268,25 +354,61 @@ class _VolumeScan(Scan):
     kind = "nifti"
     output_kind = "nifti"
 
-    def __init__(self, volumes: dict[str, np.ndarray], grid: VolumeGrid, inputs: dict[str, Path]):
+    def __init__(self, volumes: dict[str, np.ndarray], grid: VolumeGrid, inputs: dict[str, Path],
+                 registrations: dict | None = None, reference: str = "t1"):
         self._volumes = volumes  # modality -> float32 [Z, H, W], the project's slice orientation
         self.grid = grid
         self.inputs = inputs
-        z, h, w = volumes["t1"].shape
+        # modality -> tfsdeploy.volumes.Registration to `reference` (with register=True)
+        self.registrations = registrations or {}
+        self.reference = reference
+        z, h, w = volumes[reference].shape
         width = max(3, len(str(z - 1)))
         self.names = [f"z{k:0{width}d}" for k in range(z)]
         self.shape = (h, w)
 
     @classmethod
-    def open(cls, paths: dict[str, Path]) -> _VolumeScan:
-        images = {m: _load_canonical(p) for m, p in paths.items()}
-        _check_one_grid(paths, images)
-        ref = images["t1"]
+    def open(cls, paths: dict[str, Path], kinds: dict[str, str], reference: str = "t1", series: tuple[str, ...] = (),
+             register: bool = False, log=lambda line: None) -> _VolumeScan:
+        from tfsdeploy.volumes import describe_grid, same_grid
+
+        labels = _labels(paths)
+        images, read, used = {}, {}, set()
+        for m, p in paths.items():
+            if kinds[m] == "dicom":
+                images[m], uid, read[m] = _read_dicom(p, series)
+                used.add(uid)
+            else:
+                images[m] = _load_canonical(p)
+                read[m] = f"NIfTI volume, {describe_grid(images[m])}"
+        unused = [uid for uid in series if uid not in used]
+        if unused:
+            raise UserError(f"--series {unused[0]}: no DICOM input holds that series")
+        one_grid = all(same_grid(images[m], images[reference]) for m in MODALITIES)
+        if register or not one_grid or "dicom" in kinds.values():
+            for m in MODALITIES:
+                log(f"read {labels[m]}: {read[m]}")
+        registrations = {}
+        if register or not one_grid:
+            from tfsdeploy.volumes import check_overlap, onto_grid, register_rigid
+
+            check_overlap(images, "t1", labels)
+            if register:
+                for m in MODALITIES:
+                    if m != reference:
+                        reg = register_rigid(images[reference], images[m], label=labels[m])
+                        registrations[m] = reg
+                        log(f"registered {labels[m]} to {labels[reference]}: {reg.describe_metric()}")
+                        log(f"{labels[m]} -> {labels[reference]}: {reg.describe_transform()}")
+            images, lines = onto_grid(images, reference, registrations, labels)
+            for line in lines:
+                log(line)
+        ref = images[reference]
         x, y = ref.shape[:2]
         grid = VolumeGrid(ref.affine.copy(), ref.header.copy(), type(ref), (int(y), int(x)))
         # Pop each image once read so that only one raw volume is held beside the float32 ones.
         volumes = {m: _axial_slices(paths[m], images.pop(m)) for m in MODALITIES}
-        return cls(volumes, grid, dict(paths))
+        return cls(volumes, grid, dict(paths), registrations, reference)
 
     def slice(self, i: int) -> ScanSlice:
         i = self._index(i)
@@ -320,18 +442,15 @@ def _load_canonical(path: Path):
         raise UserError(f"{path}: cannot reorient the volume ({type(e).__name__}: {e})") from None
 
 
-def _check_one_grid(paths: dict[str, Path], images: dict) -> None:
-    labels = _labels(paths)
-    shapes = {m: img.shape[:3] for m, img in images.items()}
-    if len(set(shapes.values())) > 1:
-        listed = ", ".join(f"{labels[m]} {_fmt_shape(s)}" for m, s in shapes.items())
-        raise UserError(f"volumes have different shapes ({listed}); resample them onto one grid first")
-    ref = images["t1"].affine
-    for m in ("t2", "func"):
-        if not np.allclose(images[m].affine, ref, rtol=0.0, atol=AFFINE_TOL_MM):
-            diff = float(np.abs(images[m].affine - ref).max())
-            raise UserError(f"{labels['t1']} and {labels[m]} are not registered to one grid (their voxel-to-world "
-                            f"affines differ by up to {diff:.3g} mm); register and resample them onto one grid first")
+def _read_dicom(folder: Path, series: tuple[str, ...]):
+    """The DICOM series in `folder`: (canonical image, its SeriesInstanceUID, what was read in words)."""
+    import nibabel as nib
+
+    from tfsdeploy.dicom import read_dicom_series
+
+    vol = read_dicom_series(folder, series or None)
+    skipped = f", {vol.skipped} other file(s) skipped" if vol.skipped else ""
+    return nib.as_closest_canonical(vol.image), vol.series.uid, f"{vol.describe()}{skipped}"
 
 
 def _axial_slices(path: Path, img) -> np.ndarray:

@@ -365,8 +365,8 @@ def register_rigid(fixed, moving, config: RegisterConfig = RegisterConfig(), lab
     reg.SetSmoothingSigmasPerLevel(list(config.smooth))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(transform, inPlace=True)
-    start = reg.MetricEvaluate(fixed_itk, moving_itk)
     try:
+        start = reg.MetricEvaluate(fixed_itk, moving_itk)
         reg.Execute(fixed_itk, moving_itk)
     except RuntimeError as e:  # ITK's message for e.g. too few samples in the overlap
         reason = str(e).strip().splitlines()[-1]

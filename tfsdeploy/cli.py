@@ -296,8 +296,9 @@ def fuse(
                               "(about +0.3 dB); more steps, or x8, can cost quality."),
     grid: str = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "
                              "their affines) and the output lies on: t1, t2 or func."),
-    series: list[str] = typer.Option([], "--series", metavar="UID", help="Volumes: the SeriesInstanceUID to read from a DICOM "
-                                     "folder holding several series (repeat it for several folders)."),
+    series: list[str] = typer.Option([], "--series", metavar="UID",
+                                     help="Volumes: the SeriesInstanceUID to read from a DICOM folder holding "
+                                     "several series (repeat it for several folders)."),
     register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes to "
                                   "the --grid one first (6 DOF, mutual information; needs tfsdeploy[scans])."),
     save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "

@@ -559,7 +559,7 @@ save = PIL.Image.Image.save
 def slow_save(self, fp, *a, **k):
     save(self, fp, *a, **k)
     Path({str(started)!r}).touch()
-    time.sleep(0.05)
+    time.sleep(0.25)  # a window of seconds for the signal, even on a loaded machine
 PIL.Image.Image.save = slow_save
 from tfsdeploy.cli import main
 sys.argv = ["tfsdeploy"] + sys.argv[1:]

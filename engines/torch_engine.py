@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from tfsdeploy.loopgraph import is_recording
 from tfsdeploy.model import TFSDiffUNet, set_norm_upcast
 from tfsdeploy.paths import cache_dir
 
@@ -69,9 +70,9 @@ class TorchDenoiser:
         return self._run(x, c, noise_level.to(self.device, torch.float32)).float()
 
     def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
-        # Inside a whole-fuse capture the call is recorded as plain kernels: no graph within the graph.
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not self.cuda_graph or capturing:
+        # While a whole fuse is warmed up and recorded, the call runs as plain kernels: no graph
+        # within (or beside) the whole-fuse graph.
+        if not self.cuda_graph or is_recording():
             with torch.inference_mode():
                 return self._forward(x_t, cond, noise_level)
         return self._replay(x_t, cond, noise_level)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from engines.torch_engine import TorchDenoiser
 from tfsdeploy.checkpoint import build_from_checkpoint, load_checkpoint
 from tfsdeploy.config import DiffusionConfig, SampleConfig
+from tfsdeploy.loopgraph import recording
 from tfsdeploy.pipeline import FusionPipeline
 
 
@@ -27,9 +28,10 @@ class RecordingGraphs:
         self.captures += 1
         fn()
 
-        def replay():
+        def replay():  # a real replay runs the recorded kernels, never the engine's Python again
             self.replays += 1
-            return fn()
+            with recording():
+                return fn()
 
         return replay
 
@@ -99,6 +101,20 @@ def test_a_failed_capture_falls_back_to_per_call_replay_and_says_so(ckpt):
     assert looped.loop is None and len(notices) == 1
     assert notices[0].startswith("warning: recording the whole fuse as one CUDA graph failed") and \
         notices[0].endswith("replaying per call")
+
+
+def test_while_recording_the_engine_makes_no_per_call_graph_of_its_own(ckpt, monkeypatch):
+    engine = recordable(ckpt)
+    engine.cuda_graph = True  # as on CUDA: outside a recording, each new shape would be captured
+
+    def no_capture(*a):
+        raise AssertionError("a per-call graph was captured while the whole fuse was recorded")
+
+    monkeypatch.setattr(engine, "_capture", no_capture)
+    graphs = RecordingGraphs()
+    pipe = FusionPipeline(engine, load_checkpoint(ckpt).configs, 4, SampleConfig(steps=2), graphs=graphs)
+    pipe(torch.rand(1, 5, 32, 32))
+    assert graphs.captures == 1
 
 
 def test_progress_hears_the_whole_fuse(ckpt):

@@ -20,12 +20,33 @@ fallback) is tested on the CPU with a stand-in that replays by running the recor
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import contextlib
+import threading
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from tfsdeploy.config import SampleConfig
 from tfsdeploy.diffusion import Denoiser, Diffusion
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[None]:
+    """While a whole fuse is warmed up and recorded, engines run their calls as plain kernels: no
+    per-call graph of their own inside (or beside) the whole-fuse graph."""
+    before = is_recording()
+    _STATE.on = True
+    try:
+        yield
+    finally:
+        _STATE.on = before
+
+
+def is_recording() -> bool:
+    return getattr(_STATE, "on", False)
 
 
 class GraphBackend(Protocol):
@@ -80,8 +101,9 @@ class WholeFuseGraphs:
         if key not in self._graphs:
             static_cond = cond01.detach().to(device, torch.float32).clone()
             static_noise = x_T.to(device)
-            run = self.backend.capture(
-                lambda: self.diffusion.fuse_from_noise(self.denoiser, static_cond, static_noise, sample), device)
+            with recording():
+                run = self.backend.capture(
+                    lambda: self.diffusion.fuse_from_noise(self.denoiser, static_cond, static_noise, sample), device)
             self._graphs[key] = (static_cond, static_noise, run)
         static_cond, static_noise, run = self._graphs[key]
         static_cond.copy_(cond01, non_blocking=True)
@@ -89,4 +111,4 @@ class WholeFuseGraphs:
         return run().clone()  # the next replay overwrites the graph's output
 
 
-__all__ = ["WholeFuseGraphs", "CudaGraphs", "GraphBackend"]
+__all__ = ["WholeFuseGraphs", "CudaGraphs", "GraphBackend", "recording", "is_recording"]

@@ -69,7 +69,7 @@ def find_artifact(ckpt: str | Path, engine: str, export_dir: str | Path | None =
             raise UserError(f"no TensorRT engine in {export_dir} for TensorRT {trt.__version__} on {gpu['gpu']}"
                             + "".join(f" ({s})" for s in skipped) + f"; run `tfsdeploy export {ckpt} --trt`")
     elif engine == "aoti":
-        path = find_package(ckpt, export_dir, device)
+        return find_package(ckpt, export_dir, device)  # it checks the source checkpoint itself
     else:
         path = export_dir / ARTIFACT_FILES[engine]
         if not path.is_file():

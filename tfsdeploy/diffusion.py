@@ -311,8 +311,7 @@ class Diffusion:
         sampler state are made there. `seeds` (one per slice) replaces `sample.seed`."""
         cond01 = cond01.to(model.device)
         if self.deterministic(sample):  # the path a whole-fuse CUDA graph records, run eagerly
-            x_T = self.initial_noise(self.generators(sample.seed if seeds is None else seeds, cond01.shape[0]),
-                                     (cond01.shape[0], 3, *cond01.shape[-2:]))
+            x_T = self.fuse_noise(cond01, sample, seeds)
             return self.fuse_from_noise(model, cond01, x_T.to(model.device), sample, progress)
         base01 = fuse_condition(cond01)
         x0 = self.sample(model, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
@@ -320,6 +319,12 @@ class Diffusion:
                          seed=sample.seed if seeds is None else seeds, clip=self.clip_range(base01),
                          progress=progress)
         return self.decode(x0, base01)
+
+    def fuse_noise(self, cond01: torch.Tensor, sample: SampleConfig, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """The initial noise x_T [B,3,H,W] of a deterministic fuse of `cond01`, on the CPU: slice i from
+        seeds[i] (or `sample.seed`), so a slice comes out the same alone or in a batch."""
+        b, _, h, w = cond01.shape
+        return self.initial_noise(self.generators(sample.seed if seeds is None else seeds, b), (b, 3, h, w))
 
     def deterministic(self, sample: SampleConfig) -> bool:
         """Whether a fuse is a fixed function of the condition and the initial noise (DDIM, or the

@@ -85,7 +85,6 @@ class WholeFuseGraphs:
         self.denoiser = denoiser
         self.backend = backend or CudaGraphs()
         self._graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]] = {}
-        self.error = ""  # why the last capture failed, when it did
 
     def supports(self, sample: SampleConfig) -> bool:
         return self.diffusion.deterministic(sample)
@@ -95,8 +94,7 @@ class WholeFuseGraphs:
         fails (the caller falls back)."""
         device = self.denoiser.device
         b, _, h, w = cond01.shape
-        x_T = self.diffusion.initial_noise(self.diffusion.generators(sample.seed if seeds is None else seeds, b),
-                                           (b, 3, h, w))
+        x_T = self.diffusion.fuse_noise(cond01, sample, seeds)
         key = (b, h, w, sample.steps, sample.spacing)
         if key not in self._graphs:
             static_cond = cond01.detach().to(device, torch.float32).clone()

@@ -10,14 +10,14 @@ from sewar.full_ref import vifp
 from typer.testing import CliRunner
 
 from conftest import write_folder
-from tfsdeploy.cli import app, evaluation_inputs
+from tfsdeploy.cli import app
 from tfsdeploy.config import EngineConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import METHODS, fuse_trimodal
 from tfsdeploy.lpips import LPIPS, load_lpips
 from tfsdeploy.report_metrics import (average_gradient, entropy, qabf, reference_metrics, spatial_frequency, std_dev,
                                       vif)
-from tfsdeploy.tools.evaluate import EvalConfig
+from tfsdeploy.tools.evaluate import EvalConfig, evaluation_inputs
 from tfsdeploy.tools.evaluate import evaluate as evaluate_entries
 
 

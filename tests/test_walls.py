@@ -33,7 +33,7 @@ def layer_of(module: str) -> str | None:
     top = module.split(".")[0]
     if top in ("engines", "export", "training"):
         return top
-    if module in ("tfsdeploy.cli", "tfsdeploy.__main__"):
+    if module in ("tfsdeploy.cli", "tfsdeploy.__main__") or module.startswith("tfsdeploy.cli."):
         return "cli"
     if module == "tfsdeploy.pipeline":
         return "pipeline"

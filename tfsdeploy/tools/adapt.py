@@ -240,5 +240,20 @@ def adapt(pipe: FusionPipeline, trips: Triplet | Sequence[Triplet], size: int = 
     return AdaptResult(adapted, cfg.steps, seconds, step_seconds, losses, len(pairs), side, extra)
 
 
+# A scan adapts one copy of the model, on at most this many of its slices.
+SCAN_SLICES = 16
+
+
+def scan_triplets(scan, limit: int = SCAN_SLICES) -> list[Triplet]:
+    """The slices a scan (tfsdeploy.scans) adapts on: up to `limit`, spread evenly from its first
+    slice to its last, as triplets."""
+    from tfsdeploy.inputs import as_triplet
+
+    k = min(len(scan), limit)
+    picks = sorted({round(i * (len(scan) - 1) / max(k - 1, 1)) for i in range(k)})
+    return [as_triplet(s.t1, s.t2, s.func) for s in map(scan.slice, picks)]
+
+
 __all__ = ["AdaptConfig", "AdaptResult", "Pairs", "adapt", "check_adaptable", "dihedral", "internal_pairs",
-           "lr_sources", "trainable_copy", "with_model", "MIN_SIDE", "RECOMMENDED_STEPS"]
+           "lr_sources", "scan_triplets", "trainable_copy", "with_model", "MIN_SIDE", "RECOMMENDED_STEPS",
+           "SCAN_SLICES"]

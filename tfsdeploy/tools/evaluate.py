@@ -97,6 +97,22 @@ def _label(path: Path, taken: set) -> str:
     return label
 
 
+def evaluation_inputs(models: list[Path], data: Path | None, cfg: EvalConfig, engine_cfg,
+                      log: Callable[[str], None] = lambda s: None) -> tuple[list[Entry], list[Sample]]:
+    """What `evaluate` is handed: one entry per model (its pipeline at every scale) and the split's
+    samples, at cfg.size or the first model's training size. `engine_cfg` is an EngineConfig."""
+    from tfsdeploy.bundle import named_model
+    from tfsdeploy.data import ensure_dataset, open_split
+
+    entries, labels, first_size = [], set(), 0
+    for path in (named_model(m) for m in models):
+        pipes = {s: FusionPipeline.load(path, s, cfg.sample, engine_cfg, notice=log) for s in cfg.scales}
+        first_size = first_size or pipes[cfg.scales[0]].image_size
+        entries.append(model_entry(path, pipes, cfg, labels))
+    samples = open_split(ensure_dataset(data, log=log), cfg.split, cfg.size or first_size or 256).load()
+    return entries, samples
+
+
 def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: EvalConfig = EvalConfig(),
              lpips_backbone: Path | None = None, lpips_lin: Path | None = None,
              progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] = print) -> dict:

@@ -1,0 +1,194 @@
+"""`tfsdeploy fuse`: one triplet of images, or every slice of three volumes or folders."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tfsdeploy.cli.common import ENGINE_HELP, engine_config, long_running, notice, progress_bar, verbose_log
+from tfsdeploy.config import EngineConfig, SampleConfig
+from tfsdeploy.errors import UserError
+
+
+def fuse(
+    t1: Path = typer.Argument(..., help="MR-T1: an image (PNG, JPEG or TIFF; 8 or 16 bit), a NIfTI volume "
+                              "(.nii, .nii.gz), a DICOM series (its folder) or a folder of slices."),
+    t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT), of the same kind (volumes: NIfTI and DICOM mix)."),
+    func: Path = typer.Argument(..., help="SPECT or PET, of the same kind; grey images get the built-in colour map."),
+    scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
+                                         "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output: a PNG for images (default fused.png), "
+                                       "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
+                                       "(default fused/); scans also get OUT_montage.png."),
+    sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
+    steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
+                              "packaged model) or 10, for DDPM all T."),
+    spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1,
+                             help="Noise seed; the same seed gives the same image (every slice of a scan "
+                             "uses it)."),
+    size: int = typer.Option(0, min=0, help="Output side in pixels (0 = the model's training size)."),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    precision: str = typer.Option("auto", help="torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                              help="Replay denoiser calls from CUDA graphs (default: on for torch "
+                                              "on CUDA, off for TensorRT)."),
+    compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
+                                 "seconds once per process; worth it for long scans on a GPU)."),
+    batch_size: int = typer.Option(0, min=0, max=4096,
+                                   help="Scans: slices per batch (0 = as many as half the free memory holds)."),
+    export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: beside the model)."),
+    method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
+                               "classical, laplacian, guided."),
+    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default)."),
+    adapt: int = typer.Option(0, min=0, max=10_000, help="Test-time adaptation: first fine-tune a copy of the model "
+                              "for N steps on pairs made from the input itself (degraded once more by x2), then "
+                              "fuse with it; torch engine; 0 = off. The README says what it gains, at which "
+                              "scale and step count."),
+    grid: str = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "
+                             "their affines) and the output lies on: t1, t2 or func."),
+    series: list[str] = typer.Option([], "--series", metavar="UID",
+                                     help="Volumes: the SeriesInstanceUID to read from a DICOM folder holding "
+                                     "several series (repeat it for several folders)."),
+    register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes to "
+                                  "the --grid one first (6 DOF, mutual information; needs tfsdeploy[scans])."),
+    save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
+                                                   "folder as ITK .tfm files (T2_to_T1.tfm ...), once the fuse "
+                                                   "succeeds."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
+) -> None:
+    """Fuse three registered low-resolution images (or volumes, or folders of slices) into one
+    high-resolution colour image (or volume, or folder). Volumes may be NIfTI files or DICOM series
+    folders on different grids; they are resampled onto one grid (and with --register registered)."""
+    from tfsdeploy.config import artifact_engine
+    from tfsdeploy.inputs import check_scale
+    from tfsdeploy.scans import MODALITIES, refuse_volume_options, scan_kind
+
+    check_scale(scale)
+    if grid not in MODALITIES:
+        raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
+    if save_transforms is not None and not register:
+        raise UserError("--save-transforms writes the transforms of --register; add --register")
+    for given in (t1, t2, func):  # the inputs first: a missing one is not an output problem
+        if not given.exists():
+            raise UserError(f"{given}: no such file or folder")
+    kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
+    if kind is None:
+        refuse_volume_options(grid, series, register, "images")
+    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    if adapt and model is not None and artifact_engine(model) is not None:
+        raise UserError(f"--adapt fine-tunes the model's weights, and {model} is an exported artifact; give the "
+                        f"checkpoint or bundle it was exported from")
+    if adapt and engine == "auto":
+        engine = "torch"  # adaptation fine-tunes the network: only the torch engine has gradients
+    job = FuseJob(inputs=(t1, t2, func), scale=scale, model=model, out=out, sample=sample, size=size,
+                  engine=engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir),
+                  batch_size=batch_size, method=method, adapt=adapt, progress=progress, verbose=verbose,
+                  grid=grid, series=tuple(series), register=register, transforms=save_transforms)
+    if kind is not None:
+        _fuse_scan(kind, job)
+    else:
+        _fuse_images(job)
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseJob:
+    """The options of one `fuse`, parsed and checked."""
+
+    inputs: tuple[Path, Path, Path]  # t1, t2, func
+    scale: int
+    model: Optional[Path]
+    out: Optional[Path]
+    sample: SampleConfig
+    size: int
+    engine: EngineConfig
+    batch_size: int
+    method: str
+    adapt: int
+    progress: bool
+    verbose: bool
+    grid: str  # volumes: the grid the others are resampled onto, and what to read and register
+    series: tuple[str, ...]
+    register: bool
+    transforms: Optional[Path]
+
+    def load_pipeline(self, engine: EngineConfig):
+        from tfsdeploy.pipeline import FusionPipeline
+
+        return FusionPipeline.load(self.model, self.scale, self.sample, engine, log=verbose_log(self.verbose),
+                                   notice=notice)
+
+
+def _fuse_images(job: FuseJob) -> None:
+    """`fuse` on three images."""
+    from tfsdeploy.fileio import check_outputs_spare_inputs
+    from tfsdeploy.imaging import check_writable, write_png
+    from tfsdeploy.inputs import fuse_baseline, read_triplet
+
+    out = job.out or Path("fused.png")
+    check_writable(out)
+    check_outputs_spare_inputs([out], list(job.inputs))
+    if job.method != "diffusion":
+        if job.adapt:
+            raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
+        write_png(out, fuse_baseline(read_triplet(*job.inputs), job.scale, job.size or 256, job.method))
+        typer.echo(f"wrote {out} (bicubic + {job.method} fusion, x{job.scale})")
+        return
+    pipe = job.load_pipeline(job.engine)
+    if job.adapt:
+        pipe = _adapted(pipe, [read_triplet(*job.inputs)], job)
+    with progress_bar(job.sample.sampler, job.progress) as bar:
+        img = pipe.fuse_files(*job.inputs, out, job.size, progress=bar)
+    typer.echo(f"wrote {out} ({img.shape[-1]}x{img.shape[-2]}, {pipe.describe()})")
+
+
+def _fuse_scan(kind: str, job: FuseJob) -> None:
+    """`fuse` on three volumes (NIfTI or DICOM) or three folders of slices: every axial slice, in batches."""
+    long_running()
+    from tfsdeploy.inputs import output_box
+    from tfsdeploy.scans import ScanOutput, check_transform_folder, open_scan
+    from tfsdeploy.tools.adapt import scan_triplets
+
+    if job.method != "diffusion":
+        raise UserError("--method applies to single images; scans are fused with the model")
+    if job.transforms is not None:  # before registering: the output's own checks follow once the scan is read
+        check_transform_folder(job.transforms, [], list(job.inputs))
+    read: list[str] = []  # what was read, registered and resampled: said once every check has passed
+    scan = open_scan(*job.inputs, grid=job.grid, series=job.series, register=job.register, log=read.append)
+    output = ScanOutput(scan, job.out, transforms=job.transforms)
+    output.check()
+    out, montage = output.path, output.montage
+    pipe = job.load_pipeline(dataclasses.replace(job.engine, build_missing=not job.adapt))  # a scan is a long job
+    output_box(*scan.shape, pipe.check_size(job.size))
+    batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
+    for line in read:
+        notice(line)
+    if job.adapt:  # one adapted model for the whole scan, from slices spread over it
+        pipe = _adapted(pipe, scan_triplets(scan), job)
+    typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {batch} "
+               f"({pipe.describe()})", err=True)
+    with progress_bar("fuse", job.progress, "slices") as bar:
+        fused = pipe.fuse_scan(scan, job.size, batch, progress=bar)
+    written = output.publish(fused)
+    where = out if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
+    typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
+               f"{pipe.describe()})")
+    if output.transform_files:
+        typer.echo(f"wrote {job.transforms}/ ({', '.join(p.name for p in output.transform_files)})")
+
+
+def _adapted(pipe, trips: list, job: FuseJob):
+    """A pipeline whose model copy was fine-tuned on `trips` for --adapt steps."""
+    from tfsdeploy.tools.adapt import AdaptConfig, adapt
+
+    with progress_bar("adapt", job.progress, "steps") as bar:
+        res = adapt(pipe, trips, job.size, AdaptConfig(steps=job.adapt, seed=job.sample.seed), progress=bar)
+    typer.echo(f"adapted to the input in {res.seconds:.1f} s ({job.adapt} steps on {res.pairs} internal pairs of "
+               f"{res.lr_side} px, {res.seconds_per_step:.2f} s a step)", err=True)
+    return res.pipeline

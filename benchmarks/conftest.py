@@ -12,7 +12,7 @@ import pytest
 PRESET = os.environ.get("BENCH_PRESET", "small")
 SIZES = tuple(int(s) for s in os.environ.get("BENCH_SIZES", "128,256").split(","))
 BATCHES = tuple(int(s) for s in os.environ.get("BENCH_BATCHES", "1,4").split(","))
-ENGINES = tuple(os.environ.get("BENCH_ENGINES", "torch,torch-fast,torch-compile,onnx,onnx-fp16,trt").split(","))
+ENGINES = tuple(os.environ.get("BENCH_ENGINES", "torch-fp32,torch,torch-compile,onnx,onnx-fp16,trt").split(","))
 
 
 @pytest.fixture(scope="session")

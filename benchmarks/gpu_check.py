@@ -344,7 +344,7 @@ def cli_checks(report: Report, work: Path, quick: bool) -> None:
     run_cli(report, ev + (["--scales", "4"] if quick else []), 400)
     bench = ["bench", "-m", "default", "--sizes", "64" if quick else "256", "--batches", "1" if quick else "1,16",
              "--fuse-steps", "2" if quick else "10", "--ddpm-steps", "2" if quick else "20", "--repeats",
-             "1" if quick else "10", "--engines", "torch,torch-fast", "--cold-runs", "1" if quick else "3",
+             "1" if quick else "10", "--engines", "torch-fp32,torch", "--cold-runs", "1" if quick else "3",
              "--out", str(work / "bench")]
     run_cli(report, bench, 400)
 

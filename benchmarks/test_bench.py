@@ -38,7 +38,7 @@ def test_denoiser_call(benchmark, bench_setup, name, size, batch):
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddpm", 20)])
-@pytest.mark.parametrize("name", ["torch", "onnx"])
+@pytest.mark.parametrize("name", ["torch-fp32", "torch", "onnx"])
 def test_fuse_end_to_end(benchmark, bench_setup, name, sampler, steps):
     """DDPM is timed over 20 respaced levels; the per-level time times T is its full cost
     (recorded as extra_info['ddpm_full_T_seconds_estimate'])."""

@@ -8,7 +8,7 @@ import torch
 from tfsdeploy.config import PRESETS
 from tfsdeploy.errors import UserError
 from tfsdeploy.model import SelfAttention, build_model
-from tfsdeploy.tools.bench import BenchConfig, run_bench
+from tfsdeploy.tools.bench import BenchConfig, build_engines, run_bench
 from tfsdeploy.tools.hardware import count_flops
 from tfsdeploy.tools.study import StudyConfig, pick_sampler, sampler_study
 
@@ -43,10 +43,11 @@ def test_flop_count_agrees_with_an_independent_count(preset, size):
 
 def test_bench_writes_markdown_json_and_plot(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
-    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch", "onnx", "trt"), repeats=2,
-                      warmup=1, fuse_steps=(2,), ddpm_measured_steps=2, fuse_size=64)
+    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch-fp32", "onnx", "trt"), repeats=2,
+                      warmup=1, fuse_steps=(2,), ddpm_steps=2, fuse_size=64)
     r = run_bench(None, cfg, tmp_path, log=lambda s: None)
-    assert {x["engine"] for x in r["latency"]} == {"torch", "onnx"}
+    assert {x["engine"] for x in r["latency"]} == {"torch-fp32", "onnx"}
+    assert [x["speedup_vs_torch_fp32"] for x in r["latency"] if x["engine"] == "torch-fp32"] == [1.0]
     assert "trt" in r["skipped"] or torch.cuda.is_available()
     assert all(x["gflops_per_s"] > 0 and x["fraction_of_peak"] > 0 for x in r["latency"])
     ddpm = [x for x in r["fuse"] if x["sampler"] == "ddpm"]
@@ -59,9 +60,30 @@ def test_bench_writes_markdown_json_and_plot(tmp_path):
         BenchConfig(engines=("warp-drive",))
 
 
+def test_bench_names_engines_as_fuse_does(tmp_path, tiny_run):
+    """"torch" is what `fuse --engine torch` runs; the eager fp32 reference has its own name. On a CPU
+    the two are the same path, so asking for both measures it once."""
+    from tfsdeploy.config import EngineConfig
+    from tfsdeploy.pipeline import FusionPipeline
+
+    cfg = BenchConfig(sizes=(32,), batches=(1,), engines=("torch-fp32", "torch"), fuse_size=64)
+    engines, skipped = build_engines(tiny_run, cfg, tmp_path, log=lambda s: None)
+    fused = FusionPipeline.load(tiny_run, 4, engine=EngineConfig(engine="torch")).denoiser.describe()
+    if torch.cuda.is_available():
+        assert engines["torch"].describe() == fused and engines["torch"].dtype == torch.float16
+    else:
+        assert list(engines) == ["torch-fp32"] and "'torch-fp32' row" in skipped["torch"]
+        alone, _ = build_engines(tiny_run, BenchConfig(sizes=(32,), batches=(1,), engines=("torch",), fuse_size=64),
+                                 tmp_path, log=lambda s: None)
+        assert alone["torch"].describe() == fused
+    assert engines["torch-fp32"].dtype == torch.float32
+    with pytest.raises(UserError, match="torch-fast"):
+        BenchConfig(engines=("torch-fast",))
+
+
 def test_bench_of_a_trained_model_times_the_command_line(tmp_path, tiny_run):
     cfg = BenchConfig(sizes=(64,), batches=(1,), engines=("torch",), repeats=1, warmup=0, fuse_steps=(2,),
-                      ddpm_measured_steps=2, fuse_size=64, cli_repeats=1)
+                      ddpm_steps=2, fuse_size=64, cli_repeats=1)
     r = run_bench(tiny_run, cfg, tmp_path, log=lambda s: None)
     assert r["parameters"] < 1e5  # the tiny checkpoint, not a random preset model
     assert [x["engine"] for x in r["cli_fuse"]] == ["torch", "auto"]
@@ -80,7 +102,10 @@ def test_sampler_study(tmp_path, tiny_run, synth_dataset):
     samples = open_split(synth_dataset, "test", 64).load()
     r = sampler_study(pipe, samples, StudyConfig(images=2, size=64, ddim_steps=(1, 2)), tmp_path, log=lambda s: None)
     samplers = [(x["sampler"], x["steps"]) for x in r["rows"]]
-    assert samplers == [("baseline", 0), ("ddpm", 100), ("ddim", 1), ("ddim", 2)]
+    assert samplers == [("baseline", 0), ("ddpm", 100), ("ddim", 1), ("ddim", 2)]  # DDPM over all T by default
+    short = sampler_study(pipe, samples, StudyConfig(images=1, size=64, ddim_steps=(1,), ddpm_full=3), tmp_path,
+                          log=lambda s: None)
+    assert [(x["sampler"], x["steps"]) for x in short["rows"][1:]] == [("ddpm", 3), ("ddim", 1)]
     ddim1 = r["rows"][2]
     assert ddim1["fewer_calls_than_ddpm"] == 100
     assert ddim1["delta_psnr_vs_ddpm"] == pytest.approx(ddim1["psnr"] - r["rows"][1]["psnr"])

@@ -31,10 +31,12 @@ from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu
                                       matmul_peak_gflops, project_ms, rss_mib, sync)
 from tfsdeploy.tools.report import fmt
 
-# "torch" is eager fp32 on the device: the reference every ratio is taken against. "torch-fast" is
-# what the pipeline runs by default on the device (on CUDA: fp16, channels-last, CUDA graphs; on a
-# CPU it is "torch" itself). "torch-compile" adds torch.compile to it.
-BENCH_ENGINES = ("torch", "torch-fast", "torch-compile", *(e for e in ENGINES if e != "torch"))
+# The engines are named as `fuse --engine` names them, so "torch" is what `fuse --engine torch` runs
+# (on CUDA: fp16, channels-last, CUDA graphs; on a CPU: eager fp32). Two rows fuse has no name for:
+# "torch-fp32", eager fp32 on the device, the reference every ratio is taken against, and
+# "torch-compile", `fuse --engine torch --compile`.
+REFERENCE = "torch-fp32"
+BENCH_ENGINES = (REFERENCE, "torch", "torch-compile", *(e for e in ENGINES if e != "torch"))
 PROJECTED_CARD = "RTX 3090"
 
 
@@ -47,7 +49,7 @@ class BenchConfig:
     repeats: int = 10
     warmup: int = 2
     fuse_steps: tuple[int, ...] = (10, 25, 50)
-    ddpm_measured_steps: int = 50  # DDPM is timed over this many levels and extrapolated to all T
+    ddpm_steps: int = 50  # DDPM is timed over this many levels and extrapolated to all T
     fuse_size: int = 256
     threads: int = 0
     cli_repeats: int = 3  # cold `fuse` processes timed per engine setting, when a model is given
@@ -60,7 +62,7 @@ class BenchConfig:
             raise UserError("repeats must be >= 1 and warmup >= 0")
         if not self.sizes or not self.batches or min(self.sizes) < 1 or min(self.batches) < 1:
             raise UserError("sizes and batches must be positive")
-        if self.cli_repeats < 0 or self.ddpm_measured_steps < 1 or not self.fuse_steps or min(self.fuse_steps) < 1:
+        if self.cli_repeats < 0 or self.ddpm_steps < 1 or not self.fuse_steps or min(self.fuse_steps) < 1:
             raise UserError("cold runs must be >= 0, and fuse and DDPM steps >= 1")
 
 
@@ -108,12 +110,12 @@ def build_engines(ckpt: Path, cfg: BenchConfig, workdir: Path, log: Callable[[st
 
     for name in cfg.engines:
         try:
-            if name == "torch":
+            if name == REFERENCE:
                 engines[name] = torch_denoiser(ckpt, device, EngineConfig(precision="fp32", cuda_graph=False,
                                                                           channels_last=False))[0]
-            elif name == "torch-fast":
-                if device.type == "cpu":
-                    raise UserError("on a CPU the default torch path is eager fp32, the 'torch' row")
+            elif name == "torch":
+                if device.type == "cpu" and REFERENCE in cfg.engines:
+                    raise UserError(f"on a CPU the torch engine is eager fp32, the '{REFERENCE}' row")
                 engines[name] = torch_denoiser(ckpt, device, EngineConfig())[0]
             elif name == "torch-compile":
                 engines[name] = torch_denoiser(ckpt, device, EngineConfig(compile=True))[0]
@@ -175,7 +177,7 @@ def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: B
                     e(*inputs[n])
                     sync()
                     times[n].append(time.perf_counter() - t0)
-            base = statistics.median(times["torch"]) if "torch" in times else None
+            base = statistics.median(times[REFERENCE]) if REFERENCE in times else None
             for n, ts in times.items():
                 med = statistics.median(ts)
                 achieved = flops / med / 1e9
@@ -186,7 +188,7 @@ def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: B
                     frac = achieved / peak["peak"] if peak else None
                 rows.append({"engine": n, "describe": engines[n].describe(), "size": size, "batch": batch,
                              "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
-                             "speedup_vs_torch": (base / med) if base else None, "gflop_per_call": flops / 1e9,
+                             "speedup_vs_torch_fp32": (base / med) if base else None, "gflop_per_call": flops / 1e9,
                              "gflops_per_s": achieved, "fraction_of_peak": frac, **mem[n]})
             log(f"latency {size}px batch {batch}: " + ", ".join(
                 f"{r['engine']} {r['median_ms']:.1f} ms" for r in rows[-len(times):]))
@@ -200,7 +202,7 @@ def project_card(rows: list[dict], model: torch.nn.Module, card: str = PROJECTED
     for r in rows:
         if r["fraction_of_peak"] is None or not torch.cuda.is_available():
             continue
-        precision = "fp32" if r["engine"] == "torch" else "fp16"
+        precision = "fp32" if r["engine"] == REFERENCE else "fp16"
         dtype = torch.float32 if precision == "fp32" else torch.float16
         nbytes = count_bytes(model.to(dtype), r["batch"], r["size"])
         proj = project_ms(int(r["gflop_per_call"] * 1e9), nbytes, card, precision, r["fraction_of_peak"])
@@ -216,7 +218,7 @@ def measure_fuse(engines: dict[str, Denoiser], configs, trip: Triplet, cfg: Benc
     same FusionPipeline that `fuse` runs."""
     rows = []
     T = configs.schedule.num_steps
-    plans = [("ddim", s) for s in cfg.fuse_steps] + [("ddpm", min(cfg.ddpm_measured_steps, T))]
+    plans = [("ddim", s) for s in cfg.fuse_steps] + [("ddpm", min(cfg.ddpm_steps, T))]
     for n, e in engines.items():
         FusionPipeline(e, configs, 4, SampleConfig(steps=2)).fuse_triplet(trip, cfg.fuse_size)  # warm-up
         for sampler, steps in plans:
@@ -325,12 +327,12 @@ def write_bench_report(r: dict, out_dir: Path, log: Callable[[str], None] = prin
     for k, v in r["skipped"].items():
         lines.append(f"- {k} not measured: {v}")
     lines += ["", "## Denoiser call", "",
-              "| engine | runs as | size | batch | median ms | vs torch | GFLOP/call | GFLOP/s | of peak | RSS MiB | "
+              "| engine | runs as | size | batch | median ms | vs torch-fp32 | GFLOP/call | GFLOP/s | of peak | RSS MiB | "
               "CUDA peak MiB |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["latency"]:
         lines.append(f"| {x['engine']} | {x['describe']} | {x['size']} | {x['batch']} | {x['median_ms']:.1f} | "
-                     f"{fmt(x['speedup_vs_torch'], '.2f')}× | {x['gflop_per_call']:.1f} | {x['gflops_per_s']:.0f} | "
+                     f"{fmt(x['speedup_vs_torch_fp32'], '.2f')}× | {x['gflop_per_call']:.1f} | {x['gflops_per_s']:.0f} | "
                      f"{fmt(None if x['fraction_of_peak'] is None else 100 * x['fraction_of_peak'], '.0f')}% | "
                      f"{fmt(x['rss_mib'], '.0f')} | {fmt(x['cuda_peak_mib'], '.0f')} |")
     if r.get("projection"):
@@ -393,7 +395,7 @@ def _plot_latency(r: dict, path: Path) -> None:
     for i, e in enumerate(engines):
         lat = [next((x["median_ms"] for x in r["latency"] if x["engine"] == e and (x["size"], x["batch"]) == c), 0)
                for c in combos]
-        spd = [next((x["speedup_vs_torch"] or 0 for x in r["latency"] if x["engine"] == e and (x["size"], x["batch"]) == c), 0)
+        spd = [next((x["speedup_vs_torch_fp32"] or 0 for x in r["latency"] if x["engine"] == e and (x["size"], x["batch"]) == c), 0)
                for c in combos]
         xs = np.arange(len(combos)) + i * width
         axes[0].bar(xs, lat, width, label=e)

@@ -27,7 +27,7 @@ class StudyConfig:
     images: int = 4
     size: int = 256
     ddim_steps: tuple[int, ...] = (10, 25, 50, 100, 250)
-    ddpm_steps: int = 0  # 0 = all T (the paper's sampler)
+    ddpm_full: int = 0  # DDPM levels; 0 = all T (the paper's sampler)
     seed: int = 0
 
 
@@ -61,7 +61,7 @@ def sampler_study(pipeline: FusionPipeline, samples: list[Sample], cfg: StudyCon
     b = make_batch(samples, picks, [pipeline.scale], 0, np.random.default_rng(0))
     rows = [{"sampler": "baseline", "steps": 0, "calls": 0, "seconds": 0.0,
              "psnr": float(psnr(b.base01, b.gt01).mean()), "ssim": float(ssim(b.base01, b.gt01).mean())}]
-    plans = [("ddpm", cfg.ddpm_steps or schedule.num_steps)] + [("ddim", s) for s in cfg.ddim_steps
+    plans = [("ddpm", cfg.ddpm_full or schedule.num_steps)] + [("ddim", s) for s in cfg.ddim_steps
                                                                  if s <= schedule.num_steps]
     for sampler, steps in plans:
         sync()

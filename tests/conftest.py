@@ -17,6 +17,18 @@ from tfsdeploy.iospec import IOSpec
 
 torch.set_num_threads(2)
 
+# Fixtures that take minutes to build on a 2-core CPU. A test that uses one is marked slow, so the
+# quick run (pyproject's addopts) leaves it out and `-m slow` runs it.
+SLOW_FIXTURES = {"package"}  # test_aoti.py: an AOTInductor compile of the tiny model
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = getattr(item, "callspec", None)  # a parametrised argument is no fixture
+        if SLOW_FIXTURES & (set(getattr(item, "fixturenames", ())) - set(params.params if params else ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def smooth_image(rng: np.random.Generator, size: int, blobs: int = 6) -> np.ndarray:
     """A smooth synthetic 'anatomy' in [0, 1]: a disc with Gaussian blobs."""

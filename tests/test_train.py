@@ -1,12 +1,14 @@
+import copy
 import dataclasses
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import AnalyticDenoiser, tiny_configs
+from conftest import AnalyticDenoiser, randomize_output, tiny_configs
 from tfsdeploy.checkpoint import load_checkpoint
 from tfsdeploy.config import PRESETS
 from tfsdeploy.errors import UserError
@@ -88,12 +90,87 @@ def test_every_parameterisation_trains_validates_and_samples(tmp_path, synth_dat
 
 
 def test_training_changes_weights_and_lowers_loss(tmp_path, synth_dataset):
-    import json
+    """Every draw of a step is keyed by (seed, step, rank): holding the step at 0 repeats step 0's
+    batch, noise levels, noise and dropout, so the loss is a fixed function of the weights, and each
+    small Adam step must lower it. (Averages over many steps with fresh draws compare noise.)"""
+    trainer = Trainer(tmp_path / "r", tiny_configs(lr=1e-3), synth_dataset, log=lambda s: None)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    losses = []
+    for _ in range(5):
+        trainer.step = 0
+        losses.append(trainer.train_step()["loss"])
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.95 * losses[0], losses
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"final.conv.weight", "init_conv.weight", "tmfa.fc1.weight"} <= changed  # down to the first layer
+    assert not torch.equal(trainer.ema.state_dict()["final.conv.weight"], before["final.conv.weight"])
 
-    run = tmp_path / "r"
-    train(run, tiny_configs(steps=40, ckpt_every=0, lr=3e-3), data_root=synth_dataset, **QUIET)
-    losses = [json.loads(l)["loss"] for l in (run / "log.jsonl").read_text().splitlines() if '"loss"' in l]
-    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+def _pairs(n: int = 3, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from tfsdeploy.fusion import fuse_condition
+    from tfsdeploy.imaging import degrade
+
+    g = torch.Generator().manual_seed(7)
+    hr = torch.rand(n, 8, size, size, generator=g)
+    cond01 = degrade(hr[:, :5], 2)
+    return cond01, fuse_condition(cond01), hr[:, 5:]
+
+
+def test_the_shared_training_step_matches_a_hand_written_one():
+    """`diffusion.train_step` (training and adaptation) against the step written out by hand: the
+    same losses and weights, bit for bit, with dropout on and a gradient clip that binds."""
+    from tfsdeploy.config import TrainConfig
+    from tfsdeploy.diffusion import Diffusion, train_step
+    from tfsdeploy.model import build_model
+
+    cfg = tiny_configs()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.2))
+    tc = TrainConfig(grad_clip=0.05, psf_mse=1.0, psf_ssim=0.1)
+    diffusion = Diffusion.from_configs(cfg)
+    torch.manual_seed(0)
+    model = randomize_output(build_model(cfg.model))
+    ref = copy.deepcopy(model)
+    opt, ref_opt = (torch.optim.Adam(m.parameters(), lr=1e-3) for m in (model, ref))
+    cond01, base01, gt01 = _pairs()
+    weight = torch.tensor([0.5, 1.0, 2.0])
+
+    def draw(rng):
+        idx = torch.from_numpy(rng.choice(3, size=2, replace=False))
+        return cond01[idx], base01[idx], gt01[idx], weight[idx]
+
+    norms = []
+    for step in range(3):
+        got = train_step(diffusion, model, opt, tc, (5, step, 0), draw, lambda loss: "diverged")
+        rng = np.random.default_rng([5, step, 0])
+        torch.manual_seed(int(rng.integers(2**62)))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        c, b, g, w = draw(rng)
+        ref.train()
+        want = diffusion.pair_losses(ref, c, b, g, gen, 1.0, 0.1, sample_weight=w)
+        ref_opt.zero_grad()
+        want["loss"].backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)))
+        ref_opt.step()
+        assert got == {k: float(v.detach()) for k, v in want.items()}, step
+        for (k, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), (step, k)
+    assert min(norms) > 0.05  # the clip bound each step
+    assert len(set(norms)) == 3  # each key drew its own batch and noise
+
+
+def test_the_training_step_refuses_a_loss_that_is_not_finite():
+    from tfsdeploy.config import TrainConfig
+    from tfsdeploy.diffusion import Diffusion, train_step
+    from tfsdeploy.model import build_model
+
+    cfg = tiny_configs()
+    model = build_model(cfg.model)
+    cond01, base01, gt01 = _pairs()
+    cond01 = cond01.clone()
+    cond01[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"^loss nan at step 3$"):
+        train_step(Diffusion.from_configs(cfg), model, torch.optim.Adam(model.parameters()), TrainConfig(), (0, 2),
+                   lambda rng: (cond01, base01, gt01, None), lambda loss: f"loss {loss} at step 3")
 
 
 @pytest.mark.slow

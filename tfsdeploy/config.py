@@ -2,7 +2,10 @@
 
 Every config is a frozen dataclass that round-trips through JSON, so a checkpoint can
 store the exact configs it was trained with and rebuild everything from them
-(nanoGPT style). Field names map one-to-one onto CLI options.
+(nanoGPT style). Most fields a command lets you set have an option of the same name
+(`ema_decay` is `train --ema-decay`), but not all: `train --timesteps` sets
+`ScheduleConfig.num_steps`, the architecture comes from `--preset` (`--tmfa` is the one
+field of it an option changes), and some fields (e.g. `TrainConfig.keep_ckpts`) have no option.
 """
 
 from __future__ import annotations

@@ -14,13 +14,14 @@ DiffusionConfig says; this module is the only place that converts between them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
-from tfsdeploy.config import DEFAULT_DDIM_STEPS, DiffusionConfig, SampleConfig, ScheduleConfig
+from tfsdeploy.config import DEFAULT_DDIM_STEPS, DiffusionConfig, SampleConfig, ScheduleConfig, TrainConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
 from tfsdeploy.metrics import ssim
@@ -346,3 +347,40 @@ class Diffusion:
         if progress is not None and not ts:
             progress(1, 1)
         return self.decode(x0, base01)
+
+
+# ------------------------------------------------------------------ one training step
+
+# A batch of pairs in [0, 1] to train on: cond01 [B,5,H,W], base01 [B,3,H,W] (its upsample-then-fuse
+# baseline), gt01 [B,3,H,W], and a per-sample loss weight [B] or None.
+PairBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def train_step(diffusion: Diffusion, model: torch.nn.Module, opt: torch.optim.Optimizer, train: TrainConfig,
+               key: Sequence[int], draw: Callable[[np.random.Generator], PairBatch],
+               diverged: Callable[[float], str]) -> dict[str, float]:
+    """One optimiser step on `Diffusion.pair_losses`: the step that training and test-time
+    adaptation share.
+
+    Every draw is a pure function of `key` (e.g. seed, step, rank), so a run repeats, and resumes,
+    exactly: a generator seeded by `key` draws the seed of torch's global generator (dropout), then
+    the seed of the noise levels and noise, then the batch, through `draw(rng)`. The loss takes
+    `train`'s PSF weights and its gradients are clipped to `train.grad_clip` (0: not clipped).
+    A loss that is not finite raises UserError(diverged(loss)), after the update. Returns each loss
+    term (before the update) as a float."""
+    rng = np.random.default_rng(list(key))
+    torch.manual_seed(int(rng.integers(2**62)))  # dropout
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    cond01, base01, gt01, weight = draw(rng)
+    model.train()
+    losses = diffusion.pair_losses(model, cond01, base01, gt01, gen, train.psf_mse, train.psf_ssim,
+                                   sample_weight=weight)
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    opt.step()
+    out = {k: float(v.detach()) for k, v in losses.items()}
+    if not math.isfinite(out["loss"]):
+        raise UserError(diverged(out["loss"]))
+    return out

@@ -1,9 +1,11 @@
 """The TFS-Diff denoiser: a TMFA block in front of an SR3 U-Net with continuous noise-level conditioning.
 
-Call contract (the Denoiser interface, see engines/):
+Call contract:
     model(x_t [B,3,H,W], cond [B,5,H,W], noise_level [B]) -> prediction [B,3,H,W]
 where noise_level is sqrt(gamma) = sqrt(alpha_bar) in [0, 1] and the prediction is eps, x0 or v
-as the checkpoint's DiffusionConfig says (eps for the paper's setting).
+as the checkpoint's DiffusionConfig says (eps for the paper's setting). Training calls the network
+directly; for sampling an engine (engines/torch_engine.py) wraps it in the Denoiser protocol of
+tfsdeploy/diffusion.py, which adds the device, the dtype and describe().
 
 Precision: GroupNorm, the attention softmax and the noise-level sinusoids run in fp32 by default.
 Each casts its input up and its output back, so the casts survive autocast, `.half()` and export.

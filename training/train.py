@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, read_me
 from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
                               from_dict, to_dict)
 from tfsdeploy.data import Batch, Sample, augment, default_data_dir, make_batch, open_split, stack_samples
-from tfsdeploy.diffusion import Diffusion
+from tfsdeploy.diffusion import Diffusion, PairBatch, train_step
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path, write_error
 from tfsdeploy.metrics import psnr, ssim
@@ -174,10 +173,6 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 # --------------------------------------------------------------------------- the loop
 
 
-def step_seed(seed: int, step: int, rank: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, rank])
-
-
 class Trainer:
     def __init__(self, run_dir: str | Path, configs: Configs, data_root: str | Path | None = None,
                  log: Callable[[str], None] = print, init_from: str | Path | None = None):
@@ -306,26 +301,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, float]:
-        tc, dc = self.cfg.train, self.cfg.data
-        rng = step_seed(tc.seed, self.step, self.dist.rank)
-        torch.manual_seed(int(rng.integers(2**62)))  # dropout
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        idx = rng.integers(0, len(self.train_set), size=tc.batch_size)
+        """One step (`diffusion.train_step`), its draws keyed by (seed, step, rank), then the EMA."""
+        tc = self.cfg.train
+        losses = train_step(self.diffusion, self.ddp_model, self.opt, tc, (tc.seed, self.step, self.dist.rank),
+                            self._draw_batch, lambda loss: f"loss became {loss} at step {self.step + 1}; "
+                                                           f"lower --lr or check the data")
+        self._update_ema()
+        self.step += 1
+        return losses
+
+    def _draw_batch(self, rng: np.random.Generator) -> PairBatch:
+        dc = self.cfg.data
+        idx = rng.integers(0, len(self.train_set), size=self.cfg.train.batch_size)
         b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None)
         weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
                   if self.scale_weights else None)
-
-        self.model.train()
-        losses = self.diffusion.pair_losses(self.ddp_model, b.cond01, b.base01, b.gt01, gen, tc.psf_mse, tc.psf_ssim,
-                                            sample_weight=weight)
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.opt.step()
-        self._update_ema()
-        self.step += 1
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return b.cond01, b.base01, b.gt01, weight
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -409,9 +400,6 @@ class Trainer:
                     losses = self.train_step()
                     self.elapsed += time.perf_counter() - t0
                     n_window += 1
-                    if not math.isfinite(losses["loss"]):
-                        raise UserError(f"loss became {losses['loss']} at step {self.step}; "
-                                        f"lower --lr or check the data")
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
                         rate = n_window * tc.batch_size * self.dist.world / (time.perf_counter() - t_window)
                         t_window, n_window = time.perf_counter(), 0

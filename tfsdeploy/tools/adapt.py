@@ -41,6 +41,7 @@ import torch
 
 from tfsdeploy.checkpoint import build_from_checkpoint
 from tfsdeploy.config import artifact_engine
+from tfsdeploy.diffusion import PairBatch, train_step
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
 from tfsdeploy.imaging import degrade
@@ -111,6 +112,17 @@ class Pairs:
 
     def __len__(self) -> int:
         return self.cond01.shape[0]
+
+    def draw(self, rng: np.random.Generator, batch_size: int, crop: int = 0) -> PairBatch:
+        """`batch_size` pairs picked by `rng` (repeating one only when there are fewer pairs), each
+        cut to a `crop`-pixel square at a corner `rng` picks (0: whole), with no sample weights."""
+        idx = torch.from_numpy(rng.choice(len(self), size=batch_size, replace=batch_size > len(self)))
+        cond01, base01, gt01 = (t[idx.to(t.device)] for t in (self.cond01, self.base01, self.gt01))
+        if crop:
+            corners = rng.integers(0, cond01.shape[-1] - crop + 1, size=(batch_size, 2))
+            cond01, base01, gt01 = (torch.stack([t[i, :, y:y + crop, x:x + crop] for i, (y, x) in enumerate(corners)])
+                                    for t in (cond01, base01, gt01))
+        return cond01, base01, gt01, None
 
 
 def lr_sources(trip: Triplet, scale: int, size: int) -> torch.Tensor:
@@ -206,27 +218,10 @@ def adapt(pipe: FusionPipeline, trips: Triplet | Sequence[Triplet], size: int = 
     with torch.random.fork_rng(devices=fork):  # dropout draws from the global generator; keep the caller's
         for step in range(cfg.steps):
             t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, step])
-            torch.manual_seed(int(rng.integers(2**62)))  # dropout
-            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            idx = torch.from_numpy(rng.choice(len(pairs), size=cfg.batch_size, replace=cfg.batch_size > len(pairs)))
-            cond01, base01, gt01 = (t[idx.to(device)] for t in (pairs.cond01, pairs.base01, pairs.gt01))
-            if crop:
-                corners = rng.integers(0, side - crop + 1, size=(cfg.batch_size, 2))
-                cond01, base01, gt01 = (torch.stack([t[i, :, y:y + crop, x:x + crop]
-                                                     for i, (y, x) in enumerate(corners)])
-                                        for t in (cond01, base01, gt01))
-            model.train()
-            out = diffusion.pair_losses(model, cond01, base01, gt01, gen, tc.psf_mse, tc.psf_ssim)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            loss = float(out["loss"].detach())
-            if not np.isfinite(loss):
-                raise UserError(f"adaptation diverged (loss {loss} at step {step + 1}); lower its learning rate")
-            losses.append(loss)
+            losses.append(train_step(
+                diffusion, model, opt, tc, (cfg.seed, step), lambda rng: pairs.draw(rng, cfg.batch_size, crop),
+                lambda loss, n=step + 1: f"adaptation diverged (loss {loss} at step {n}); lower its learning rate",
+            )["loss"])
             step_seconds += time.perf_counter() - t0
             if progress is not None:
                 progress(step + 1, cfg.steps)

@@ -3,10 +3,10 @@ on held-out slices of that data, what does it cost on the SPM data the model was
 long does it take on this CPU?
 
     python benchmarks/finetune_study.py                          # the whole study (resumes)
-    python benchmarks/finetune_study.py --steps 50,100 --images 4   # a pilot
+    python benchmarks/finetune_study.py --steps 50,100 --images 4 --work /tmp/ft-pilot --out /tmp/finetune   # a pilot
 
 1. Writes a split dataset synthesised from the 1 mm ICBM 2009a volumes in the nilearn wheel (see
-   benchmarks/adapt_study.py: T1, a T2-like image from the tissue maps, SPECT- / PET-like images
+   benchmarks/cases.py: T1, a T2-like image from the tissue maps, SPECT- / PET-like images
    from blurred grey matter, alternately) to WORK/icbm/{train,test}/{t1,t2,func,gt}/NAME.png, with
    gt = the classical fusion of the 8-bit HR sources (as the project's data builder makes it).
    train: every 2nd axial slice of two z-ranges below and above the test range; test: every 2nd
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import os
@@ -36,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +43,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from adapt_study import WHEEL_GLOB, _u8, icbm_volumes  # noqa: E402
-
+from benchmarks.cases import (SIZE, Case, find_wheel, icbm_sources, icbm_volumes, pick_samples,  # noqa: E402
+                              require_wheel, score_baseline)
 from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
+from tfsdeploy.data.spm import brain_slices  # noqa: E402
+from tfsdeploy.fileio import atomic_dir, atomic_path  # noqa: E402
 from tfsdeploy.fusion import fuse_condition  # noqa: E402
 from tfsdeploy.imaging import write_png  # noqa: E402
-from tfsdeploy.inputs import Triplet, as_triplet, make_condition  # noqa: E402
-from tfsdeploy.metrics import psnr, ssim  # noqa: E402
+from tfsdeploy.inputs import Triplet  # noqa: E402
+from tfsdeploy.metrics import score_image  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.hardware import device_info  # noqa: E402
 
-SIZE = 256
 SCALE = 4
 DDIM_STEPS = 2
 
@@ -66,9 +66,8 @@ DDIM_STEPS = 2
 def plan_slices(gm: np.ndarray, test_n: int, gap: int, span: int) -> dict[str, list[int]]:
     """Test: `test_n` slices, every 2nd, centred on the brain's middle; train: every 2nd slice from
     `gap` below / above the test range outwards, `span` slices each way, inside the brain."""
-    frac = (gm > 0.2).mean(axis=(1, 2))
-    zs = np.nonzero(frac >= 0.02)[0]
-    z0, z1 = int(zs[0]), int(zs[-1])
+    zs = brain_slices(gm)
+    z0, z1 = zs[0], zs[-1]
     mid = (z0 + z1) // 2
     test = [mid - (test_n - 1) + 2 * i for i in range(test_n)]
     below = list(range(test[0] - gap, max(z0, test[0] - gap - span) - 1, -2))[::-1]
@@ -80,30 +79,24 @@ def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int) -> dict
     summary_file = out / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
-    from tfsdeploy.data.spm import slice_to_image
-
     vols = icbm_volumes(wheel)
     splits = plan_slices(vols["gm"], test_n, gap, span)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, zlist in splits.items():
-        for d in ("t1", "t2", "func", "gt"):
-            (tmp / split / d).mkdir(parents=True)
-        for i, z in enumerate(zlist):
-            func = "spect" if i % 2 == 0 else "pet"
-            t1, t2, f = (slice_to_image(vols[k][z], SIZE) for k in ("t1", "t2", func))
-            hr = _u8(as_triplet(t1, t2, f).stacked())  # the sources as 8-bit PNGs hold them
-            gt = fuse_condition(hr[None])[0]
-            name = f"icbm-{func}_z{z:03d}"
-            for d, img in (("t1", hr[:1]), ("t2", hr[1:2]), ("func", hr[2:]), ("gt", gt)):
-                write_png(tmp / split / d / f"{name}.png", img)
-    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/adapt_study.py",
+    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/cases.py",
                "size": SIZE, "slices": splits, "counts": {s: len(v) for s, v in splits.items()},
                "min_gap_slices": min(abs(a - b) for a in splits["train"] for b in splits["test"]),
                "ground_truth": "classical fusion (tfsdeploy.fusion.fuse_condition) of the 8-bit HR sources"}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        for split, zlist in splits.items():
+            for d in ("t1", "t2", "func", "gt"):
+                (tmp / split / d).mkdir(parents=True)
+            for i, z in enumerate(zlist):
+                func = "spect" if i % 2 == 0 else "pet"
+                hr = icbm_sources(vols, z, func)  # the sources as 8-bit PNGs hold them
+                gt = fuse_condition(hr[None])[0]
+                name = f"icbm-{func}_z{z:03d}"
+                for d, img in (("t1", hr[:1]), ("t2", hr[1:2]), ("func", hr[2:]), ("gt", gt)):
+                    write_png(tmp / split / d / f"{name}.png", img)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -157,8 +150,8 @@ def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dic
         src = run / f"ckpt-{n:07d}"
         if not src.is_dir():
             raise SystemExit(f"{src} missing after training to {n}:\n{text[-2000:]}")
-        shutil.rmtree(ckpts / src.name, ignore_errors=True)
-        shutil.copytree(src, ckpts / src.name)
+        with atomic_dir(ckpts / src.name) as tmp:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
         state["phases"][str(n)] = {"command": portable(" ".join(cmd)), "wall_s": round(wall, 1),
                                   "output": portable(text.strip()[-800:])}
         state_file.write_text(json.dumps(state, indent=2))
@@ -183,33 +176,24 @@ def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dic
 # --------------------------------------------------------------------------- 3. scoring
 
 
-def test_cases(kind: str, data: Path, n: int) -> list[tuple[str, torch.Tensor]]:
-    """(name, hr [8,SIZE,SIZE] in [0,1]: t1, t2, func RGB, gt RGB) for n test slices."""
-    from tfsdeploy.data import ensure_dataset, open_split
+def held_out_cases(kind: str, data: Path, n: int) -> list[Case]:
+    """`n` test slices of the ICBM dataset at `data` (kind "icbm") or of the default dataset's SPM
+    slices, as their 256 px sources: the input rule degrades them by the scale as training does."""
+    picked = pick_samples("test", n, root=data if kind == "icbm" else None)
+    cases = []
+    for _, s in picked:
+        hr = s.hr.float() / 255  # [8,SIZE,SIZE]: t1, t2, func RGB, gt RGB
+        cases.append(Case(s.name, Triplet(hr[:1], hr[1:2], hr[2:5]), hr[5:8]))
+    return cases
 
-    root = data if kind == "icbm" else ensure_dataset(None, log=lambda s: None)
-    samples = [s for s in open_split(root, "test", SIZE).load() if kind == "icbm" or not s.name.startswith("synth-")]
-    picks = np.linspace(0, len(samples) - 1, min(n, len(samples))).round().astype(int)
-    return [(samples[i].name, samples[i].hr.float() / 255) for i in picks]
 
-
-def score_model(model: str | None, cases: list[tuple[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+def score_model(model: str | None, cases: list[Case]) -> dict[str, dict[str, float]]:
     """Per-slice PSNR / SSIM at x4 of the model (None: the baseline, bicubic up + classical fusion)."""
-    pipe = None
-    if model is not None:
-        pipe = FusionPipeline.load(model, SCALE, SampleConfig(sampler="ddim", steps=DDIM_STEPS, seed=0),
-                                   engine=EngineConfig(engine="torch", device="cpu", threads=1))
-    out = {}
-    for name, hr in cases:
-        trip = Triplet(hr[:1], hr[1:2], hr[2:5])
-        gt = hr[5:8]
-        if pipe is None:
-            cond01, (t, b, l, r) = make_condition(trip, SCALE, SIZE)
-            img = fuse_condition(cond01)[0, :, t:b, l:r]
-        else:
-            img = pipe.fuse_triplet(trip, SIZE)
-        out[name] = {"psnr": float(psnr(img[None], gt[None])), "ssim": float(ssim(img[None], gt[None]))}
-    return out
+    if model is None:
+        return {c.name: score_baseline(c, SCALE) for c in cases}
+    pipe = FusionPipeline.load(model, SCALE, SampleConfig(sampler="ddim", steps=DDIM_STEPS, seed=0),
+                               engine=EngineConfig(engine="torch", device="cpu", threads=1))
+    return {c.name: score_image(pipe.fuse_triplet(c.lr, SIZE), c.gt01) for c in cases}
 
 
 def cli_cross_check(work: Path, data: Path, ckpt: Path) -> dict:
@@ -327,14 +311,27 @@ def write_report(out: Path, rows: list[dict], meta: dict) -> None:
               "(needs the nilearn wheel: `pip download nilearn --no-deps -d /tmp/nl`; every phase is cached "
               "under --work, so delete it for a fresh run)", ""]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.md").write_text("\n".join(lines))
-    (out / "finetune.json").write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float))
+    with atomic_path(out / "finetune.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    with atomic_path(out / "finetune.json") as tmp:
+        tmp.write_text(json.dumps({**meta, "rows": rows}, indent=2, default=float))
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Plan:
+    """What the study runs, from the command line."""
+
+    args: argparse.Namespace
+    work: Path
+    out: Path
+    steps: list[int]
+    wheel: Path
+
+
+def plan(argv: list[str] | None = None) -> Plan:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/ft")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "finetune"))
@@ -346,19 +343,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wheel", default="")
     ap.add_argument("--notes", default="", help="a file whose text becomes the report's Findings section")
     args = ap.parse_args(argv)
+    return Plan(args, Path(args.work), Path(args.out), sorted(int(s) for s in args.steps.split(",")),
+                require_wheel(find_wheel(args.wheel)))
 
-    torch.set_num_threads(1)
-    work, out = Path(args.work), Path(args.out)
+
+def run(p: Plan) -> dict:
+    """Phases 1 to 4, each cached under the work folder: the dataset's summary, the training record,
+    the scores per test set and model, and the CLI cross-check."""
+    args, work, steps = p.args, p.work, p.steps
     work.mkdir(parents=True, exist_ok=True)
-    steps = sorted(int(s) for s in args.steps.split(","))
-    wheel = args.wheel or next(iter(sorted(glob.glob(WHEEL_GLOB))), "")
-    wheel = Path(wheel)
-    if not args.wheel and not glob.glob(WHEEL_GLOB) or not wheel.is_file():
-        sys.exit("needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
     t0 = time.perf_counter()
 
     data = work / "icbm"
-    summary = build_icbm(data, wheel, args.images, args.gap, args.span)
+    summary = build_icbm(data, p.wheel, args.images, args.gap, args.span)
     print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] dataset {data}: {summary['counts']}", flush=True)
 
     train = fine_tune(work, data, steps, args.train_args.split())
@@ -370,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     models: dict[str, str | None] = {"baseline": None, "packaged": "default"}
     models.update({f"ckpt-{n:07d}": str(work / "ckpts" / f"ckpt-{n:07d}") for n in steps})
     for ds in ("icbm", "spm"):
-        cases = test_cases(ds, data, args.images)
+        cases = held_out_cases(ds, data, args.images)
         for label, model in models.items():
             if label in scores.get(ds, {}):
                 continue
@@ -383,15 +380,24 @@ def main(argv: list[str] | None = None) -> None:
     if not check_file.is_file():
         check_file.write_text(json.dumps(cli_cross_check(work, data, work / "ckpts" / f"ckpt-{max(steps):07d}"),
                                          indent=2))
-    cli_check = json.loads(check_file.read_text())
+    return {"summary": summary, "train": train, "scores": scores, "cli_check": json.loads(check_file.read_text())}
 
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_info(1), "dataset": summary,
+
+def report(p: Plan, done: dict, argv: list[str] | None) -> None:
+    args, train = p.args, done["train"]
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": device_info(1), "dataset": done["summary"],
             "train": {k: v for k, v in train.items() if k != "losses"}, "losses": train["losses"],
-            "spm_images": args.images, "scale": SCALE, "ddim_steps": DDIM_STEPS, "cli_check": cli_check,
-            "scores": scores, "notes": Path(args.notes).read_text().strip() if args.notes else "",
+            "spm_images": args.images, "scale": SCALE, "ddim_steps": DDIM_STEPS, "cli_check": done["cli_check"],
+            "scores": done["scores"], "notes": Path(args.notes).read_text().strip() if args.notes else "",
             "command": "python benchmarks/finetune_study.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
-    write_report(out, summarise(scores, steps, train), meta)
-    print(f"[{(time.perf_counter() - t0) / 60:4.1f} min] wrote {out / 'finetune.md'}", flush=True)
+    write_report(p.out, summarise(done["scores"], p.steps, train), meta)
+    print(f"wrote {p.out / 'finetune.md'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = plan(argv)
+    torch.set_num_threads(1)
+    report(p, run(p), argv)
 
 
 if __name__ == "__main__":

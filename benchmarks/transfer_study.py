@@ -9,16 +9,18 @@ or with its predicted residual shrunk (--alphas) and with a geometric self-ensem
 A model is a bundle or run (any `--model` that `fuse` takes), or `x4:PATH,x8:PATH` naming one per
 scale. Test sets:
 
-  spm-test   the SPM test split, degraded as in training (bicubic down): the issue-6 bar
-             (+1.5 dB at x4, +3 dB at x8 for the packaged model);
+  spm-test   the SPM test split, degraded as in training (bicubic down): the packaged model's bar
+             (+1.5 dB at x4, +3 dB at x8);
   spm-val    the SPM validation split, bicubic down: for choosing settings (never spm-test);
   spm-blur   the same SPM test slices degraded otherwise: Gaussian blur σ = 0.7·scale px, area down,
-             noise σ 0.01, 8-bit (benchmarks/adapt_study.py);
+             noise σ 0.01, 8-bit;
   icbm       axial slices synthesised from the 1 mm ICBM 2009a T1 / GM / WM that ship inside the
-             nilearn wheel (benchmarks/adapt_study.py), bicubic down: another anatomy, another source;
+             nilearn wheel, bicubic down: another anatomy, another source;
   icbm-blur  the same ICBM slices degraded as spm-blur is;
   icbm-cor   coronal ICBM slices, bicubic down: the same source cut another way;
   synth      the test split of `data build`'s synthetic source (skull, texture, noise, lesions).
+
+(benchmarks/cases.py makes them.)
 
 Variants: every model runs with every DDIM step count in --steps and every alpha in --alphas. Alpha
 multiplies the network's output, which is the same as scaling its last convolution (weight and
@@ -34,10 +36,10 @@ Writes transfer.md and transfer.json under --out.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,32 +47,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from adapt_study import WHEEL_GLOB, Case, icbm_cases, score, test_split_cases  # noqa: E402
-
+from benchmarks.cases import (ICBM_SETS, SIZE, WHEEL_GLOB, find_wheel, load_cases, require_wheel,  # noqa: E402
+                              score_baseline)
+from benchmarks.cases import SETS as DATASETS  # noqa: E402
 from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
-from tfsdeploy.fusion import fuse_condition  # noqa: E402
 from tfsdeploy.inputs import make_condition  # noqa: E402
+from tfsdeploy.metrics import score_image  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.hardware import device_info  # noqa: E402
-
-SIZE = 256
-DATASETS = ("spm-test", "spm-val", "spm-blur", "icbm", "icbm-blur", "icbm-cor", "synth")
-ICBM_SETS = ("icbm", "icbm-blur", "icbm-cor")
-
-
-def load_cases(dataset: str, scale: int, n: int, wheel: Path | None) -> list[Case]:
-    if dataset == "spm-test":
-        return test_split_cases(scale, n, as_trained=True)
-    if dataset == "spm-val":
-        return test_split_cases(scale, n, as_trained=True, split="val")
-    if dataset == "spm-blur":
-        return test_split_cases(scale, n)
-    if dataset in ICBM_SETS:
-        return icbm_cases(wheel, scale, n, blur=dataset == "icbm-blur", coronal=dataset == "icbm-cor")
-    return test_split_cases(scale, n, as_trained=True, synthetic=True)
 
 
 def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
@@ -118,7 +104,25 @@ def parse_model(spec: str) -> tuple[str, dict[int, str] | str]:
     return label, path
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class Plan:
+    """What to run: the models (label, path or {scale: path}), the sets, scales and variants."""
+
+    models: list[tuple[str, dict[int, str] | str]]
+    datasets: list[str]
+    scales: list[int]
+    wheel: Path | None
+    steps: list[int]
+    alphas: list[float]
+    ensembles: tuple[bool, ...]
+    args: argparse.Namespace
+
+    def variant(self, label: str, n_steps: int, alpha: float, ens: bool) -> str:
+        name = label + (f" s{n_steps}" if len(self.steps) > 1 else "")
+        return name + (f" a{alpha:g}" if len(self.alphas) > 1 else "") + (" e8" if ens else "")
+
+
+def plan(argv: list[str] | None = None) -> Plan:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="LABEL=MODEL or LABEL=x4:PATH,x8:PATH")
@@ -134,69 +138,74 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ensemble", action="store_true", help="also the 8-fold geometric self-ensemble")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     models = [parse_model(m) for m in args.model]
     datasets = [d for d in args.datasets.split(",") if d]
     bad = [d for d in datasets if d not in DATASETS]
     if bad:
         sys.exit(f"unknown test set(s) {bad}; choose from {', '.join(DATASETS)}")
-    scales = [int(s) for s in args.scales.split(",")]
-    wheel = Path(args.wheel or next(iter(sorted(glob.glob(WHEEL_GLOB))), ""))
-    wheel = wheel if str(wheel) else None
-    if set(ICBM_SETS) & set(datasets) and (wheel is None or not wheel.is_file()):
-        sys.exit("icbm needs the nilearn wheel: pip download nilearn --no-deps -d /tmp/nl (or pass --wheel)")
-    steps = [int(s) for s in args.steps.split(",")]
-    alphas = [float(a) for a in args.alphas.split(",")]
-    ensembles = (False, True) if args.ensemble else (False,)
+    wheel = find_wheel(args.wheel)
+    if set(ICBM_SETS) & set(datasets):
+        require_wheel(wheel)
+    return Plan(models, datasets, [int(s) for s in args.scales.split(",")], wheel,
+                [int(s) for s in args.steps.split(",")], [float(a) for a in args.alphas.split(",")],
+                (False, True) if args.ensemble else (False,), args)
 
-    def variant(label: str, n_steps: int, alpha: float, ens: bool) -> str:
-        name = label + (f" s{n_steps}" if len(steps) > 1 else "") + (f" a{alpha:g}" if len(alphas) > 1 else "")
-        return name + (" e8" if ens else "")
 
+def run(p: Plan) -> tuple[list[dict], list[str]]:
+    """Every variant of every model on every set and scale: one row per scale and set, with the
+    baseline's and each variant's mean PSNR / SSIM, gain and per-slice PSNR."""
+    args = p.args
     engine = EngineConfig(engine="torch", device="cpu", threads=args.threads)
-    t_start = time.perf_counter()
     rows, labels = [], []
-    for scale in scales:
+    for scale in p.scales:
         pipes = {}
-        for label, model in models:
+        for label, model in p.models:
             path = model.get(scale) if isinstance(model, dict) else model
             if path is None:
                 continue
-            for n_steps in steps:
+            for n_steps in p.steps:
                 pipe = FusionPipeline.load(path, scale, SampleConfig(sampler="ddim", steps=n_steps, seed=0),
                                            engine=engine)
                 pipe.denoiser = ScaledDenoiser(pipe.denoiser)
-                for ens in ensembles:
-                    for alpha in alphas:
-                        pipes[variant(label, n_steps, alpha, ens)] = (pipe, alpha, ens)
+                for ens in p.ensembles:
+                    for alpha in p.alphas:
+                        pipes[p.variant(label, n_steps, alpha, ens)] = (pipe, alpha, ens)
         labels += [v for v in pipes if v not in labels]
-        for dataset in datasets:
+        for dataset in p.datasets:
             n = args.spm_test_images if dataset == "spm-test" else args.images
-            cases = load_cases(dataset, scale, n, wheel)
+            cases = load_cases(dataset, scale, n, p.wheel)
             per = {"baseline": []} | {label: [] for label in pipes}
             for case in cases:
+                per["baseline"].append(score_baseline(case, scale))
                 cond01, (t, b, l, r) = make_condition(case.lr, scale, SIZE)
-                per["baseline"].append(score(fuse_condition(cond01)[0, :, t:b, l:r], case.gt01))
                 for label, (pipe, alpha, ens) in pipes.items():
                     pipe.denoiser.alpha = alpha
                     out = ensemble_fuse(pipe, cond01) if ens else pipe(cond01).float().cpu()
-                    per[label].append(score(out[0, :, t:b, l:r], case.gt01))
+                    per[label].append(score_image(out[0, :, t:b, l:r], case.gt01))
             base_psnr = np.array([s["psnr"] for s in per["baseline"]])
             row = {"scale": scale, "dataset": dataset, "images": len(cases), "cases": [c.name for c in cases]}
             for label, scores in per.items():
-                p = np.array([s["psnr"] for s in scores])
-                row[label] = {"psnr": float(p.mean()), "ssim": float(np.mean([s["ssim"] for s in scores])),
-                              "gain": float((p - base_psnr).mean()), "wins": int((p > base_psnr).sum()),
-                              "per_slice_psnr": p.round(3).tolist()}
+                psnrs = np.array([s["psnr"] for s in scores])
+                row[label] = {"psnr": float(psnrs.mean()), "ssim": float(np.mean([s["ssim"] for s in scores])),
+                              "gain": float((psnrs - base_psnr).mean()), "wins": int((psnrs > base_psnr).sum()),
+                              "per_slice_psnr": psnrs.round(3).tolist()}
             rows.append(row)
             print(f"x{scale} {dataset:8s} " + "  ".join(
                 f"{k} {row[k]['psnr']:.2f}/{row[k]['ssim']:.4f} ({row[k]['gain']:+.2f})" for k in per), flush=True)
+    return rows, labels
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = plan(argv)
+    torch.set_num_threads(p.args.threads)
+    t_start = time.perf_counter()
+    rows, labels = run(p)
     meta = {"models": {label: (m if isinstance(m, str) else {f"x{k}": v for k, v in m.items()})
-                       for label, m in models},
-            "sampler": (f"DDIM-{args.steps}" if args.steps != "0" else "DDIM with each member's recommended steps")
-            + ", seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(args.threads),
+                       for label, m in p.models},
+            "sampler": (f"DDIM-{p.args.steps}" if p.args.steps != "0" else "DDIM with each member's recommended steps")
+            + ", seed 0, torch fp32 on the CPU", "size": SIZE, "device": device_info(p.args.threads),
             "minutes": round((time.perf_counter() - t_start) / 60, 1), "command": " ".join(sys.argv)}
-    write_report(Path(args.out), rows, labels, meta)
+    write_report(Path(p.args.out), rows, labels, meta)
 
 
 def describe(device: dict) -> str:

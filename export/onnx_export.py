@@ -21,7 +21,7 @@ from torch import nn
 from tfsdeploy import __version__
 from tfsdeploy.artifacts import checkpoint_fingerprint, default_export_dir, sidecar_path, write_sidecar
 from tfsdeploy.checkpoint import build_from_checkpoint
-from tfsdeploy.config import ARTIFACT_FILES
+from tfsdeploy.config import ARTIFACT_FILES, PRECISIONS
 from tfsdeploy.errors import UserError, quiet
 from tfsdeploy.inputs import Triplet
 from tfsdeploy.iospec import INPUTS, OUTPUT, IOSpec
@@ -30,7 +30,8 @@ from tfsdeploy.model import TFSDiffUNet, set_norm_upcast
 DEFAULT_OPSET = 18
 # Above this the graph's weights go to a separate `.data` file (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1_500_000_000
-PRECISIONS = ("fp32", "fp16")
+# The precisions of config.PRECISIONS an ONNX graph is exported in (ONNX Runtime has no bf16 path here).
+ONNX_PRECISIONS = tuple(p for p in PRECISIONS if p != "bf16")
 
 
 class HalfDenoiser(nn.Module):
@@ -100,8 +101,8 @@ def export_onnx(ckpt: str | Path, precision: str = "fp32", out_dir: str | Path |
             __import__(needed)
         except ImportError:
             raise UserError(f"exporting to ONNX needs {needed}: pip install 'tfsdeploy[onnx]'") from None
-    if precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in ONNX_PRECISIONS:
+        raise UserError(f"precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
     if opset < 18:
         raise UserError("opset must be 18 or above")
     model, ck = build_from_checkpoint(ckpt)

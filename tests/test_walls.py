@@ -3,6 +3,10 @@
 Every module of the project belongs to one layer; a module may import only from the layers its own
 layer allows. Imports are read from the source with `ast`, function-local ones included, so a lazy
 import cannot tunnel through a wall.
+
+The benchmarks (benchmarks/*.py) sit on top of every layer, as the CLI does: they may import any
+module of the library, and of each other only the shared modules (SHARED_BENCHMARKS: the proxy test
+cases, the pytest suites' set-up), never another study. The library never imports a benchmark.
 """
 
 import ast
@@ -14,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tfsdeploy", "engines", "export", "training")
+# The benchmark modules others may import (as `benchmarks.NAME` or, from a script's folder, `NAME`)
+SHARED_BENCHMARKS = {"cases", "conftest"}
 
 # layer -> the layers it may import from (itself included)
 ALLOWED = {
@@ -103,6 +109,55 @@ def test_the_checker_sees_function_local_imports_and_unassigned_modules(tmp_path
     assert "tfsdeploy.model (core) imports training.train (training)" in problems
     assert "tfsdeploy.config (core) imports engines.loader (engines)" in problems
     assert any(p.startswith("tfsdeploy.newthing: belongs to no layer") for p in problems)
+
+
+def benchmark_modules() -> dict[str, Path]:
+    return {f.stem: f for f in sorted((ROOT / "benchmarks").glob("*.py"))}
+
+
+def benchmark_named(imp: str, benchmarks: dict[str, Path]) -> str | None:
+    """The benchmark module an import names (`benchmarks.cases`, or `cases` from a script's folder)."""
+    parts = imp.split(".")
+    if parts[0] == "benchmarks":
+        return parts[1] if len(parts) > 1 else "benchmarks"
+    return parts[0] if parts[0] in benchmarks else None
+
+
+def benchmark_violations(library: dict[str, Path], benchmarks: dict[str, Path]) -> list[str]:
+    problems: list[str] = []
+    for name, path in library.items():
+        for imp in sorted(imports_of(path)):
+            target = benchmark_named(imp, benchmarks)
+            if target is not None:
+                problems.append(f"{name} (library) imports benchmarks/{target}.py")
+    for name, path in benchmarks.items():
+        for imp in sorted(imports_of(path)):
+            target = benchmark_named(imp, benchmarks)
+            if target is not None and target != name and target not in SHARED_BENCHMARKS:
+                problems.append(f"benchmarks/{name}.py imports benchmarks/{target}.py, not a shared one "
+                                f"({', '.join(sorted(SHARED_BENCHMARKS))})")
+    return sorted(set(problems))
+
+
+def test_benchmarks_import_the_library_and_shared_cases_only():
+    benchmarks = benchmark_modules()
+    assert "cases" in benchmarks and len(benchmarks) > 2  # the checker sees the folder
+    problems = benchmark_violations(project_modules(), benchmarks)
+    assert not problems, "imports between the library and the benchmarks:\n" + "\n".join(problems)
+
+
+def test_the_benchmark_checker_sees_studies_importing_studies_and_the_library_importing_benchmarks(tmp_path):
+    (tmp_path / "study.py").write_text("from benchmarks.cases import SIZE\nimport tfsdeploy.cli\n")
+    (tmp_path / "other.py").write_text("def f():\n    from study import main\n    return main\n")
+    (tmp_path / "lib.py").write_text("def f():\n    import benchmarks.cases\n")
+    (tmp_path / "lib2.py").write_text("from cases import SIZE\n")
+    benchmarks = {"cases": tmp_path / "study.py", "study": tmp_path / "study.py", "other": tmp_path / "other.py"}
+    problems = benchmark_violations({"tfsdeploy.model": tmp_path / "lib.py", "engines.x": tmp_path / "lib2.py"},
+                                    benchmarks)
+    assert problems == sorted([
+        "benchmarks/other.py imports benchmarks/study.py, not a shared one (cases, conftest)",
+        "engines.x (library) imports benchmarks/cases.py",
+        "tfsdeploy.model (library) imports benchmarks/cases.py"])
 
 
 @pytest.mark.parametrize("module", ["tfsdeploy.pipeline", "export.onnx_export", "export.trt_build", "tfsdeploy.cli"])

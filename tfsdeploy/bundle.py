@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     import torch
 
 BUNDLE_FILE = "bundle.json"
-FORMAT = "tfsdeploy-bundle"
-FORMAT_VERSION = 1
+BUNDLE_FORMAT = "tfsdeploy-bundle"
+BUNDLE_FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
 MODEL_ENV = "TFSDEPLOY_MODEL"
 
@@ -73,10 +73,10 @@ def read_bundle(path: str | Path) -> dict[str, Any]:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
         raise UserError(f"{file}: not a tfsdeploy bundle")
     check_bundle_meta(file, meta)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
         raise UserError(f"{file}: bundle format {meta['format_version']} is newer than this tfsdeploy reads")
     return meta
 
@@ -256,7 +256,7 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
                     raise UserError(f"x{scale}: {steps} DDIM steps exceed the schedule's T")
                 models[str(scale)]["ddim_steps"] = steps
         (tmp / BUNDLE_FILE).write_text(json.dumps(
-            {"format": FORMAT, "format_version": FORMAT_VERSION, "models": models, "notes": notes},
+            {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "models": models, "notes": notes},
             indent=2, sort_keys=True) + "\n")
     return out
 

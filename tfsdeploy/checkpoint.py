@@ -28,8 +28,8 @@ from tfsdeploy.config import DataConfig, DiffusionConfig, ModelConfig, ScheduleC
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, atomic_path, write_safetensors
 
-FORMAT = "tfsdeploy-checkpoint"
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "tfsdeploy-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
@@ -95,7 +95,7 @@ def save_checkpoint(run_dir: str | Path, configs: Configs, step: int, weights: d
     name = name or f"ckpt-{step:07d}"
     with atomic_dir(run_dir / name) as tmp:
         meta: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "tfsdeploy_version": __version__,
+            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, "tfsdeploy_version": __version__,
             "step": step, **configs.to_json(), **(extra or {}),
         }
         header = {"tfsdeploy": json.dumps(meta, sort_keys=True)}
@@ -158,10 +158,10 @@ def read_meta(path: str | Path) -> tuple[Path, dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path / CONFIG_FILE}: corrupted JSON ({e})") from None
     where = path if path.is_file() else path / CONFIG_FILE
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{where}: not a tfsdeploy checkpoint (format tag missing)")
     check_meta(where, meta)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{where}: checkpoint format {meta['format_version']} is newer than this tfsdeploy reads")
     return path, meta
 

@@ -190,7 +190,9 @@ ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt", ".pt2": 
 # AOTInductor package (both compiled, one graph per call). On a CPU: the fp32 ONNX, which ran ahead
 # of eager torch and of an AOTInductor package in benchmarks/reports/cpu-engines.md.
 AUTO_ORDER = {"cuda": ("trt", "aoti"), "cpu": ("onnx",)}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+# The precisions, named once: the torch engine runs in any of them ("auto" picks one for the
+# device); an exported ONNX graph is in fp32 or fp16 (export.onnx_export.ONNX_PRECISIONS).
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -220,8 +222,8 @@ class EngineConfig:
         _check(self.engine in ("auto", *ENGINES), f"engine must be auto or one of {', '.join(ENGINES)}, "
                                                    f"got {self.engine!r}")
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _check(self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, "
-                                             f"got {self.precision!r}")
+        _check(self.precision in ("auto", *PRECISIONS),
+               f"precision must be one of {', '.join(('auto', *PRECISIONS))}, got {self.precision!r}")
         _check(self.threads >= 0, "threads must be >= 0")
 
 

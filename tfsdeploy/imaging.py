@@ -267,12 +267,18 @@ def check_writable(path: str | Path) -> None:
         raise UserError(f"{path}: the output is written as PNG; use a .png name")
 
 
+def quantise_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Any shape in [0, 1] -> uint8 on 0-255 (clamped, rounded half up), on the same device: what
+    an 8-bit file holds. Every 8-bit output (PNG, fused scan, montage) goes through this one rule."""
+    return (img.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8)
+
+
 def write_png(path: str | Path, img: torch.Tensor) -> Path:
     """Write [C,H,W] in [0, 1] as an 8-bit PNG, atomically: a reader never sees a partial file."""
     from PIL import Image
 
     path = Path(path)
-    arr = (img.detach().float().clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu()
+    arr = quantise_uint8(img).cpu()
     arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")

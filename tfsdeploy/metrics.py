@@ -51,3 +51,8 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Per-image PSNR in dB -> [B]. Identical images give +inf."""
     return 10.0 * torch.log10(data_range**2 / mse(pred, target))
+
+
+def score_image(img: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """PSNR and SSIM of one image [C,H,W] in [0, 1] against a reference of the same shape."""
+    return {"psnr": float(psnr(img[None], ref[None])), "ssim": float(ssim(img[None], ref[None]))}

@@ -29,6 +29,7 @@ from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
 from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.errors import UserError
+from tfsdeploy.imaging import quantise_uint8
 from tfsdeploy.inputs import Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition
 from tfsdeploy.loopgraph import GraphBackend, WholeFuseGraphs
 from tfsdeploy.model import activation_bytes
@@ -289,7 +290,7 @@ class FusionPipeline:
                 conds.append(cond01)
             top, bottom, left, right = box
             fused = self(torch.cat(conds))[:, :, top:bottom, left:right]
-            u8 = (fused.float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+            u8 = quantise_uint8(fused).cpu().numpy()
             if out is None:
                 out = np.empty((n, *u8.shape[1:]), dtype=np.uint8)
             out[start:start + len(u8)] = u8

@@ -9,9 +9,9 @@ from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
 from tfsdeploy.imaging import check_writable, write_png
 from tfsdeploy.inputs import Triplet, fuse_baseline, make_condition, read_triplet, write_triplet
-from tfsdeploy.metrics import psnr, ssim
+from tfsdeploy.metrics import score_image
 from tfsdeploy.pipeline import FusionPipeline
-from tfsdeploy.tools.evaluate import write_montage
+from tfsdeploy.tools.evaluate import write_comparison
 
 
 def run_demo(pipeline: FusionPipeline, hr: Triplet, out: Path, size: int = 256) -> dict:
@@ -35,10 +35,10 @@ def run_demo(pipeline: FusionPipeline, hr: Triplet, out: Path, size: int = 256) 
     write_png(out / "baseline.png", baseline)
     write_png(out / "fused.png", fused)
     cond01 = make_condition(trip, scale, size)[0][0]  # the bicubic-upsampled inputs the model sees
-    write_montage(out / "side_by_side.png",
-                  {scale: {"T1 (LR)": cond01[0:1], "T2 (LR)": cond01[1:2], "functional (LR)": cond01[2:5],
-                           "bicubic+classical": baseline, "TFS-Diff": fused, "ground truth": reference}},
-                  ["bicubic+classical", "TFS-Diff"])
-    scores = {label: {"psnr": float(psnr(img[None], reference[None])), "ssim": float(ssim(img[None], reference[None]))}
+    write_comparison(out / "side_by_side.png",
+                     {scale: {"T1 (LR)": cond01[0:1], "T2 (LR)": cond01[1:2], "functional (LR)": cond01[2:5],
+                              "bicubic+classical": baseline, "TFS-Diff": fused, "ground truth": reference}},
+                     ["bicubic+classical", "TFS-Diff"])
+    scores = {label: score_image(img, reference)
               for label, img in (("bicubic + classical", baseline), ("TFS-Diff", fused))}
     return {"scores": scores, "seconds": took, "input_side": size // scale}

@@ -26,7 +26,7 @@ from tfsdeploy.data import Sample
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path
 from tfsdeploy.fusion import METHODS, fuse_condition
-from tfsdeploy.imaging import degrade
+from tfsdeploy.imaging import degrade, quantise_uint8
 from tfsdeploy.pipeline import FusionPipeline
 from tfsdeploy.report_metrics import (HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics,
                                       source_metrics)
@@ -264,7 +264,7 @@ def _write_reports(out_dir: Path, entries: list[Entry], samples, cfg: EvalConfig
     with atomic_path(out_dir / "values.json") as t:
         t.write_text(json.dumps({"summary": _jsonable_tree(summary), "per_image": per_image}, indent=1))
     if montage:
-        write_montage(out_dir / "montage.png", montage, [e.label for e in entries])
+        write_comparison(out_dir / "montage.png", montage, [e.label for e in entries])
     return summary
 
 
@@ -289,8 +289,9 @@ def _jsonable_tree(x):
     return x
 
 
-def write_montage(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_labels: list[str]) -> None:
-    """Rows are scales; columns the three LR inputs, each method, and the ground truth."""
+def write_comparison(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_labels: list[str]) -> None:
+    """A labelled grid of images to compare, as a PNG: rows are scales; columns the three LR inputs,
+    each method, and the ground truth. (A scan's overview of its slices is scans.write_montage.)"""
     from PIL import Image, ImageDraw
 
     cols = ["T1 (LR)", "T2 (LR)", "functional (LR)", *entry_labels, "ground truth"]
@@ -307,10 +308,10 @@ def write_montage(path: Path, rows: dict[int, dict[str, torch.Tensor]], entry_la
         for j, c in enumerate(cols):
             t = imgs[c].clamp(0, 1)
             t = t.expand(3, -1, -1) if t.shape[0] == 1 else t
-            arr = (t.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            arr = quantise_uint8(t).permute(1, 2, 0).numpy()
             canvas.paste(Image.fromarray(arr), (side + j * (w + pad), y))
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
 
 
-__all__ = ["EvalConfig", "Entry", "model_entry", "evaluate", "write_montage"]
+__all__ = ["EvalConfig", "Entry", "model_entry", "evaluate", "write_comparison"]

@@ -28,7 +28,9 @@ bias; nothing follows it): the network predicts the clean residual over the base
 scales the predicted residual. 1 is the model as it is, 0 the baseline (`python -m training.shrink`
 stores such a member in a bundle). With
 --ensemble each variant also runs as the mean of the fused images of the 8 flips and quarter turns
-of the condition (each mapped back): 8 network passes per step instead of 1.
+of the condition (each mapped back): 8 network passes per step instead of 1. Each model's inputs
+are upsampled with its own back-projection strength (a bundle member's `backproject`), or with each
+strength in --backproject (tfsdeploy.inputs.upsample); the baseline is always plain bicubic.
 
 Writes transfer.md and transfer.json under --out.
 """
@@ -39,7 +41,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +118,11 @@ class Plan:
     alphas: list[float]
     ensembles: tuple[bool, ...]
     args: argparse.Namespace
+    backprojects: list[float | None] = field(default_factory=lambda: [None])  # None: the model's own
 
-    def variant(self, label: str, n_steps: int, alpha: float, ens: bool) -> str:
+    def variant(self, label: str, n_steps: int, alpha: float, ens: bool, bp: float | None = None) -> str:
         name = label + (f" s{n_steps}" if len(self.steps) > 1 else "")
+        name += f" b{bp:g}" if len(self.backprojects) > 1 and bp is not None else ""
         return name + (f" a{alpha:g}" if len(self.alphas) > 1 else "") + (" e8" if ens else "")
 
 
@@ -136,6 +140,8 @@ def plan(argv: list[str] | None = None) -> Plan:
     ap.add_argument("--steps", default="2", help="DDIM step counts, e.g. 1,2 (0: the bundle's recommendation)")
     ap.add_argument("--alphas", default="1", help="residual scales, e.g. 0,0.5,1 (1: the model as it is)")
     ap.add_argument("--ensemble", action="store_true", help="also the 8-fold geometric self-ensemble")
+    ap.add_argument("--backproject", default="", help="back-projection strengths of the inputs, e.g. 0,0.75,1 "
+                    "(default: each model's own recommendation)")
     args = ap.parse_args(argv)
 
     models = [parse_model(m) for m in args.model]
@@ -148,7 +154,8 @@ def plan(argv: list[str] | None = None) -> Plan:
         require_wheel(wheel)
     return Plan(models, datasets, [int(s) for s in args.scales.split(",")], wheel,
                 [int(s) for s in args.steps.split(",")], [float(a) for a in args.alphas.split(",")],
-                (False, True) if args.ensemble else (False,), args)
+                (False, True) if args.ensemble else (False,), args,
+                [float(b) for b in args.backproject.split(",") if b.strip()] or [None])
 
 
 def run(p: Plan) -> tuple[list[dict], list[str]]:
@@ -167,9 +174,11 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
                 pipe = FusionPipeline.load(path, scale, SampleConfig(sampler="ddim", steps=n_steps, seed=0),
                                            engine=engine)
                 pipe.denoiser = ScaledDenoiser(pipe.denoiser)
-                for ens in p.ensembles:
-                    for alpha in p.alphas:
-                        pipes[p.variant(label, n_steps, alpha, ens)] = (pipe, alpha, ens)
+                for bp in p.backprojects:
+                    for ens in p.ensembles:
+                        for alpha in p.alphas:
+                            pipes[p.variant(label, n_steps, alpha, ens, bp)] = (
+                                pipe, alpha, ens, pipe.backproject if bp is None else bp)
         labels += [v for v in pipes if v not in labels]
         for dataset in p.datasets:
             n = args.spm_test_images if dataset == "spm-test" else args.images
@@ -177,8 +186,11 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
             per = {"baseline": []} | {label: [] for label in pipes}
             for case in cases:
                 per["baseline"].append(score_baseline(case, scale))
-                cond01, (t, b, l, r) = make_condition(case.lr, scale, SIZE)
-                for label, (pipe, alpha, ens) in pipes.items():
+                conds = {}  # one condition per back-projection strength
+                for label, (pipe, alpha, ens, bp) in pipes.items():
+                    if bp not in conds:
+                        conds[bp] = make_condition(case.lr, scale, SIZE, bp)
+                    cond01, (t, b, l, r) = conds[bp]
                     pipe.denoiser.alpha = alpha
                     out = ensemble_fuse(pipe, cond01) if ens else pipe(cond01).float().cpu()
                     per[label].append(score_image(out[0, :, t:b, l:r], case.gt01))

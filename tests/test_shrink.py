@@ -101,3 +101,18 @@ def test_without_alpha_only_the_step_count_and_notes_change(tmp_path, bundle):
     assert manifest["notes"] == "new notes" and manifest["models"]["2"] == read_bundle(bundle)["models"]["2"]
     with pytest.raises(UserError, match="not a step count of this schedule"):
         shrink_member(bundle, 4, None, ddim_steps=10**6)
+
+
+def test_a_members_back_projection_is_set_kept_and_removed(tmp_path, bundle):
+    from tfsdeploy.bundle import sample_for
+
+    out = shrink_member(bundle, 4, None, out=tmp_path / "bp", backproject=1.5)
+    assert read_bundle(out)["models"]["4"]["backproject"] == 1.5
+    assert sample_for(out, 4, SampleConfig()).backproject == 1.5 and sample_for(out, 2, SampleConfig()).backproject == 0
+    kept = shrink_member(out, 4, None, ddim_steps=1, out=tmp_path / "kept")  # not given: as it was
+    assert read_bundle(kept)["models"]["4"]["backproject"] == 1.5
+    gone = shrink_member(out, 4, None, out=tmp_path / "gone", backproject=0)
+    assert "backproject" not in read_bundle(gone)["models"]["4"]
+    with pytest.raises(UserError, match="back-projection strength"):
+        shrink_member(bundle, 4, None, out=tmp_path / "bad", backproject=-1)
+    assert not (tmp_path / "bad").exists()

@@ -9,7 +9,9 @@ A bundle is a folder holding `bundle.json` and one self-describing checkpoint fi
 
 Everything that takes `--model` takes a bundle too; the scale decides which checkpoint runs. A
 member may carry the DDIM step count that a sampler study chose for it (`ddim_steps`); it replaces
-the general default when DDIM runs with no `--steps`. The packaged default model is such a bundle
+the general default when DDIM runs with no `--steps`. It may also carry the strength of the
+back-projection its inputs are upsampled with (`backproject`, tfsdeploy.inputs.upsample; absent:
+0, plain bicubic), which `--backproject` replaces. The packaged default model is such a bundle
 (see MODEL_CARD.md).
 """
 
@@ -90,6 +92,8 @@ _MEMBER_FIELDS = {
     "ddim_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "trained_scales": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
     "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]"),
+    "backproject": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 8,
+                    "a number from 0 to 8"),
 }
 _REQUIRED = ("file", "sha256")
 
@@ -171,8 +175,13 @@ def default_ddim_steps(path: str | Path, scale: int) -> int:
 
 
 def sample_for(path: str | Path, scale: int, sample: SampleConfig) -> SampleConfig:
-    """The sampler that runs at `scale`: DDIM without a step count gets the bundle's recommendation,
-    else DEFAULT_DDIM_STEPS, so the count is always explicit; anything given is kept."""
+    """How `scale` runs: DDIM without a step count gets the bundle's recommendation, else
+    DEFAULT_DDIM_STEPS, and an unset back-projection the bundle's (else 0), so both are always
+    explicit; anything given is kept."""
+    if sample.backproject is None:
+        path = named_model(path)
+        entry = read_bundle(path)["models"].get(str(scale), {}) if is_bundle(path) else {}
+        sample = dataclasses.replace(sample, backproject=float(entry.get("backproject", 0)))
     if sample.sampler != "ddim" or sample.steps:
         return sample
     return dataclasses.replace(sample, steps=default_ddim_steps(path, scale) or DEFAULT_DDIM_STEPS)
@@ -214,13 +223,15 @@ def blend_weights(ckpt, alpha: float, where: str | Path) -> tuple[dict[str, torc
 
 
 def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, notes: str = "",
-                ddim_steps: dict[int, int] | None = None, blend: dict[int, float] | None = None) -> Path:
+                ddim_steps: dict[int, int] | None = None, blend: dict[int, float] | None = None,
+                backproject: dict[int, float] | None = None) -> Path:
     """Write a bundle from one checkpoint (file, checkpoint folder or run folder) per scale.
 
     Each member is written as one safetensors file with its configs in the header; with `fp16`
     the weights are stored in half precision (they are cast back to fp32 on load). `ddim_steps`
     records a recommended DDIM step count per scale; `blend` (0 < alpha < 1 per scale) stores a
-    fine-tuned member as `blend_weights` of it and the model it started from."""
+    fine-tuned member as `blend_weights` of it and the model it started from; `backproject` the
+    back-projection strength a scale's inputs are upsampled with (tfsdeploy.inputs.upsample)."""
     from tfsdeploy.checkpoint import load_checkpoint
 
     if not members:
@@ -255,6 +266,12 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
                 if steps > ckpt.configs.schedule.num_steps:
                     raise UserError(f"x{scale}: {steps} DDIM steps exceed the schedule's T")
                 models[str(scale)]["ddim_steps"] = steps
+            strength = (backproject or {}).get(scale, 0)
+            if strength:
+                ok, what = _MEMBER_FIELDS["backproject"]
+                if not ok(strength):
+                    raise UserError(f"x{scale}: back-projection strength must be {what}, got {strength}")
+                models[str(scale)]["backproject"] = strength
         (tmp / BUNDLE_FILE).write_text(json.dumps(
             {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "models": models, "notes": notes},
             indent=2, sort_keys=True) + "\n")

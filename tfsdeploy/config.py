@@ -164,18 +164,24 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How `fuse` samples: the sampler, its number of denoiser calls, their spacing and the seed."""
+    """How `fuse` runs a model: the upsampling of its inputs, the sampler, its number of denoiser
+    calls, their spacing and the seed."""
 
     sampler: str = "ddim"  # "ddim" (deterministic) or "ddpm" (the paper's ancestral sampler)
     steps: int = 0  # 0 = the sampler's default: DEFAULT_DDIM_STEPS for DDIM, all T for DDPM
     spacing: str = "linear"  # where the steps sit among the T levels: "linear", "quadratic" or "trailing"
     seed: int = 0
+    # strength of the back-projection that sharpens the upsampled inputs (tfsdeploy.inputs.upsample);
+    # None = the bundle's recommendation for the scale, else 0 (plain bicubic)
+    backproject: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "ddpm"), f"sampler must be ddim or ddpm, got {self.sampler!r}")
         _check(self.steps >= 0, "steps must be >= 0")
         _check(self.spacing in ("linear", "quadratic", "trailing"),
                f"spacing must be linear, quadratic or trailing, got {self.spacing!r}")
+        _check(self.backproject is None or 0 <= self.backproject <= 8,
+               f"back-projection strength must be between 0 and 8, got {self.backproject}")
 
 
 DEVICES = ("auto", "cpu", "cuda")

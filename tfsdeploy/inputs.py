@@ -5,7 +5,8 @@ The input rule (documented in the README):
   * a non-square input is zero-padded to a centred square;
   * each input is then brought to size/scale (bicubic, antialiased when shrinking: this is a
     no-op for a true low-resolution input of that size, and the paper's degradation for an input
-    that is already high-resolution), and bicubic-upsampled by `scale` to `size`;
+    that is already high-resolution), and bicubic-upsampled by `scale` to `size`, optionally
+    followed by rounds of back-projection (`upsample`), as the model's member recommends;
   * the output is size x size, with the padding cropped off again, so it keeps the input's
     aspect ratio.
 So the scale always divides the output size; `size` defaults to the model's training size (256).
@@ -13,10 +14,12 @@ So the scale always divides the output size; `size` defaults to the model's trai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tfsdeploy.config import SCALES
 from tfsdeploy.errors import UserError
@@ -89,12 +92,31 @@ def low_resolution(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, 
     return resize(square[None], (size // scale, size // scale)), pads, square.shape[-1]
 
 
-def make_condition(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def upsample(lr: torch.Tensor, size: int, backproject: float = 0.0) -> torch.Tensor:
+    """Low-resolution sources [B,C,h,w] in [0, 1] -> [B,C,size,size]: bicubic, then iterative
+    back-projection of strength `backproject` (0: none). A round shrinks the estimate as the inputs
+    were shrunk (bicubic, antialiased) and adds a step times the bicubic upsampling of what that
+    misses of the inputs, so the estimate moves towards one that shrinks back to the given pixels.
+    Strength s runs ceil(s) rounds of step s / ceil(s): 0.5 is one half step, 2 two full rounds."""
+    if not math.isfinite(backproject) or backproject < 0:
+        raise UserError(f"back-projection strength must be >= 0, got {backproject}")
+    x = resize(lr, (size, size))
+    rounds = math.ceil(backproject)
+    h, w = lr.shape[-2:]
+    for _ in range(rounds):
+        miss = lr - resize(x, (h, w))  # resize clamps to [0, 1]; the miss is signed, so interpolate it directly
+        x = (x + backproject / rounds * F.interpolate(miss, size=(size, size), mode="bicubic",
+                                                      align_corners=False)).clamp(0, 1)
+    return x
+
+
+def make_condition(trip: Triplet, scale: int, size: int,
+                   backproject: float = 0.0) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
-    the real image inside the padded square, in output pixels."""
+    the real image inside the padded square, in output pixels. `backproject`: see `upsample`."""
     box = output_box(*trip.t1.shape[-2:], size)  # first: refuses a shape with no output before any work
     lr, _, _ = low_resolution(trip, scale, size)
-    return resize(lr, (size, size)), box
+    return upsample(lr, size, backproject), box
 
 
 def output_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:

@@ -30,7 +30,8 @@ from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, ar
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import quantise_uint8
-from tfsdeploy.inputs import Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition
+from tfsdeploy.inputs import (Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition,
+                              upsample)
 from tfsdeploy.loopgraph import GraphBackend, WholeFuseGraphs
 from tfsdeploy.model import activation_bytes
 
@@ -202,7 +203,18 @@ class FusionPipeline:
     def describe(self) -> str:
         where = f", model {self.source}" if self.source else ""
         graph = ", one CUDA graph per fuse" if self.loop is not None and self.loop.supports(self.sample) else ""
-        return f"x{self.scale}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}{graph}{where}"
+        bp = f", back-projection {self.backproject:g}" if self.backproject else ""
+        return (f"x{self.scale}{bp}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}"
+                f"{graph}{where}")
+
+    @property
+    def backproject(self) -> float:
+        """The strength of the back-projection the inputs are upsampled with (tfsdeploy.inputs.upsample)."""
+        return self.sample.backproject or 0.0
+
+    def upsample(self, lr01: torch.Tensor, size: int) -> torch.Tensor:
+        """Low-resolution sources [B,5,h,w] -> the condition [B,5,size,size] this model is fed."""
+        return upsample(lr01, size, self.backproject)
 
     def check_size(self, size: int) -> int:
         """The output side for `size` (0 = the model's training size), validated."""
@@ -258,7 +270,7 @@ class FusionPipeline:
         aspect ratio (see tfsdeploy.inputs for the input rule)."""
         size = self.check_size(size)
         self.max_batch(size, cap=1)  # refuse, before any work, a size this device cannot hold
-        cond01, (top, bottom, left, right) = make_condition(trip, self.scale, size)
+        cond01, (top, bottom, left, right) = make_condition(trip, self.scale, size, self.backproject)
         return self(cond01, progress=progress)[0, :, top:bottom, left:right].float().cpu()
 
     def fuse_files(self, t1: str | Path, t2: str | Path, func: str | Path, out: str | Path, size: int = 0,
@@ -286,7 +298,7 @@ class FusionPipeline:
             conds, box = [], None
             for i in range(start, min(start + batch, n)):
                 s = scan.slice(i)
-                cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size)
+                cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size, self.backproject)
                 conds.append(cond01)
             top, bottom, left, right = box
             fused = self(torch.cat(conds))[:, :, top:bottom, left:right]

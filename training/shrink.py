@@ -11,8 +11,9 @@ loss (benchmarks/transfer_study.py --alphas measures it).
 
 rewrites the member in place (or into a copy of the bundle), atomically: its file, its sha256 in
 bundle.json, `residual_alpha` there and in the member's header (which also records the sha256 of the
-weights it was made from), and, with --ddim-steps, the member's recommended DDIM step count. Without
---alpha only the step count changes and the member's file is kept as it is.
+weights it was made from), with --ddim-steps the member's recommended DDIM step count, and with
+--backproject the strength of the back-projection its inputs are upsampled with
+(tfsdeploy.inputs.upsample; 0 removes it). Without --alpha the member's file is kept as it is.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ FINAL_CONV = ("final.conv.weight", "final.conv.bias")
 
 
 def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_steps: int = 0,
-                  out: str | Path | None = None, notes: str | None = None) -> Path:
+                  out: str | Path | None = None, notes: str | None = None,
+                  backproject: float | None = None) -> Path:
     """Write `bundle` (to `out`, default: in place) with member x`scale` shrunk by `alpha` (None:
-    as it is), recommending `ddim_steps` (0: as it was), and with `notes` (None: as they were)."""
+    as it is), recommending `ddim_steps` (0: as it was) and a back-projection strength (None: as it
+    was), and with `notes` (None: as they were)."""
+    from tfsdeploy.config import SampleConfig
+
     from safetensors.torch import load_file
 
     bundle = Path(bundle)
@@ -55,6 +60,8 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
         raise UserError(f"{src}: only an x0-prediction model of the residual can be shrunk this way")
     if alpha is not None and "residual_alpha" in meta:
         raise UserError(f"{src}: already shrunk (alpha {meta['residual_alpha']}); shrink the member it came from")
+    if backproject is not None:
+        SampleConfig(backproject=backproject)  # the one check of a strength
     if ddim_steps < 0 or ddim_steps > meta.get("schedule", {}).get("num_steps", 0):
         raise UserError(f"x{scale}: {ddim_steps} DDIM steps is not a step count of this schedule")
     if alpha is not None:
@@ -76,6 +83,10 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
             entry = {**entry, "sha256": sha256_file(tmp / entry["file"]), "residual_alpha": alpha}
         if ddim_steps:
             entry["ddim_steps"] = ddim_steps
+        if backproject is not None:
+            entry = {k: v for k, v in entry.items() if k != "backproject"}
+            if backproject:
+                entry["backproject"] = backproject
         manifest["models"][str(scale)] = entry
         if notes is not None:
             manifest["notes"] = notes
@@ -89,11 +100,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=int, required=True)
     ap.add_argument("--alpha", type=float, default=None, help="residual scale in [0, 1] (default: keep the weights)")
     ap.add_argument("--ddim-steps", type=int, default=0, help="the member's recommended DDIM steps (0: keep)")
+    ap.add_argument("--backproject", type=float, default=None,
+                    help="back-projection strength of the member's inputs (0: none; default: keep)")
     ap.add_argument("--out", default=None, help="write a new bundle here instead of in place")
     ap.add_argument("--notes", default=None, help="replace the bundle's notes")
     args = ap.parse_args(argv)
     try:
-        print(shrink_member(args.bundle, args.scale, args.alpha, args.ddim_steps, args.out, args.notes))
+        print(shrink_member(args.bundle, args.scale, args.alpha, args.ddim_steps, args.out, args.notes,
+                            args.backproject))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,6 +25,8 @@ def bundle(
                               "started from: (1 - A) * start + A * fine-tuned, 0 < A < 1. One A for every "
                               "fine-tuned member, or per scale, e.g. 4:0.3,8:0.5. Keeps more of the start model's behaviour on data "
                               "neither was tuned for."),
+    backproject: str = typer.Option("", help="Back-projection strength per scale, e.g. 4:0.75,8:1 (from the "
+                                    "transfer study); used when fuse runs without --backproject."),
 ) -> None:
     """Pack one checkpoint per scale into a bundle that fuse, demo, export, evaluate and bench take."""
     long_running()
@@ -39,7 +41,13 @@ def bundle(
         if k not in members or v < 1:
             raise UserError(f"--ddim-steps {item!r}: no --x{k} model given, or steps < 1")
         steps[k] = v
-    path = make_bundle(members, out, fp16=fp16, notes=notes, ddim_steps=steps, blend=_blend_option(blend, members))
+    strengths = {}
+    for item, k, v in scale_values(backproject, "--backproject", float, "SCALE:STRENGTH pairs"):
+        if k not in members:
+            raise UserError(f"--backproject {item!r}: no --x{k} model given")
+        strengths[k] = v
+    path = make_bundle(members, out, fp16=fp16, notes=notes, ddim_steps=steps, blend=_blend_option(blend, members),
+                       backproject=strengths)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     typer.echo(f"wrote {path} ({', '.join(f'x{s}' for s in sorted(members))}; {size:.1f} MB)")
 

@@ -21,6 +21,8 @@ def evaluate(
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
     steps: int = typer.Option(0, min=0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
+    backproject: Optional[float] = typer.Option(None, min=0, max=8, help="Back-projection strength of the "
+                                                "models' inputs (see fuse; default: each bundle's recommendation)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1),
     engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
     limit: int = typer.Option(0, min=0, help="Evaluate at most N images (0 = all)."),
@@ -40,7 +42,8 @@ def evaluate(
 
     check_folder_target(out)
     cfg = EvalConfig(split=split, scales=parse_scales(scales) or (), methods=tuple(m for m in methods.split(",") if m),
-                     sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed), engine=engine,
+                     sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed,
+                                         backproject=backproject), engine=engine,
                      limit=limit, size=size, montage_image=montage_image)
     entries, samples = evaluation_inputs(list(model), data, cfg, engine_config(engine, threads=threads, long_job=True),
                                          typer.echo)

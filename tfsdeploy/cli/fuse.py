@@ -25,8 +25,13 @@ def fuse(
                                        "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
                                        "(default fused/); scans also get OUT_montage.png."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
-    steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (2 for the "
-                              "packaged model) or 10, for DDPM all T."),
+    steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
+                              "MODEL_CARD.md for the packaged model) or 10, for DDPM all T."),
+    backproject: Optional[float] = typer.Option(None, min=0, max=8,
+                                                help="Sharpen the upsampled inputs by back-projection of this "
+                                                "strength before the model sees them (0 = plain bicubic; "
+                                                "default: the bundle's recommendation for the scale). It assumes "
+                                                "the inputs were shrunk bicubically; noisy inputs lose by it."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1,
                              help="Noise seed; the same seed gives the same image (every slice of a scan "
@@ -81,7 +86,7 @@ def fuse(
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     if kind is None:
         refuse_volume_options(grid, series, register, "images")
-    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed)
+    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject)
     if adapt and model is not None and artifact_engine(model) is not None:
         raise UserError(f"--adapt fine-tunes the model's weights, and {model} is an exported artifact; give the "
                         f"checkpoint or bundle it was exported from")

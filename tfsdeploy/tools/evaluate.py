@@ -26,7 +26,8 @@ from tfsdeploy.data import Sample
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path
 from tfsdeploy.fusion import METHODS, fuse_condition
-from tfsdeploy.imaging import degrade, quantise_uint8
+from tfsdeploy.imaging import quantise_uint8, resize
+from tfsdeploy.inputs import check_scale_size, upsample
 from tfsdeploy.pipeline import FusionPipeline
 from tfsdeploy.report_metrics import (HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics,
                                       source_metrics)
@@ -59,7 +60,7 @@ class Entry:
     label: str
     kind: str  # "baseline" or "model"
     key: str  # cache key prefix: what makes its numbers what they are
-    run: Callable[[torch.Tensor, int], torch.Tensor]  # (cond01 [1,5,H,W], scale) -> fused [1,3,H,W]
+    run: Callable[[torch.Tensor, int, int], torch.Tensor]  # (LR sources [1,5,h,w], size, scale) -> fused [1,3,size,size]
     info: dict = field(default_factory=dict)
 
 
@@ -76,6 +77,8 @@ def model_entry(path: Path, pipelines: dict[int, FusionPipeline], cfg: EvalConfi
     s = cfg.sample
     steps = "/".join(str(pipelines[scale].sample.steps) for scale in cfg.scales)
     key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
+    if any(pipelines[scale].backproject for scale in cfg.scales):  # absent when 0: earlier caches stay valid
+        key += ":bp" + "/".join(f"{pipelines[scale].backproject:g}" for scale in cfg.scales)
     first = pipelines[cfg.scales[0]]
     mc, tc = first.configs.model, first.configs.train
     info = {"path": str(path), "engine": first.denoiser.describe(),
@@ -84,7 +87,8 @@ def model_entry(path: Path, pipelines: dict[int, FusionPipeline], cfg: EvalConfi
             "preset_channels": mc.inner_channels, "image_size": mc.image_size,
             "sampling": ", ".join(f"x{scale} {pipelines[scale].sample.sampler}-{pipelines[scale].steps}"
                                   for scale in cfg.scales)}
-    return Entry(_label(path, taken), "model", key, lambda cond01, scale: pipelines[scale](cond01).cpu(), info)
+    return Entry(_label(path, taken), "model", key,
+                 lambda lr, size, scale: pipelines[scale](pipelines[scale].upsample(lr, size)).cpu(), info)
 
 
 def _label(path: Path, taken: set) -> str:
@@ -136,8 +140,8 @@ def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: Eva
         notes.append(f"LPIPS unavailable: {lpips_reason}")
         log("note: " + notes[-1])
 
-    entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}", lambda c, _scale, m=m: fuse_condition(c, m))
-               for m in cfg.methods]
+    entries = [Entry(f"bicubic + {m}", "baseline", f"baseline:{m}",
+                     lambda lr, size, _scale, m=m: fuse_condition(upsample(lr, size), m)) for m in cfg.methods]
     entries += models
     montage_name = cfg.montage_image or samples[len(samples) // 2].name
     if montage_name not in {s.name for s in samples}:
@@ -153,7 +157,10 @@ def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: Eva
         for scale in cfg.scales:
             for smp in samples:
                 hr = smp.hr.float() / 255.0
-                cond01 = degrade(hr[None, :5], scale)
+                side = hr.shape[-1]
+                check_scale_size(scale, side, 1)
+                lr = resize(hr[None, :5], (side // scale, side // scale))
+                cond01 = upsample(lr, side)  # as training degrades: bicubic down, bicubic up
                 gt = hr[5:]
                 want_picture = smp.name == montage_name
                 if want_picture:
@@ -162,7 +169,7 @@ def evaluate(models: list[Entry], samples: list[Sample], out_dir: Path, cfg: Eva
                 for e in entries:
                     key = f"{e.key}|x{scale}|{smp.name}"
                     if key not in cache or want_picture:
-                        fused = e.run(cond01, scale)[0].cpu()
+                        fused = e.run(lr, side, scale)[0].cpu()
                         if want_picture:
                             montage[scale][e.label] = fused
                     if key not in cache:

@@ -9,7 +9,8 @@
 # same steps take hours). Stage 2 fine-tunes the x4 and x8 runs on the SPM templates plus the
 # synthetic patient-like slices (the shipped ones on a 2-core CPU, about 37 minutes each, two runs
 # side by side), and the bundle stores each as a blend with the stage-1 model it started from.
-# Stage 3 shrinks the members' predicted residuals and sets their sampler (seconds, no training).
+# Stage 3 sets the members' input back-projection, shrinks their predicted residuals and sets their
+# sampler (seconds, no training).
 # Every run resumes where it stopped (run the script again), and `--time-limit MINUTES` can be
 # added to spread it over sessions.
 set -euo pipefail
@@ -38,12 +39,14 @@ tfsdeploy bundle "$BUNDLE" --x2 "$RUNS/x2" --x4 "$RUNS/x4-mixed" --x8 "$RUNS/x8-
     --ddim-steps 2:2,4:2,8:2 \
     --notes "TFS-Diff small preset (3.99 M parameters), residual over bicubic + classical fusion, x0-prediction; one model per scale; x4 and x8 fine-tuned on SPM templates + synthetic patient-like slices and blended with their template-only start; DDIM steps chosen by the sampler studies. See MODEL_CARD.md."
 
-# ---- stage 3: no training. Each member's predicted residual is shrunk by alpha (its last conv
-# scaled; 0 = the upsample-then-fuse baseline) and its DDIM step count is set, both chosen on the
-# validation split and the out-of-domain proxies (benchmarks/reports/transfer-alpha-sweep-s1):
-# x2 alpha 0 (its residual lowers PSNR at every alpha > 0.05 on every set but one), x4 alpha 0.6,
-# x8 as it is; DDIM-1 for all three.
-notes="TFS-Diff small preset (3.99 M parameters), residual over bicubic + classical fusion, x0-prediction; one model per scale; x4 and x8 fine-tuned on SPM templates + synthetic patient-like slices and blended with their template-only start (x4 0.3, x8 0.5); predicted residual shrunk (x2 0: the baseline, x4 0.6) and DDIM-1, chosen on the validation split and out-of-domain proxies. See MODEL_CARD.md."
+# ---- stage 3: no training. Each member's inputs get a back-projection strength (the upsampled
+# inputs corrected so that they shrink back to the given pixels), its predicted residual is shrunk
+# by alpha (its last conv scaled; 0 = the upsample-then-fuse baseline) and its DDIM step count is
+# set, all chosen on the validation split and the out-of-domain proxies
+# (benchmarks/reports/proxy-experiments.md): x2 alpha 0 and no back-projection (its residual lowers
+# PSNR at every alpha > 0.05, and back-projection loses on noisy inputs at x2), x4 strength 0.75 with
+# alpha 0.48, x8 strength 1.5 with alpha 0.9; DDIM-1 for all three.
+notes="TFS-Diff small preset (3.99 M parameters), residual over bicubic + classical fusion, x0-prediction; one model per scale; x4 and x8 fine-tuned on SPM templates + synthetic patient-like slices and blended with their template-only start (x4 0.3, x8 0.5); inputs sharpened by back-projection (x4 0.75, x8 1.5), predicted residual shrunk (x2 0: the baseline, x4 0.48, x8 0.9) and DDIM-1, chosen on the validation split and out-of-domain proxies. See MODEL_CARD.md."
 python -m training.shrink "$BUNDLE" --scale 2 --alpha 0 --ddim-steps 1
-python -m training.shrink "$BUNDLE" --scale 4 --alpha 0.6 --ddim-steps 1
-python -m training.shrink "$BUNDLE" --scale 8 --ddim-steps 1 --notes "$notes"
+python -m training.shrink "$BUNDLE" --scale 4 --alpha 0.48 --ddim-steps 1 --backproject 0.75
+python -m training.shrink "$BUNDLE" --scale 8 --alpha 0.9 --ddim-steps 1 --backproject 1.5 --notes "$notes"

@@ -19,7 +19,9 @@ torch.set_num_threads(2)
 
 # Fixtures that take minutes to build on a 2-core CPU. A test that uses one is marked slow, so the
 # quick run (pyproject's addopts) leaves it out and `-m slow` runs it.
-SLOW_FIXTURES = {"package"}  # test_aoti.py: an AOTInductor compile of the tiny model
+SLOW_FIXTURES = {"package",  # test_aoti.py: an AOTInductor compile of the tiny model
+                 "exported",  # ONNX exports of the tiny model, fp32 and fp16, parity-checked
+                 "spm_dataset"}  # the SPM template dataset, built from the templates
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects

@@ -38,7 +38,7 @@ def one_error_line(res):
     return lines[0]
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddpm", 0)])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 5), pytest.param("ddpm", 0, marks=pytest.mark.slow)])
 def test_fuse_end_to_end(tmp_path, tiny_run, triplet, sampler, steps):
     out = tmp_path / "fused.png"
     res = run("fuse", *triplet, "--scale", 4, "--model", tiny_run, "--out", out, "--sampler", sampler,
@@ -166,6 +166,7 @@ def test_data_build_and_train_resume_from_the_cli(tmp_path, synth_dataset):
 
 
 @needs_onnx
+@pytest.mark.slow
 def test_export_then_fuse_with_each_engine(tmp_path, tiny_run, triplet):
     res = run("export", tiny_run, "--parity-steps", 2, "--min-size", 32, "--max-size", 128)
     assert res.exit_code == 0, res.output

@@ -35,6 +35,9 @@ from conftest import smooth_image
 from tfsdeploy.cli import app
 from tfsdeploy.imaging import normalise_volume
 
+# End to end through the command line and subprocesses: in the slow run (python -m pytest -m slow).
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 FAST = ["--engine", "torch", "--steps", "1", "--size", "32", "--no-progress"]
 AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])

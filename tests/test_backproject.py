@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tfsdeploy.bundle import make_bundle, read_bundle, sample_for
+from tfsdeploy.bundle import make_bundle
 from tfsdeploy.config import EngineConfig, SampleConfig
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import resize
 from tfsdeploy.inputs import as_triplet, make_condition, upsample
+from tfsdeploy.modelref import resolve_model
 from tfsdeploy.pipeline import FusionPipeline
 
 from conftest import smooth_image
@@ -76,18 +77,19 @@ def test_bad_strengths_are_refused():
 
 def test_a_bundle_member_recommends_its_strength_and_an_explicit_one_wins(tmp_path, three):  # noqa: F811
     out = make_bundle(three, tmp_path / "bundle", backproject={4: 1.5})
-    assert read_bundle(out)["models"]["4"]["backproject"] == 1.5 and "backproject" not in read_bundle(out)["models"]["8"]
-    assert sample_for(out, 4, SampleConfig()).backproject == 1.5
-    assert sample_for(out, 8, SampleConfig()).backproject == 0
-    assert sample_for(out, 4, SampleConfig(backproject=0)).backproject == 0
-    assert sample_for(three[4], 4, SampleConfig()).backproject == 0  # a lone checkpoint: plain bicubic
+    models = resolve_model(out).manifest["models"]
+    assert models["4"]["backproject"] == 1.5 and "backproject" not in models["8"]
+    assert resolve_model(out).sample_for(4, SampleConfig()).backproject == 1.5
+    assert resolve_model(out).sample_for(8, SampleConfig()).backproject == 0
+    assert resolve_model(out).sample_for(4, SampleConfig(backproject=0)).backproject == 0
+    assert resolve_model(three[4]).sample_for(4, SampleConfig()).backproject == 0  # a lone checkpoint: plain bicubic
     with pytest.raises(UserError, match="back-projection"):
         make_bundle(three, tmp_path / "refused", backproject={4: 20})
     meta = json.loads((out / "bundle.json").read_text())
     meta["models"]["4"]["backproject"] = "strong"
     (out / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"models\.4\.backproject"):
-        sample_for(out, 4, SampleConfig())
+        resolve_model(out).sample_for(4, SampleConfig())
 
 
 def test_a_pipeline_feeds_its_model_the_back_projected_inputs(tmp_path, three):  # noqa: F811
@@ -132,7 +134,8 @@ def test_cli_bundle_records_strengths_and_fuse_takes_and_overrides_them(tmp_path
     out = tmp_path / "bundle"
     res = run("bundle", out, "--x4", three[4], "--x8", three[8], "--backproject", "4:1.5")
     assert res.exit_code == 0, res.output
-    assert read_bundle(out)["models"]["4"]["backproject"] == 1.5 and "backproject" not in read_bundle(out)["models"]["8"]
+    models = resolve_model(out).manifest["models"]
+    assert models["4"]["backproject"] == 1.5 and "backproject" not in models["8"]
     for bad, why in (("4:x", "SCALE:STRENGTH"), ("2:1", "no --x2"), ("4:9", "from 0 to 8")):
         res = run("bundle", tmp_path / "refused", "--x4", three[4], "--backproject", bad)
         assert res.exit_code == 2 and why in res.stderr and res.stderr.count("\n") == 1, res.stderr

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from tfsdeploy import bundle as bundle_mod
-from tfsdeploy.bundle import (DEFAULT_BUNDLE, bundle_members, default_model, is_bundle, make_bundle, model_for_scale,
-                              named_model, read_bundle)
+from tfsdeploy import modelref
+from tfsdeploy.bundle import DEFAULT_BUNDLE, make_bundle
 from tfsdeploy.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from tfsdeploy.cli import app
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import read_image
 from tfsdeploy.model import build_model
+from tfsdeploy.modelref import default_model, resolve_model
 
 from conftest import randomize_output, tiny_configs
 
@@ -44,10 +44,11 @@ def three(tmp_path):
 def test_bundle_round_trip_in_fp16_and_fp32(tmp_path, three):
     for fp16 in (True, False):
         out = make_bundle(three, tmp_path / f"bundle-{fp16}", fp16=fp16, notes="n")
-        meta = read_bundle(out)
-        assert sorted(meta["models"]) == ["2", "4", "8"] and meta["notes"] == "n"
+        ref = resolve_model(out)
+        meta = ref.manifest
+        assert ref.kind == "bundle" and sorted(meta["models"]) == ["2", "4", "8"] and ref.notes == "n"
         assert meta["models"]["4"]["trained_scales"] == [4]
-        members = bundle_members(out)
+        members = resolve_model(out).members()
         for scale, src in three.items():
             raw = load_file(str(members[scale]))
             assert all(v.dtype == (torch.float16 if fp16 else torch.float32) for v in raw.values())
@@ -58,8 +59,23 @@ def test_bundle_round_trip_in_fp16_and_fp32(tmp_path, three):
                 assert b.dtype == torch.float32
                 tol = 1e-3 * a.abs().max().item() + 1e-6 if fp16 else 0
                 assert (a - b).abs().max().item() <= tol, k
-        assert model_for_scale(out, 4) == members[4]
-        assert model_for_scale(three[4], 2) == three[4]  # a plain checkpoint serves every scale
+        assert resolve_model(out).member(4) == members[4]
+        assert resolve_model(three[4]).member(2) == three[4]  # a plain checkpoint serves every scale
+
+
+def test_the_resolver_names_each_kind_and_its_fingerprint(tmp_path, three):
+    from tfsdeploy.artifacts import checkpoint_fingerprint
+    from tfsdeploy.checkpoint import sha256_file
+
+    run_folder, ckpt = three[4].parent, three[4]
+    assert resolve_model(run_folder).kind == "run" and resolve_model(ckpt).kind == "checkpoint"
+    assert resolve_model(run_folder).fingerprint() == checkpoint_fingerprint(ckpt)["sha256"]  # its newest
+    assert resolve_model(tmp_path / "denoiser-fp32.onnx").kind == "artifact"
+    out = make_bundle({4: ckpt}, tmp_path / "bundle")
+    assert resolve_model(out).fingerprint() == sha256_file(out / "bundle.json")
+    assert resolve_model(out).scales == [4] and resolve_model(ckpt).scales == []
+    ref = resolve_model(out)
+    assert resolve_model(ref) is ref and ref.member(4) is ref.member(4)  # checked once per resolution
 
 
 def test_bundle_errors(tmp_path, three):
@@ -68,14 +84,14 @@ def test_bundle_errors(tmp_path, three):
     assert not (tmp_path / "bad").exists()  # nothing half-written
     out = make_bundle({4: three[4]}, tmp_path / "one")
     with pytest.raises(UserError, match=r"no model for x8 \(this bundle has x4\)"):
-        model_for_scale(out, 8)
+        resolve_model(out).member(8)
     f = out / "x4.safetensors"
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(UserError, match="corrupted"):
-        model_for_scale(out, 4)
+        resolve_model(out).member(4)
     (out / "bundle.json").write_text("{}")
     with pytest.raises(UserError, match="not a tfsdeploy bundle"):
-        bundle_members(out)
+        resolve_model(out).members()
 
 
 def test_cli_bundle_then_fuse_picks_the_member_for_the_scale(tmp_path, three, synth_dataset):
@@ -99,12 +115,11 @@ def test_cli_bundle_then_fuse_picks_the_member_for_the_scale(tmp_path, three, sy
 
 
 def test_a_bundle_recommends_its_ddim_steps_and_an_explicit_steps_wins(tmp_path, three, synth_dataset):
-    from tfsdeploy.bundle import default_ddim_steps
-
     out = tmp_path / "bundle"
     res = run("bundle", out, "--x4", three[4], "--x8", three[8], "--ddim-steps", "4:3")
     assert res.exit_code == 0, res.output
-    assert default_ddim_steps(out, 4) == 3 and default_ddim_steps(out, 8) == 0 and default_ddim_steps(three[4], 4) == 0
+    ref = resolve_model(out)
+    assert ref.ddim_steps(4) == 3 and ref.ddim_steps(8) == 0 and resolve_model(three[4]).ddim_steps(4) == 0
     trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
     for scale, extra, want in ((4, [], "ddim-3"), (4, ["--steps", 5], "ddim-5"), (8, [], "ddim-10")):
         res = run("fuse", *trip, "--scale", scale, "--model", out, "--out", tmp_path / "f.png", "--no-progress", *extra)
@@ -143,8 +158,9 @@ def test_export_of_a_bundle_writes_one_folder_per_member(tmp_path, three):
 
 
 def test_default_model_is_packaged_small_and_complete():
-    assert is_bundle(DEFAULT_BUNDLE)
-    members = bundle_members(DEFAULT_BUNDLE)  # checks every sha256
+    ref = resolve_model(None)
+    assert ref.kind == "bundle" and ref.path == DEFAULT_BUNDLE
+    members = ref.members()  # checks every sha256
     assert sorted(members) == [2, 4, 8]
     assert sum(f.stat().st_size for f in DEFAULT_BUNDLE.iterdir()) <= 25e6
     for scale, path in members.items():
@@ -152,17 +168,17 @@ def test_default_model_is_packaged_small_and_complete():
         assert scale in ckpt.configs.data.scales
         assert ckpt.configs.diffusion.objective == "diffusion"  # a diffusion model, not the regression bound
         assert sum(v.numel() for v in ckpt.weights.values()) < 4.5e6
-    assert default_model() == DEFAULT_BUNDLE and named_model("default") == DEFAULT_BUNDLE
+    assert default_model() == DEFAULT_BUNDLE and resolve_model("default").path == DEFAULT_BUNDLE
     # DDIM-1 for every member and the residual shrinks, chosen on the validation split and the
     # out-of-domain proxies (MODEL_CARD.md, benchmarks/reports/transfer-alpha-sweep-s1)
-    models = read_bundle(DEFAULT_BUNDLE)["models"]
+    models = ref.manifest["models"]
     assert all(m["ddim_steps"] == 1 for m in models.values())
     assert {s: m.get("residual_alpha") for s, m in models.items()} == {"2": 0.0, "4": 0.6, "8": None}
     assert json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["format"] == "tfsdeploy-bundle"
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path, monkeypatch, synth_dataset):
-    monkeypatch.setattr(bundle_mod, "DEFAULT_BUNDLE", tmp_path / "nowhere")
+    monkeypatch.setattr(modelref, "DEFAULT_BUNDLE", tmp_path / "nowhere")
     trip = [synth_dataset / "test" / m / "e00.png" for m in ("t1", "t2", "func")]
     res = run("fuse", *trip, "--out", tmp_path / "f.png")
     assert res.exit_code != 0 and "packaged default model is missing" in res.stderr
@@ -209,7 +225,7 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
     for k in a:
         want = 0.75 * a[k].float() + 0.25 * b[k].float() if a[k].is_floating_point() else a[k]
         torch.testing.assert_close(got[k].float(), want.float(), rtol=1e-6, atol=1e-7)
-    entry = read_bundle(tmp_path / "b")["models"]["4"]
+    entry = resolve_model(tmp_path / "b").manifest["models"]["4"]
     assert entry["blend"] == 0.25
     assert load_checkpoint(tmp_path / "b" / "x4.safetensors").meta["blend"]["init"]["step"] == 1
 
@@ -226,8 +242,8 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
     assert "already a blend" in error("--x4", tmp_path / "b" / "x4.safetensors", "--blend", "0.5")
     res = run("bundle", tmp_path / "b2", "--x2", start, "--x4", tmp_path / "ft", "--fp32", "--blend", "0.25")
     assert res.exit_code == 0, res.output  # one A: the fine-tuned members only
-    assert "blend" not in read_bundle(tmp_path / "b2")["models"]["2"]
-    assert read_bundle(tmp_path / "b2")["models"]["4"]["blend"] == 0.25
+    assert "blend" not in resolve_model(tmp_path / "b2").manifest["models"]["2"]
+    assert resolve_model(tmp_path / "b2").manifest["models"]["4"]["blend"] == 0.25
     assert "strictly between 0 and 1" in error("--x4", tmp_path / "ft", "--blend", "1.5")
     assert "no --x8 model" in error("--x4", tmp_path / "ft", "--blend", "8:0.3")
     assert "SCALE:A" in error("--x4", tmp_path / "ft", "--blend", "x")

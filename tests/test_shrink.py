@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tfsdeploy.bundle import bundle_members, make_bundle, read_bundle
+from tfsdeploy.bundle import make_bundle
+from tfsdeploy.modelref import resolve_model
 from tfsdeploy.checkpoint import build_from_checkpoint, read_meta, save_checkpoint, sha256_file
 from tfsdeploy.config import EngineConfig, SampleConfig
 from tfsdeploy.errors import UserError
@@ -32,27 +33,28 @@ def bundle(tmp_path):
 
 
 def test_shrink_scales_only_the_last_conv_and_records_it(tmp_path, bundle):
-    before = {s: load_file(str(p)) for s, p in bundle_members(bundle).items()}
+    before = {s: load_file(str(p)) for s, p in resolve_model(bundle).members().items()}
     sha4 = sha256_file(bundle / "x4.safetensors")
     out = shrink_member(bundle, 2, 0.5, ddim_steps=1, out=tmp_path / "shrunk")
-    after = load_file(str(bundle_members(out)[2]))  # bundle_members checks the new sha256
+    after = load_file(str(resolve_model(out).members()[2]))  # members() checks the new sha256
     for k, v in before[2].items():
         want = (v.float() * 0.5).to(v.dtype) if k in FINAL_CONV else v
         assert torch.equal(after[k], want), k
     assert sha256_file(out / "x4.safetensors") == sha4  # the other member is untouched
-    entry = read_bundle(out)["models"]["2"]
+    entry = resolve_model(out).manifest["models"]["2"]
     assert entry["residual_alpha"] == 0.5 and entry["ddim_steps"] == 1
-    assert read_bundle(out)["models"]["4"]["ddim_steps"] == 2
+    assert resolve_model(out).manifest["models"]["4"]["ddim_steps"] == 2
     meta = read_meta(out / "x2.safetensors")[1]
-    assert meta["residual_alpha"] == 0.5 and meta["residual_alpha_of"] == read_bundle(bundle)["models"]["2"]["sha256"]
-    assert read_bundle(bundle)["models"]["2"].get("residual_alpha") is None  # the source bundle is unchanged
+    source = resolve_model(bundle).manifest["models"]["2"]
+    assert meta["residual_alpha"] == 0.5 and meta["residual_alpha_of"] == source["sha256"]
+    assert source.get("residual_alpha") is None  # the source bundle is unchanged
 
 
 def test_the_network_output_scales_by_alpha_and_alpha_zero_is_the_baseline(tmp_path, bundle):
     half = shrink_member(bundle, 2, 0.5, out=tmp_path / "half")
     zero = shrink_member(bundle, 2, 0.0, out=tmp_path / "zero")
-    full_net, _ = build_from_checkpoint(bundle_members(bundle)[2])
-    half_net, _ = build_from_checkpoint(bundle_members(half)[2])
+    full_net, _ = build_from_checkpoint(resolve_model(bundle).members()[2])
+    half_net, _ = build_from_checkpoint(resolve_model(half).members()[2])
     g = torch.Generator().manual_seed(0)
     x, cond, level = torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, 5, 32, 32, generator=g) * 2 - 1, \
         torch.tensor([0.1, 0.9])
@@ -96,23 +98,22 @@ def test_shrink_errors(tmp_path, bundle, capsys):
 def test_without_alpha_only_the_step_count_and_notes_change(tmp_path, bundle):
     out = shrink_member(bundle, 4, None, ddim_steps=1, out=tmp_path / "steps", notes="new notes")
     assert (out / "x4.safetensors").read_bytes() == (bundle / "x4.safetensors").read_bytes()
-    manifest = read_bundle(out)
+    manifest = resolve_model(out).manifest
     assert manifest["models"]["4"]["ddim_steps"] == 1 and "residual_alpha" not in manifest["models"]["4"]
-    assert manifest["notes"] == "new notes" and manifest["models"]["2"] == read_bundle(bundle)["models"]["2"]
+    assert manifest["notes"] == "new notes" and manifest["models"]["2"] == resolve_model(bundle).manifest["models"]["2"]
     with pytest.raises(UserError, match="not a step count of this schedule"):
         shrink_member(bundle, 4, None, ddim_steps=10**6)
 
 
 def test_a_members_back_projection_is_set_kept_and_removed(tmp_path, bundle):
-    from tfsdeploy.bundle import sample_for
-
     out = shrink_member(bundle, 4, None, out=tmp_path / "bp", backproject=1.5)
-    assert read_bundle(out)["models"]["4"]["backproject"] == 1.5
-    assert sample_for(out, 4, SampleConfig()).backproject == 1.5 and sample_for(out, 2, SampleConfig()).backproject == 0
+    ref = resolve_model(out)
+    assert ref.manifest["models"]["4"]["backproject"] == 1.5
+    assert ref.sample_for(4, SampleConfig()).backproject == 1.5 and ref.sample_for(2, SampleConfig()).backproject == 0
     kept = shrink_member(out, 4, None, ddim_steps=1, out=tmp_path / "kept")  # not given: as it was
-    assert read_bundle(kept)["models"]["4"]["backproject"] == 1.5
+    assert resolve_model(kept).manifest["models"]["4"]["backproject"] == 1.5
     gone = shrink_member(out, 4, None, out=tmp_path / "gone", backproject=0)
-    assert "backproject" not in read_bundle(gone)["models"]["4"]
+    assert "backproject" not in resolve_model(gone).manifest["models"]["4"]
     with pytest.raises(UserError, match="back-projection strength"):
         shrink_member(bundle, 4, None, out=tmp_path / "bad", backproject=-1)
     assert not (tmp_path / "bad").exists()

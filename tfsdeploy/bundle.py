@@ -7,7 +7,8 @@ A bundle is a folder holding `bundle.json` and one self-describing checkpoint fi
                    "sha256": "...", "ddim_steps": 2}, ...}, "notes": "..."}
     x2.safetensors  x4.safetensors  x8.safetensors
 
-Everything that takes `--model` takes a bundle too; the scale decides which checkpoint runs. A
+Everything that takes `--model` takes a bundle too; the scale decides which checkpoint runs
+(tfsdeploy.modelref reads a bundle; this module writes one and checks its manifest). A
 member may carry the DDIM step count that a sampler study chose for it (`ddim_steps`); it replaces
 the general default when DDIM runs with no `--steps`. It may also carry the strength of the
 back-projection its inputs are upsampled with (`backproject`, tfsdeploy.inputs.upsample; absent:
@@ -17,14 +18,12 @@ back-projection its inputs are upsampled with (`backproject`, tfsdeploy.inputs.u
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
-from tfsdeploy.config import DEFAULT_DDIM_STEPS, SCALES, SampleConfig, ScheduleConfig
+from tfsdeploy.config import SCALES
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, write_safetensors
 
@@ -35,53 +34,6 @@ BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "tfsdeploy-bundle"
 BUNDLE_FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
-MODEL_ENV = "TFSDEPLOY_MODEL"
-
-
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / BUNDLE_FILE).is_file()
-
-
-def default_model() -> Path:
-    """$TFSDEPLOY_MODEL if set, else the packaged default bundle."""
-    env = os.environ.get(MODEL_ENV)
-    if env:
-        return Path(env)
-    if not is_bundle(DEFAULT_BUNDLE):
-        raise UserError(f"the packaged default model is missing from {DEFAULT_BUNDLE}; reinstall tfsdeploy, "
-                        f"or pass --model RUN_OR_CHECKPOINT")
-    return DEFAULT_BUNDLE
-
-
-def named_model(path: str | Path | None) -> Path:
-    """A --model value: None or the word "default" (when no such file exists) mean the default model."""
-    if path is None or (str(path) == "default" and not Path(path).exists()):
-        return default_model()
-    return Path(path)
-
-
-def describe_model(path: str | Path) -> str:
-    """What a model path holds, in a few words ("bundle: x2, x4, x8" or "checkpoint, step N"); refuses
-    a path that holds neither."""
-    if is_bundle(path):
-        return f"bundle: {', '.join(f'x{s}' for s in bundle_scales(path))}"
-    _, meta = read_meta(path)
-    return f"checkpoint, step {meta.get('step', 0)}"
-
-
-def read_bundle(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / BUNDLE_FILE
-    try:
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{file}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-        raise UserError(f"{file}: not a tfsdeploy bundle")
-    check_bundle_meta(file, meta)
-    if meta.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
-        raise UserError(f"{file}: bundle format {meta['format_version']} is newer than this tfsdeploy reads")
-    return meta
-
 
 # The fields of one member's entry: name -> (check, what it must be).
 _MEMBER_FIELDS = {
@@ -123,73 +75,6 @@ def check_bundle_meta(file: Path, meta: dict[str, Any]) -> None:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def bundle_scales(path: str | Path) -> list[int]:
-    return sorted(int(s) for s in read_bundle(path)["models"])
-
-
-def _member(path: Path, scale: str, entry: dict[str, Any]) -> Path:
-    """One member's file, checked against its recorded sha256."""
-    file = path / entry["file"]
-    if not file.is_file():
-        raise UserError(f"{path}: {entry['file']} (x{scale}) is missing")
-    if sha256_file(file) != entry.get("sha256"):
-        raise UserError(f"{file}: corrupted (sha256 does not match {BUNDLE_FILE})")
-    return file
-
-
-def bundle_members(path: str | Path) -> dict[int, Path]:
-    """scale -> checkpoint file, each checked against its recorded sha256."""
-    path = Path(path)
-    return {int(scale): _member(path, scale, entry) for scale, entry in read_bundle(path)["models"].items()}
-
-
-def model_for_scale(path: str | Path, scale: int) -> Path:
-    """The checkpoint that fuses at `scale`: the bundle's member for it (only that one is read and
-    checked), or `path` itself."""
-    path = named_model(path)
-    if not is_bundle(path):
-        return path
-    models = read_bundle(path)["models"]
-    if str(scale) not in models:
-        raise UserError(f"{path}: no model for x{scale} (this bundle has "
-                        f"{', '.join(f'x{s}' for s in sorted(int(k) for k in models))})")
-    return _member(path, str(scale), models[str(scale)])
-
-
-def default_ddim_steps(path: str | Path, scale: int) -> int:
-    """The DDIM step count recommended for `scale` by a bundle (0: none; use the general default)."""
-    path = named_model(path)
-    if not is_bundle(path):
-        return 0
-    entry = read_bundle(path)["models"].get(str(scale), {})
-    steps = entry.get("ddim_steps", 0)
-    if steps:  # a recommendation the member's own schedule cannot run is the bundle's fault, not --steps'
-        _, meta = read_meta(path / entry["file"])
-        num_steps = meta.get("schedule", {}).get("num_steps", ScheduleConfig().num_steps)
-        if steps > num_steps:
-            raise UserError(f"{path / BUNDLE_FILE}: 'models.{scale}.ddim_steps' is {steps}, more than the x{scale} "
-                            f"model's schedule has (T = {num_steps}); fix the bundle or pass --steps")
-    return steps
-
-
-def sample_for(path: str | Path, scale: int, sample: SampleConfig) -> SampleConfig:
-    """How `scale` runs: DDIM without a step count gets the bundle's recommendation, else
-    DEFAULT_DDIM_STEPS, and an unset back-projection the bundle's (else 0), so both are always
-    explicit; anything given is kept."""
-    if sample.backproject is None:
-        path = named_model(path)
-        entry = read_bundle(path)["models"].get(str(scale), {}) if is_bundle(path) else {}
-        sample = dataclasses.replace(sample, backproject=float(entry.get("backproject", 0)))
-    if sample.sampler != "ddim" or sample.steps:
-        return sample
-    return dataclasses.replace(sample, steps=default_ddim_steps(path, scale) or DEFAULT_DDIM_STEPS)
-
-
-def bundle_fingerprint(path: str | Path) -> str:
-    """What identifies a bundle's numbers: the sha256 of its manifest, which lists every member's sha."""
-    return sha256_file(Path(path) / BUNDLE_FILE)
 
 
 def blend_weights(ckpt, alpha: float, where: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -278,6 +163,5 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     return out
 
 
-__all__ = ["BUNDLE_FILE", "DEFAULT_BUNDLE", "is_bundle", "describe_model", "check_bundle_meta", "default_model", "named_model", "read_bundle", "bundle_scales",
-           "bundle_members", "model_for_scale", "default_ddim_steps", "sample_for", "bundle_fingerprint",
+__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "DEFAULT_BUNDLE", "check_bundle_meta",
            "make_bundle", "blend_weights"]

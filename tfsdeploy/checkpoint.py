@@ -130,7 +130,9 @@ def _cleanup(run_dir: Path, keep: int, current: str) -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, a run directory (its `latest`), or a lone model.safetensors file."""
+    """A checkpoint directory, a run directory (its `latest`: the newest checkpoint), or a lone
+    model.safetensors file, as the readers below take it. Which model a `--model` value names (a
+    bundle's member, an exported artifact, the default model) is tfsdeploy.modelref's to say."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")

@@ -24,8 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tfsdeploy.bundle import model_for_scale, named_model, sample_for
-from tfsdeploy.checkpoint import Configs, build_from_checkpoint, read_meta
+from tfsdeploy.checkpoint import Configs, build_from_checkpoint
 from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.errors import UserError
@@ -34,6 +33,7 @@ from tfsdeploy.inputs import (Triplet, as_triplet, check_fusable, check_scale, c
                               upsample)
 from tfsdeploy.loopgraph import GraphBackend, WholeFuseGraphs
 from tfsdeploy.model import activation_bytes
+from tfsdeploy.modelref import ModelRef, resolve_model
 
 Progress = Callable[[int, int], None]
 # Batch caps for scans: a GPU keeps gaining throughput up to large batches; a CPU gains nothing
@@ -115,17 +115,6 @@ def build_package(ckpt: str | Path, notice: Callable[[str], None]) -> tuple[Deno
     return AotiDenoiser(path), ck.configs
 
 
-def check_fusable_file(ckpt: str | Path) -> None:
-    """Refuse a model that does not take 5 condition channels and give 3, before loading weights."""
-    from tfsdeploy.artifacts import read_sidecar
-
-    if artifact_engine(ckpt) is not None:
-        where, meta = Path(ckpt), read_sidecar(ckpt).get("configs", {})
-    else:
-        where, meta = read_meta(ckpt)
-    check_fusable(Configs.from_json(meta).model, where)
-
-
 def free_memory(device: torch.device) -> int:
     """Bytes this process may still use on `device`: free GPU memory, or the CPU's MemAvailable."""
     if device.type == "cuda":
@@ -162,18 +151,18 @@ class FusionPipeline:
         self.loop = WholeFuseGraphs(self.diffusion, denoiser, graphs) if recordable else None
 
     @classmethod
-    def load(cls, model: str | Path | None, scale: int, sample: SampleConfig = SampleConfig(),
+    def load(cls, model: str | Path | ModelRef | None, scale: int, sample: SampleConfig = SampleConfig(),
              engine: EngineConfig = EngineConfig(), log: Callable[[str], None] = lambda s: None,
              notice: Callable[[str], None] = lambda s: None) -> "FusionPipeline":
-        """The pipeline for `model` (checkpoint, run folder, bundle, exported artifact, or None for the
-        default model) at `scale`: a bundle's member for the scale, with its recommended DDIM steps
-        when `sample` gives none. `log` hears why `auto` skipped an engine; `notice` what a user
-        should see (a first-use compile, a graph capture that failed)."""
+        """The pipeline for `model` (checkpoint, run folder, bundle, exported artifact, None for the
+        default model, or a resolved tfsdeploy.modelref.ModelRef) at `scale`: a bundle's member for the
+        scale, with its recommended sampler settings where `sample` gives none. `log` hears why `auto`
+        skipped an engine; `notice` what a user should see (a first-use compile, a graph capture that
+        failed)."""
         check_scale(scale)
-        model = named_model(model)
-        sample = sample_for(model, scale, sample)
-        member = model_for_scale(model, scale)
-        check_fusable_file(member)
+        ref = resolve_model(model)
+        sample = ref.sample_for(scale, sample)
+        member = ref.fusable_member(scale)
         if engine.threads:
             torch.set_num_threads(engine.threads)
         denoiser, configs = load_denoiser(member, engine, log, notice)

@@ -25,10 +25,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from tfsdeploy.bundle import BUNDLE_FILE, read_bundle
+from tfsdeploy.bundle import BUNDLE_FILE
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, current_umask, write_safetensors
+from tfsdeploy.modelref import resolve_model
 
 FINAL_CONV = ("final.conv.weight", "final.conv.bias")
 
@@ -47,13 +48,12 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
     out = Path(out) if out is not None else bundle
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise UserError(f"alpha must lie in [0, 1], got {alpha}")
-    manifest = read_bundle(bundle)
+    ref = resolve_model(bundle, kind="bundle")
+    manifest = ref.manifest
     entry = manifest["models"].get(str(scale))
     if entry is None:
         raise UserError(f"{bundle}: no x{scale} member")
-    src = bundle / entry["file"]
-    if sha256_file(src) != entry.get("sha256"):
-        raise UserError(f"{src}: corrupted (sha256 does not match {BUNDLE_FILE})")
+    src = ref.member(scale)  # checked against its sha256
     _, meta = read_meta(src)
     diffusion = meta.get("diffusion", {})
     if diffusion.get("prediction") != "x0" or diffusion.get("target") != "residual":

@@ -107,18 +107,17 @@ def started_from(run_dir: str | Path, init: str | Path) -> bool:
 def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> Path:
     """The checkpoint a fine-tune starts from: a checkpoint or run folder as given, or a bundle's
     member (`default` is the packaged bundle) for the one scale being trained."""
-    from tfsdeploy.bundle import bundle_scales, is_bundle, model_for_scale, named_model
+    from tfsdeploy.modelref import resolve_model
 
-    path = named_model(init)
-    if not path.exists():
+    ref = resolve_model(init)
+    if not ref.path.exists():
         raise UserError(f"--init {init}: no such checkpoint, run folder or bundle")
-    if not is_bundle(path):
-        return path
+    if ref.kind != "bundle":
+        return ref.path
     if not scales or len(scales) != 1:
-        have = ", ".join(map(str, bundle_scales(path)))
         raise UserError(f"--init {init} is a bundle, one model per scale: pick its member with --scales N "
-                        f"(one of {have})")
-    return model_for_scale(path, scales[0])
+                        f"(one of {', '.join(map(str, ref.scales))})")
+    return ref.member(scales[0])
 
 
 def _replace(cfg, k, v):

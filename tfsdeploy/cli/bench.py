@@ -45,9 +45,9 @@ def bench(
 ) -> None:
     """Measure engines side by side (Markdown, JSON and a PNG plot), or with --quality the sampler study."""
     long_running()
-    from tfsdeploy.bundle import model_for_scale
     from tfsdeploy.data import reference_triplet
     from tfsdeploy.inputs import check_scale
+    from tfsdeploy.modelref import resolve_model
 
     check_scale(scale)
     check_folder_target(out)
@@ -80,7 +80,7 @@ def bench(
                       engines=names, repeats=repeats, warmup=warmup,
                       fuse_steps=parse_ints(fuse_steps, "--fuse-steps"), ddpm_steps=ddpm_steps,
                       threads=threads, cli_repeats=cold_runs)
-    ckpt = model_for_scale(model, scale) if model is not None else None  # a bundle's member for --scale
+    ckpt = resolve_model(model).member(scale) if model is not None else None  # a bundle's member for --scale
     r = run_bench(ckpt, cfg, out, reference_triplet(cfg.fuse_size), log=typer.echo, cli_model=model)
     fastest = min((x for x in r["latency"] if x["size"] == max(cfg.sizes) and x["batch"] == min(cfg.batches)),
                   key=lambda x: x["median_ms"])

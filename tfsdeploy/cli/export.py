@@ -33,23 +33,23 @@ def export(
     long_running()
     from export.checkpoint_export import ExportConfig, export_checkpoint
     from tfsdeploy.artifacts import default_export_dir
-    from tfsdeploy.bundle import bundle_members, is_bundle, named_model
     from tfsdeploy.data import reference_triplet
     from tfsdeploy.fileio import removed_if_left_empty
+    from tfsdeploy.modelref import resolve_model
 
     if not workspace_gib > 0:
         raise UserError(f"--workspace-gib must be positive, got {workspace_gib}")
     cfg = ExportConfig(onnx=onnx, fp16=fp16, trt=trt, aoti=aoti, max_batch=max_batch, min_size=min_size,
                        max_size=max_size, opset=opset, parity_steps=parity_steps, workspace_gib=workspace_gib)
-    model = named_model(model)
-    if is_bundle(model):
+    ref = resolve_model(model)
+    if ref.kind == "bundle":
         if out is not None:
             raise UserError("--out is per checkpoint; a bundle's members export beside it (or to the cache for "
                             "the packaged model)")
-        members = bundle_members(model)
+        members = list(ref.members().values())
     else:
-        members = {0: model}
-    for member in members.values():
+        members = [ref.path]
+    for member in members:
         with removed_if_left_empty(out or default_export_dir(member)):  # a failed export leaves no empty folder
             # the parity checks fuse a held-out slice
             export_checkpoint(member, cfg, out, parity_image=reference_triplet, log=typer.echo)

@@ -41,7 +41,7 @@ def info() -> None:
     typer.echo(f"  aoti: torch {torch.__version__}, packages built here run on {identity_text(here)}")
     d = default_data_dir()
     typer.echo(f"dataset: {d} ({'built' if (d / 'summary.json').is_file() else 'not built yet'})")
-    from tfsdeploy.bundle import default_model, describe_model
+    from tfsdeploy.modelref import default_model, resolve_model
 
     try:
         m = default_model()
@@ -49,6 +49,6 @@ def info() -> None:
         typer.echo(f"default model: none ({e})")
     else:
         try:
-            typer.echo(f"default model: {m} ({describe_model(m)})")
+            typer.echo(f"default model: {m} ({resolve_model(m).describe()})")
         except UserError as e:  # e.g. $TFSDEPLOY_MODEL names something that is not a model
             typer.echo(f"default model: {m} (NOT USABLE: {e})")

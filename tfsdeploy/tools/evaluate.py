@@ -21,13 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tfsdeploy.config import SCALES, SampleConfig, artifact_engine
+from tfsdeploy.config import SCALES, SampleConfig
 from tfsdeploy.data import Sample
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path
 from tfsdeploy.fusion import METHODS, fuse_condition
 from tfsdeploy.imaging import quantise_uint8, resize
 from tfsdeploy.inputs import check_scale_size, upsample
+from tfsdeploy.modelref import ModelRef, resolve_model
 from tfsdeploy.pipeline import FusionPipeline
 from tfsdeploy.report_metrics import (HIGHER_IS_BETTER, REFERENCE_METRICS, SOURCE_METRICS, reference_metrics,
                                       source_metrics)
@@ -64,21 +65,17 @@ class Entry:
     info: dict = field(default_factory=dict)
 
 
-def model_entry(path: Path, pipelines: dict[int, FusionPipeline], cfg: EvalConfig, taken: set) -> Entry:
+def model_entry(ref: ModelRef, pipelines: dict[int, FusionPipeline], cfg: EvalConfig, taken: set) -> Entry:
     """A model under test: its pipeline per scale (a bundle's member each), labelled, with a cache
-    key made of its hash and the sampler settings each scale runs."""
-    from tfsdeploy.artifacts import checkpoint_fingerprint
-    from tfsdeploy.bundle import bundle_fingerprint, is_bundle
-
-    if is_bundle(path):
-        sha = bundle_fingerprint(path)
-    else:
-        sha = checkpoint_fingerprint(path)["sha256"] if artifact_engine(path) is None else path.name
+    key made of its fingerprint and the sampler settings each scale runs."""
+    path, sha = ref.path, ref.fingerprint()
     s = cfg.sample
     steps = "/".join(str(pipelines[scale].sample.steps) for scale in cfg.scales)
     key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
     if any(pipelines[scale].backproject for scale in cfg.scales):  # absent when 0: earlier caches stay valid
         key += ":bp" + "/".join(f"{pipelines[scale].backproject:g}" for scale in cfg.scales)
+    if s.ensemble:
+        key += ":ensemble8"
     first = pipelines[cfg.scales[0]]
     mc, tc = first.configs.model, first.configs.train
     info = {"path": str(path), "engine": first.denoiser.describe(),
@@ -105,14 +102,13 @@ def evaluation_inputs(models: list[Path], data: Path | None, cfg: EvalConfig, en
                       log: Callable[[str], None] = lambda s: None) -> tuple[list[Entry], list[Sample]]:
     """What `evaluate` is handed: one entry per model (its pipeline at every scale) and the split's
     samples, at cfg.size or the first model's training size. `engine_cfg` is an EngineConfig."""
-    from tfsdeploy.bundle import named_model
     from tfsdeploy.data import ensure_dataset, open_split
 
     entries, labels, first_size = [], set(), 0
-    for path in (named_model(m) for m in models):
-        pipes = {s: FusionPipeline.load(path, s, cfg.sample, engine_cfg, notice=log) for s in cfg.scales}
+    for ref in (resolve_model(m) for m in models):
+        pipes = {s: FusionPipeline.load(ref, s, cfg.sample, engine_cfg, notice=log) for s in cfg.scales}
         first_size = first_size or pipes[cfg.scales[0]].image_size
-        entries.append(model_entry(path, pipes, cfg, labels))
+        entries.append(model_entry(ref, pipes, cfg, labels))
     samples = open_split(ensure_dataset(data, log=log), cfg.split, cfg.size or first_size or 256).load()
     return entries, samples
 

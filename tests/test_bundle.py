@@ -169,11 +169,12 @@ def test_default_model_is_packaged_small_and_complete():
         assert ckpt.configs.diffusion.objective == "diffusion"  # a diffusion model, not the regression bound
         assert sum(v.numel() for v in ckpt.weights.values()) < 4.5e6
     assert default_model() == DEFAULT_BUNDLE and resolve_model("default").path == DEFAULT_BUNDLE
-    # DDIM-1 for every member and the residual shrinks, chosen on the validation split and the
-    # out-of-domain proxies (MODEL_CARD.md, benchmarks/reports/transfer-alpha-sweep-s1)
+    # DDIM-1 for every member, the residual shrinks and the inputs' back-projection, chosen on the
+    # validation split and the out-of-domain proxies (MODEL_CARD.md, benchmarks/reports/proxy-experiments.md)
     models = ref.manifest["models"]
     assert all(m["ddim_steps"] == 1 for m in models.values())
-    assert {s: m.get("residual_alpha") for s, m in models.items()} == {"2": 0.0, "4": 0.6, "8": None}
+    assert {s: m.get("residual_alpha") for s, m in models.items()} == {"2": 0.0, "4": 0.48, "8": 0.9}
+    assert {s: m.get("backproject") for s, m in models.items()} == {"2": None, "4": 0.75, "8": 1.5}
     assert json.loads((DEFAULT_BUNDLE / "bundle.json").read_text())["format"] == "tfsdeploy-bundle"
 
 

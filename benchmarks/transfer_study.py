@@ -55,28 +55,11 @@ from benchmarks.cases import (ICBM_SETS, SIZE, WHEEL_GLOB, find_wheel, load_case
 from benchmarks.cases import SETS as DATASETS  # noqa: E402
 from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
+from tfsdeploy.ensemble import fuse_views  # noqa: E402
 from tfsdeploy.inputs import make_condition  # noqa: E402
 from tfsdeploy.metrics import score_image  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.hardware import device_info  # noqa: E402
-
-
-def dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
-    """The k-th of the 8 flips and quarter turns of [..., H, W] (k = 0: as is), or its inverse."""
-    if inverse:
-        x = x.flip(-1) if k >= 4 else x
-        return torch.rot90(x, -(k % 4), dims=(-2, -1))
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-def ensemble_fuse(pipe: FusionPipeline, cond01: torch.Tensor) -> torch.Tensor:
-    """The mean of the fused images of the 8 flips and quarter turns of a square condition [1,5,S,S],
-    each mapped back. Bicubic upsampling commutes with them, so this is the ensemble of fusing the
-    transformed low-resolution inputs."""
-    batch = torch.cat([dihedral(cond01, k) for k in range(8)])
-    out = pipe(batch).float().cpu()
-    return torch.stack([dihedral(out[k], k, inverse=True) for k in range(8)]).mean(0, keepdim=True)
 
 
 class ScaledDenoiser:
@@ -192,7 +175,7 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
                         conds[bp] = make_condition(case.lr, scale, SIZE, bp)
                     cond01, (t, b, l, r) = conds[bp]
                     pipe.denoiser.alpha = alpha
-                    out = ensemble_fuse(pipe, cond01) if ens else pipe(cond01).float().cpu()
+                    out = (fuse_views(lambda batch, _seeds: pipe(batch), cond01, None, 8) if ens else pipe(cond01)).float().cpu()
                     per[label].append(score_image(out[0, :, t:b, l:r], case.gt01))
             base_psnr = np.array([s["psnr"] for s in per["baseline"]])
             row = {"scale": scale, "dataset": dataset, "images": len(cases), "cases": [c.name for c in cases]}

@@ -174,6 +174,9 @@ class SampleConfig:
     # strength of the back-projection that sharpens the upsampled inputs (tfsdeploy.inputs.upsample);
     # None = the bundle's recommendation for the scale, else 0 (plain bicubic)
     backproject: float | None = None
+    # average the fused images of the 8 flips and quarter turns of the inputs (tfsdeploy.ensemble):
+    # 8 network calls per step instead of 1
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "ddpm"), f"sampler must be ddim or ddpm, got {self.sampler!r}")

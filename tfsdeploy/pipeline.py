@@ -27,6 +27,7 @@ import torch
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint
 from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
+from tfsdeploy.ensemble import fuse_views
 from tfsdeploy.errors import UserError
 from tfsdeploy.imaging import quantise_uint8
 from tfsdeploy.inputs import (Triplet, as_triplet, check_fusable, check_scale, check_scale_size, make_condition,
@@ -193,6 +194,7 @@ class FusionPipeline:
         where = f", model {self.source}" if self.source else ""
         graph = ", one CUDA graph per fuse" if self.loop is not None and self.loop.supports(self.sample) else ""
         bp = f", back-projection {self.backproject:g}" if self.backproject else ""
+        bp += ", ensemble of 8 views" if self.sample.ensemble else ""
         return (f"x{self.scale}{bp}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}"
                 f"{graph}{where}")
 
@@ -238,7 +240,19 @@ class FusionPipeline:
                  progress: Progress | None = None) -> torch.Tensor:
         """Condition [B,5,H,W] in [0, 1] -> fused RGB [B,3,H,W] in [0, 1], on the engine's device.
         Each slice's noise comes from its own seed (`seeds`, else the sampler's seed), so a slice
-        comes out the same alone or in any batch."""
+        comes out the same alone or in any batch. With the sampler's `ensemble`, the mean of the
+        fused images of the condition's 8 flips and quarter turns (tfsdeploy.ensemble)."""
+        if not self.sample.ensemble:
+            return self._fuse(cond01, seeds, progress)
+        spec = getattr(self.denoiser, "spec", None)  # a compiled engine takes at most its largest batch
+        per_call = MAX_BATCH.get(self.device.type, 4) if spec is None else spec.max_batch
+        fused = fuse_views(lambda batch, s: self._fuse(batch, s), cond01, seeds, per_call)
+        if progress is not None:
+            progress(self.steps, self.steps)
+        return fused
+
+    def _fuse(self, cond01: torch.Tensor, seeds: list[int] | None = None,
+              progress: Progress | None = None) -> torch.Tensor:
         h, w = cond01.shape[-2:]
         if h % self.size_multiple or w % self.size_multiple:
             raise UserError(f"image size {h}x{w} is not a multiple of {self.size_multiple} for this model")

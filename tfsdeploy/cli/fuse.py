@@ -32,6 +32,9 @@ def fuse(
                                                 "strength before the model sees them (0 = plain bicubic; "
                                                 "default: the bundle's recommendation for the scale). It assumes "
                                                 "the inputs were shrunk bicubically; noisy inputs lose by it."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Average the fused images of the inputs' 8 flips and "
+                                  "quarter turns: 8 network calls per step instead of 1 (cheap on a GPU, slow on "
+                                  "a CPU); see MODEL_CARD.md for what it gains."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1,
                              help="Noise seed; the same seed gives the same image (every slice of a scan "
@@ -86,7 +89,8 @@ def fuse(
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     if kind is None:
         refuse_volume_options(grid, series, register, "images")
-    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject)
+    sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject,
+                          ensemble=ensemble)
     if adapt and model is not None and artifact_engine(model) is not None:
         raise UserError(f"--adapt fine-tunes the model's weights, and {model} is an exported artifact; give the "
                         f"checkpoint or bundle it was exported from")

@@ -60,6 +60,8 @@ ACCEPTED = {
     ("bundle", "notes", "empty"): "free text",
     ("bundle", "ddim_steps", "empty"): "no recommendation",
     ("bundle", "blend", "empty"): "no blend",
+    ("bundle", "backproject", "empty"): "no recommendation",
+    **{(c, "backproject", "zero"): "0 = plain bicubic upsampling" for c in ("fuse", "evaluate")},
     ("evaluate", "montage_image", "empty"): "'' = the middle image",
     ("evaluate", "methods", "empty"): "no baselines, only the models",
     **{(c, "out", "missing"): "an output folder is created" for c in ("train", "bundle", "demo", "evaluate", "bench",

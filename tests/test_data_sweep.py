@@ -555,9 +555,12 @@ def test_ctrl_c_while_writing_a_scan_leaves_no_output(base, work):
     dirs = make_folders(base, work, 40)
     started = work / "writing-started"
     script = f"""
-import sys, time
+import signal, sys, time
 import PIL.Image
 from pathlib import Path
+# as in a terminal: a test runner started in the background (nohup, `&`) hands its children SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler of its own
+signal.signal(signal.SIGINT, signal.default_int_handler)
 save = PIL.Image.Image.save
 def slow_save(self, fp, *a, **k):
     save(self, fp, *a, **k)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
-from tfsdeploy.config import SCALES
+from tfsdeploy.config import BACKPROJECT_MAX, SCALES
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, write_safetensors
 
@@ -44,8 +44,8 @@ _MEMBER_FIELDS = {
     "ddim_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "trained_scales": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
     "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]"),
-    "backproject": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 8,
-                    "a number from 0 to 8"),
+    "backproject": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= BACKPROJECT_MAX,
+                    f"a number from 0 to {BACKPROJECT_MAX}"),
 }
 _REQUIRED = ("file", "sha256")
 
@@ -107,6 +107,14 @@ def blend_weights(ckpt, alpha: float, where: str | Path) -> tuple[dict[str, torc
     return weights, {"alpha": alpha, "init": init}
 
 
+def check_backproject(scale: int, strength: float) -> float:
+    """A member's back-projection strength as bundle.json may record it, or one line saying why not."""
+    ok, what = _MEMBER_FIELDS["backproject"]
+    if not ok(strength):
+        raise UserError(f"x{scale}: back-projection strength must be {what}, got {strength}")
+    return strength
+
+
 def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, notes: str = "",
                 ddim_steps: dict[int, int] | None = None, blend: dict[int, float] | None = None,
                 backproject: dict[int, float] | None = None) -> Path:
@@ -153,10 +161,7 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
                 models[str(scale)]["ddim_steps"] = steps
             strength = (backproject or {}).get(scale, 0)
             if strength:
-                ok, what = _MEMBER_FIELDS["backproject"]
-                if not ok(strength):
-                    raise UserError(f"x{scale}: back-projection strength must be {what}, got {strength}")
-                models[str(scale)]["backproject"] = strength
+                models[str(scale)]["backproject"] = check_backproject(scale, strength)
         (tmp / BUNDLE_FILE).write_text(json.dumps(
             {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "models": models, "notes": notes},
             indent=2, sort_keys=True) + "\n")
@@ -164,4 +169,4 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
 
 
 __all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "DEFAULT_BUNDLE", "check_bundle_meta",
-           "make_bundle", "blend_weights"]
+           "check_backproject", "make_bundle", "blend_weights"]

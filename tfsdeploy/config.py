@@ -27,6 +27,8 @@ SCALES = (2, 4, 8)
 # DDIM's default number of denoiser calls. The sampler study (benchmarks/reports/study-*) found
 # DDIM-10 within 0.1 dB of the paper's 4000-step DDPM, and more steps no better.
 DEFAULT_DDIM_STEPS = 10
+# the strongest back-projection of the upsampled inputs that a run, a bundle or an option may ask for
+BACKPROJECT_MAX = 8
 COMBOS = ("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")
 # Where `data build` takes slices from (tfsdeploy.data.build), and what the packaged model trained on.
 DATA_SOURCES = ("spm", "synth")
@@ -183,8 +185,8 @@ class SampleConfig:
         _check(self.steps >= 0, "steps must be >= 0")
         _check(self.spacing in ("linear", "quadratic", "trailing"),
                f"spacing must be linear, quadratic or trailing, got {self.spacing!r}")
-        _check(self.backproject is None or 0 <= self.backproject <= 8,
-               f"back-projection strength must be between 0 and 8, got {self.backproject}")
+        _check(self.backproject is None or 0 <= self.backproject <= BACKPROJECT_MAX,
+               f"back-projection strength must be between 0 and {BACKPROJECT_MAX}, got {self.backproject}")
 
 
 DEVICES = ("auto", "cpu", "cuda")

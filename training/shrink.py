@@ -25,7 +25,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tfsdeploy.bundle import BUNDLE_FILE
+from tfsdeploy.bundle import BUNDLE_FILE, check_backproject
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, current_umask, write_safetensors
@@ -40,7 +40,6 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
     """Write `bundle` (to `out`, default: in place) with member x`scale` shrunk by `alpha` (None:
     as it is), recommending `ddim_steps` (0: as it was) and a back-projection strength (None: as it
     was), and with `notes` (None: as they were)."""
-    from tfsdeploy.config import SampleConfig
 
     from safetensors.torch import load_file
 
@@ -61,7 +60,7 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
     if alpha is not None and "residual_alpha" in meta:
         raise UserError(f"{src}: already shrunk (alpha {meta['residual_alpha']}); shrink the member it came from")
     if backproject is not None:
-        SampleConfig(backproject=backproject)  # the one check of a strength
+        check_backproject(scale, backproject)
     if ddim_steps < 0 or ddim_steps > meta.get("schedule", {}).get("num_steps", 0):
         raise UserError(f"x{scale}: {ddim_steps} DDIM steps is not a step count of this schedule")
     if alpha is not None:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from tfsdeploy.cli.common import engine_config, long_running, parse_scales, progress_bar
+from tfsdeploy.config import BACKPROJECT_MAX
 from tfsdeploy.fileio import check_folder_target
 
 
@@ -21,8 +22,9 @@ def evaluate(
     sampler: str = typer.Option("ddim", help="ddim or ddpm."),
     steps: int = typer.Option(0, min=0, help="Sampler steps (0 = the sampler's default, as in fuse)."),
     spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
-    backproject: Optional[float] = typer.Option(None, min=0, max=8, help="Back-projection strength of the "
-                                                "models' inputs (see fuse; default: each bundle's recommendation)."),
+    backproject: Optional[float] = typer.Option(None, min=0, max=BACKPROJECT_MAX,
+                                                help="Back-projection strength of the models' inputs (see fuse; "
+                                                "default: each bundle's recommendation)."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1),
     engine: str = typer.Option("auto", help="Engine for the models (see fuse)."),
     limit: int = typer.Option(0, min=0, help="Evaluate at most N images (0 = all)."),

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from tfsdeploy.cli.common import ENGINE_HELP, engine_config, long_running, notice, progress_bar, verbose_log
-from tfsdeploy.config import EngineConfig, SampleConfig
+from tfsdeploy.config import BACKPROJECT_MAX, EngineConfig, SampleConfig
 from tfsdeploy.errors import UserError
 
 
@@ -27,7 +27,7 @@ def fuse(
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
     steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
                               "MODEL_CARD.md for the packaged model) or 10, for DDPM all T."),
-    backproject: Optional[float] = typer.Option(None, min=0, max=8,
+    backproject: Optional[float] = typer.Option(None, min=0, max=BACKPROJECT_MAX,
                                                 help="Sharpen the upsampled inputs by back-projection of this "
                                                 "strength before the model sees them (0 = plain bicubic; "
                                                 "default: the bundle's recommendation for the scale). It assumes "

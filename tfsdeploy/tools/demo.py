@@ -34,7 +34,7 @@ def run_demo(pipeline: FusionPipeline, hr: Triplet, out: Path, size: int = 256) 
     write_png(out / "reference.png", reference)
     write_png(out / "baseline.png", baseline)
     write_png(out / "fused.png", fused)
-    cond01 = make_condition(trip, scale, size)[0][0]  # the bicubic-upsampled inputs the model sees
+    cond01 = make_condition(trip, scale, size)[0][0]  # the inputs, bicubic-upsampled for the picture
     write_comparison(out / "side_by_side.png",
                      {scale: {"T1 (LR)": cond01[0:1], "T2 (LR)": cond01[1:2], "functional (LR)": cond01[2:5],
                               "bicubic+classical": baseline, "TFS-Diff": fused, "ground truth": reference}},

@@ -175,7 +175,8 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
                         conds[bp] = make_condition(case.lr, scale, SIZE, bp)
                     cond01, (t, b, l, r) = conds[bp]
                     pipe.denoiser.alpha = alpha
-                    out = (fuse_views(lambda batch, _seeds: pipe(batch), cond01, None, 8) if ens else pipe(cond01)).float().cpu()
+                    fused = fuse_views(lambda batch, _seeds: pipe(batch), cond01, None, 8) if ens else pipe(cond01)
+                    out = fused.float().cpu()
                     per[label].append(score_image(out[0, :, t:b, l:r], case.gt01))
             base_psnr = np.array([s["psnr"] for s in per["baseline"]])
             row = {"scale": scale, "dataset": dataset, "images": len(cases), "cases": [c.name for c in cases]}

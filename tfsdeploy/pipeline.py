@@ -193,9 +193,9 @@ class FusionPipeline:
     def describe(self) -> str:
         where = f", model {self.source}" if self.source else ""
         graph = ", one CUDA graph per fuse" if self.loop is not None and self.loop.supports(self.sample) else ""
-        bp = f", back-projection {self.backproject:g}" if self.backproject else ""
-        bp += ", ensemble of 8 views" if self.sample.ensemble else ""
-        return (f"x{self.scale}{bp}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}"
+        inputs = (f", back-projection {self.backproject:g}" if self.backproject else "") + \
+            (", ensemble of 8 views" if self.sample.ensemble else "")
+        return (f"x{self.scale}{inputs}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}"
                 f"{graph}{where}")
 
     @property

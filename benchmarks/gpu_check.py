@@ -854,6 +854,18 @@ def call_replays_graph(denoiser, cuda: bool) -> bool:
     return bool(getattr(denoiser, "cuda_graph", False))
 
 
+def row_label(path: BenchPath, cuda: bool, call_graph: bool, fuse_graph: bool) -> str:
+    """The path's name, and on a GPU what it fell back to when the graph it asked for was not
+    recorded (the whole fuse's, or the per-call one's)."""
+    if not cuda:
+        return path.key
+    if path.key in (DEFAULT, AOTI_FUSE):
+        return path.key if fuse_graph else f"{path.key} (fell back: no whole-fuse graph)"
+    if path.kind in ("graph", "compile") and not call_graph:
+        return f"{path.key} (fell back: no per-call graph)"
+    return path.key
+
+
 def measure_path(path: BenchPath, ckpt: Path, cond: torch.Tensor, check: Check, notice: Callable[[str], None]):
     """One row: the pipeline built, a denoiser call and a DDIM-10 fuse timed, one call profiled;
     labelled by what ran (a graph that could not be recorded is named, and not counted as one)."""
@@ -879,13 +891,7 @@ def measure_path(path: BenchPath, ckpt: Path, cond: torch.Tensor, check: Check, 
     call_graph = call_replays_graph(pipe.denoiser, cuda)
     fuse_graph = pipe.loop is not None and pipe.loop.supports(pipe.sample)
     engine = pipe.denoiser.describe() + (", one CUDA graph per fuse" if fuse_graph else "")
-    label = path.key
-    asked_fuse_graph = path.key in (DEFAULT, AOTI_FUSE)
-    if cuda and asked_fuse_graph and not fuse_graph:
-        label += " (fell back: no whole-fuse graph)"
-    if path.kind == "graph" and cuda and not asked_fuse_graph and not call_graph:
-        label += " (fell back: no per-call graph)"
-    row = {"key": path.key, "path": label, "batch": batch, "call_ms": call, "fuse_ms": fuse,
+    row = {"key": path.key, "path": row_label(path, cuda, call_graph, fuse_graph), "batch": batch, "call_ms": call, "fuse_ms": fuse,
            "slices_per_s": batch / fuse * 1e3, "setup_s": setup, "engine": engine, "math": math,
            "precision": "fp32" if dtype == torch.float32 else "fp16", "call_graph": call_graph,
            "fuse_graph": fuse_graph, "profile_error": profile_error, "psnr_vs_fp32": None}

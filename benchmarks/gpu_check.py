@@ -147,6 +147,17 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def last_json(out: str) -> dict:
+    """The last line of a child's output that is a JSON object (warnings may follow it)."""
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError(f"no JSON line in the child's output: {(out.splitlines() or ['(none)'])[-1][:200]}")
+
+
 def run_child(args: list[str], timeout: float, env: dict | None = None) -> tuple[int | str, str, float]:
     """A child process in its own session, so that the budget stops it and everything it started
     (Inductor's compile workers): (exit code or "timeout", its output, wall seconds)."""
@@ -160,6 +171,10 @@ def run_child(args: list[str], timeout: float, env: dict | None = None) -> tuple
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         code = "timeout"
+    finally:  # the check itself stopped (SIGTERM, Ctrl-C): its child goes with it
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return code, (out or "").strip(), time.monotonic() - t0
 
 
@@ -716,7 +731,7 @@ class Check:
             raise Cut(f"stopped after {wall:.0f} s: the budget ran out")
         if code != 0:
             raise RuntimeError(f"exit {code}: {(out.splitlines() or ['?'])[-1]}")
-        inner = json.loads(out.splitlines()[-1])
+        inner = last_json(out)
         self.report.data["cold_start"] = {"process_s": wall, "after_imports_s": inner["seconds"],
                                           "describe": inner["describe"].split(", model ")[0]}
 
@@ -801,7 +816,7 @@ def build_in_child(code: str, timeout: float) -> dict:
         return {"build_s": wall, "error": f"stopped after {wall:.0f} s: the budget ran out"}
     if status != 0:
         return {"build_s": wall, "error": f"exit {status}: {(out.splitlines() or ['?'])[-1][:300]}"}
-    info = json.loads(out.splitlines()[-1])
+    info = last_json(out)
     if info.get("package"):
         info["megabytes"] = Path(info["package"]).stat().st_size / 1e6
     return info
@@ -810,15 +825,14 @@ def build_in_child(code: str, timeout: float) -> dict:
 def load_in_new_process(path: Path, timeout: float) -> dict:
     """A new process that loads the package and makes one call: its wall time, and the load and
     first call measured inside it."""
-    code = ("import time; t0 = time.perf_counter(); import torch; from engines.aoti_engine import AotiDenoiser; "
+    code = ("import json, time; t0 = time.perf_counter(); import torch; from engines.aoti_engine import AotiDenoiser; "
             f"d = AotiDenoiser({str(path)!r}); t1 = time.perf_counter(); s = d.spec.opt_size; "
             "d(torch.randn(1, 3, s, s), torch.randn(1, 5, s, s), torch.rand(1)); torch.cuda.synchronize(); "
-            "print(t1 - t0, time.perf_counter() - t1)")
+            "print(json.dumps({'load_s': t1 - t0, 'first_call_s': time.perf_counter() - t1}))")
     status, out, wall = run_child([sys.executable, "-c", code], timeout)
     if status != 0:
         return {"new_process_error": f"exit {status}: {(out.splitlines() or ['?'])[-1]}"}
-    load_s, first_call_s = map(float, out.split()[-2:])
-    return {"new_process_s": wall, "load_s": load_s, "first_call_s": first_call_s}
+    return {"new_process_s": wall, **last_json(out)}
 
 
 def write_volumes(folder: Path, slices: int) -> list[str] | None:
@@ -1075,6 +1089,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_properties(0).name if cuda else f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)"
     report = Report(a.out, device, vars(a))
     budget = Budget(a.budget, start=T0)
+    # stopped from outside (`timeout`): unwind, so that a running child's session is killed too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         check = Check(a, cuda, report, budget, Path(tmp))
         run_rows(check.rows(), report, budget)

@@ -380,9 +380,6 @@ class Report:
                  "fused PSNR vs fp32 | set-up s |",
                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.data["latency"]:
-            if "error" in r:
-                lines.append(f"| {r['path']} | | | {r['batch']} | failed: {r['error'][:120]} | | | | | |")
-                continue
             frac = "–" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.0f}%"
             if r.get("fraction_error"):
                 frac += " (impossible: check failed)"
@@ -399,8 +396,9 @@ class Report:
                  f"device waited for work to be issued. At launch cost: {unit} no longer than the {LAUNCH_US:g} us "
                  "a kernel launch costs. "
                  "FLOPs and bytes come from the operator that launched each kernel (the profiler's FLOPs, bytes "
-                 "from its input shapes), else from kernels of the same name in an earlier row (\"by name\"), "
-                 "else the kernel is taken as compute- or memory-bound by its name (\"assumed\").", "",
+                 "from its input shapes), else from kernels of the same name that an operator claimed in another "
+                 "row at the same batch (\"by name\", filled in by the projection row), else the kernel is taken "
+                 "as compute- or memory-bound by its name (\"assumed\").", "",
                  f"| path | batch | {unit} | busy ms | idle ms | at launch cost | FLOPs and bytes from |",
                  "|---|---:|---:|---:|---:|---:|---|"]
         for r in self.data["profiles"]:

@@ -254,3 +254,27 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and res.stderr.startswith("error: ") and msg in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_projection_row_borrows_flops_by_name_across_rows_and_keeps_gaps_only_without_graphs(tmp_path):
+    """The projection row on stand-in GPU profiles (it runs only on a GPU): a graph replay's kernels,
+    which no operator claims, borrow FLOPs and bytes from the eager row's kernels of the same name,
+    and only the row whose call replays a graph is projected without the idle time between kernels."""
+    report = gc.Report(tmp_path, "NVIDIA H200", {"budget": 60})
+    report.data["paper"] = {"gflop": 1.0, "weight_bytes": {"fp16": 2e6}, "activation_bytes": {"fp16": 1e6}}
+    gemm = "sm90_xmma_gemm_f16f16"
+    eager = [gc.Kernel(gemm, 0, 100, 1e9, 1e6, "fp16", "operator")]
+    replay = [gc.Kernel(gemm, 0, 100, None, None, "fp16", "none")]
+    for key, kernels, graph in (("eager fp16, native GroupNorm", eager, False), (gc.DEFAULT, replay, True)):
+        row = {"key": key, "path": key, "batch": 1, "call_ms": 0.5, "fuse_ms": 6.0, "math": "fp16",
+               "precision": "fp16", "fraction_of_peak": 0.1, "call_graph": graph, "profile_error": ""}
+        report.data["latency"].append(row)
+        gc.record_profile(report, row, kernels, cuda=True)
+    gc.project_rows(report, "H200")
+    assert report.data["profiles"][1]["time_share"] == {"by name": 1.0}
+    assert gc.Kernel.from_row(report.kernels["profiles"][1]["kernels"][0]).flops == pytest.approx(1e9)
+    eager_ms, graph_ms = (p["projected_ms"] for p in report.data["projection"])
+    # the same kernel on both rows; the eager row adds its 0.4 ms idle between kernels, the graph none
+    assert eager_ms - graph_ms == pytest.approx(0.4)
+    assert graph_ms == pytest.approx(gc.project_call(
+        [gc.Kernel(gemm, 0, 100, 1e9, 1e6, "fp16", "by name")], "H200", "RTX 3090", True)["projected_ms"])

@@ -205,12 +205,17 @@ def time_ms(fn, repeats: int, warmup: int, cuda: bool, until: float = float("inf
 
 
 def release_memory(cuda: bool, notes: list[str]) -> None:
-    """Free what the last row held. On a GPU after a failed capture this can itself raise (the
-    allocator may still believe a capture runs): that is recorded, never fatal."""
+    """Free what the last row held, on the default stream. After a failed capture the process may
+    still be on the capture's side stream (torch.cuda.graph leaves it there when capture_end
+    raises), and freeing can itself raise (the allocator may still believe a capture runs): each is
+    recorded, never fatal."""
     gc.collect()
     if not cuda:
         return
     try:
+        if torch.cuda.current_stream() != torch.cuda.default_stream():
+            notes.append("a row left the process on a side stream; back on the default stream")
+            torch.cuda.set_stream(torch.cuda.default_stream())
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001 - the rows measured so far are kept, the next rows still run

@@ -278,3 +278,24 @@ def test_the_projection_row_borrows_flops_by_name_across_rows_and_keeps_gaps_onl
     assert eager_ms - graph_ms == pytest.approx(0.4)
     assert graph_ms == pytest.approx(gc.project_call(
         [gc.Kernel(gemm, 0, 100, 1e9, 1e6, "fp16", "by name")], "H200", "RTX 3090", True)["projected_ms"])
+
+
+def test_freeing_gpu_memory_after_a_row_never_raises_and_returns_to_the_default_stream(monkeypatch):
+    """After a failed capture the process can sit on the capture's side stream, and empty_cache can
+    assert: both are noted, and the check goes on (stand-ins for torch.cuda, which a CPU lacks)."""
+    side, default, streams = object(), object(), []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: side)
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda: default)
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def assert_capturing():
+        raise RuntimeError("captures_underway.empty() INTERNAL ASSERT FAILED\nmore")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", assert_capturing)
+    notes = []
+    gc.release_memory(True, notes)
+    assert streams == [default]
+    assert notes == ["a row left the process on a side stream; back on the default stream",
+                     "releasing GPU memory failed after a row: RuntimeError: captures_underway.empty() INTERNAL "
+                     "ASSERT FAILED"]

@@ -542,8 +542,9 @@ class Check:
             setup = SETUP_S[self.dev]["graph"]
         ref = done or [r for r in self.report.data["latency"] if r["key"] == DEFAULT]
         slower = 3.0 if not done and "fp32" in key else 1.0
-        call = slower * batch * max((r["call_ms"] / r["batch"] for r in ref), default=CALL_MS_PER_SLICE[self.dev]) / 1e3
-        fuse = slower * batch * max((r["fuse_ms"] / r["batch"] for r in ref), default=10 * call * 1e3 / batch) / 1e3
+        call_ms = max((r["call_ms"] / r["batch"] for r in ref), default=CALL_MS_PER_SLICE[self.dev])
+        fuse_ms = max((r["fuse_ms"] / r["batch"] for r in ref), default=10 * call_ms)
+        call, fuse = (slower * batch * ms / 1e3 for ms in (call_ms, fuse_ms))
         a = self.a
         timing = (min(TIMING_CAP_S, (a.warmup + a.repeats) * call) + fuse
                   + min(TIMING_CAP_S, (1 + max(3, a.repeats // 3)) * fuse) + 2 * call)
@@ -648,6 +649,9 @@ class Check:
         process the budget stops), x4, DDIM-10; per call (no graph) or recorded as one graph per fuse."""
         from engines.aoti_engine import AotiDenoiser
 
+        tried = self.report.data["aoti"].get(self.a.preset)
+        if tried is not None and "error" in tried:  # built once per check, not again by every row
+            raise (Cut if tried.get("cut") else RuntimeError)(f"the package build failed: {tried['error']}")
         if self.aoti_package is None:
             out = Path(ckpt).parent / "aoti"
             code = ("import json, sys, time; from pathlib import Path; t0 = time.perf_counter(); "
@@ -660,6 +664,8 @@ class Check:
             info = build_in_child(code, self.budget.left())
             self.report.data["aoti"][self.a.preset] = info
             self.report.write()  # the build's timings before anything that can fail
+            if info.get("cut"):
+                raise Cut(f"the package build {info['error']}")
             if "error" in info:
                 raise RuntimeError(f"the package build failed: {info['error']}")
             self.aoti_package = Path(info["package"])
@@ -691,6 +697,8 @@ class Check:
         info = self.report.data["package"]
         if self.cuda and info is None:
             info = self.build_package(left)
+        if info is not None and info.get("cut"):
+            raise Cut(f"the package build {info['error']}")
         pipe = FusionPipeline.load(None, 4, notice=self.notes.append)
         size = self.a.size if self.a.quick else pipe.image_size
         batch = pipe.max_batch(size, cap=self.a.packaged_batch)
@@ -709,6 +717,8 @@ class Check:
         if not self.cuda:
             raise NotRun("needs a GPU: the first-use package is built for CUDA")
         info = self.report.data["package"] or self.build_package(left)
+        if info.get("cut"):
+            raise Cut(f"the package build {info['error']}")
         if "error" in info:
             raise RuntimeError(f"the package build failed: {info['error']}")
         info.update(load_in_new_process(Path(info["package"]), self.budget.left()))
@@ -818,7 +828,7 @@ def build_in_child(code: str, timeout: float) -> dict:
     last): that line, with its size, or the error."""
     status, out, wall = run_child([sys.executable, "-c", code], timeout)
     if status == "timeout":
-        return {"build_s": wall, "error": f"stopped after {wall:.0f} s: the budget ran out"}
+        return {"build_s": wall, "error": f"stopped after {wall:.0f} s: the budget ran out", "cut": True}
     if status != 0:
         return {"build_s": wall, "error": f"exit {status}: {(out.splitlines() or ['?'])[-1][:300]}"}
     info = last_json(out)

@@ -299,3 +299,26 @@ def test_freeing_gpu_memory_after_a_row_never_raises_and_returns_to_the_default_
     assert notes == ["a row left the process on a side stream; back on the default stream",
                      "releasing GPU memory failed after a row: RuntimeError: captures_underway.empty() INTERNAL "
                      "ASSERT FAILED"]
+
+
+def test_package_builds_are_stored_before_anything_that_can_fail(tmp_path, monkeypatch):
+    """A build's timings reach the report on disk before the package is loaded (which can fail),
+    and a build the budget stopped cuts its row instead of measuring without it (stand-in children:
+    a CPU builds no CUDA package)."""
+    package = tmp_path / "paper.pt2"
+    package.write_bytes(b"\0" * 3_000_000)
+    answers = iter([(0, f'building\n{{"package": "{package}", "build_s": 5.0}}\nwarning: at exit', 5.0),
+                    (0, '{"load_s": 1.5, "first_call_s": 0.25}', 2.0)])
+    monkeypatch.setattr(gc, "run_child", lambda args, timeout: next(answers))
+    c = check_for(tmp_path, True)
+    with pytest.raises(Exception):  # not a real package: loading it fails
+        c.aoti_pipeline(tmp_path / "ck", True, lambda s: None)
+    stored = read(c.report)["aoti"][c.a.preset]
+    assert stored["build_s"] == 5.0 and stored["megabytes"] == 3.0 and stored["load_s"] == 1.5
+    assert "AOTInductor package (latency rows) (3 MB): built in 5 s" in c.report.stem.with_suffix(".md").read_text()
+
+    monkeypatch.setattr(gc, "run_child", lambda args, timeout: ("timeout", "", 12.0))
+    c = check_for(tmp_path / "cut", True)
+    with pytest.raises(gc.Cut, match="budget ran out"):
+        c.packaged(100)
+    assert read(c.report)["package"]["build_s"] == 12.0

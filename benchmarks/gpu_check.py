@@ -883,11 +883,14 @@ def call_replays_graph(denoiser, cuda: bool) -> bool:
     return bool(getattr(denoiser, "cuda_graph", False))
 
 
-def row_label(path: BenchPath, cuda: bool, call_graph: bool, fuse_graph: bool) -> str:
-    """The path's name, and on a GPU what it fell back to when the graph it asked for was not
-    recorded (the whole fuse's, or the per-call one's)."""
+def row_label(path: BenchPath, cuda: bool, call_graph: bool, fuse_graph: bool, engine: str = "") -> str:
+    """The path's name, and on a GPU what it fell back to: another engine than the package it
+    asked for (`engine`, the name of the one that ran), or no graph where it asked for one (the
+    whole fuse's, or the per-call one's)."""
     if not cuda:
         return path.key
+    if path.kind == "aoti" and engine and engine != "aoti":
+        return f"{path.key} (fell back: the {engine} engine" + (", one CUDA graph per fuse)" if fuse_graph else ")")
     if path.key in (DEFAULT, AOTI_FUSE):
         return path.key if fuse_graph else f"{path.key} (fell back: no whole-fuse graph)"
     if path.kind in ("graph", "compile") and not call_graph:
@@ -920,7 +923,8 @@ def measure_path(path: BenchPath, ckpt: Path, cond: torch.Tensor, check: Check, 
     call_graph = call_replays_graph(pipe.denoiser, cuda)
     fuse_graph = pipe.loop is not None and pipe.loop.supports(pipe.sample)
     engine = pipe.denoiser.describe() + (", one CUDA graph per fuse" if fuse_graph else "")
-    row = {"key": path.key, "path": row_label(path, cuda, call_graph, fuse_graph), "batch": batch, "call_ms": call, "fuse_ms": fuse,
+    label = row_label(path, cuda, call_graph, fuse_graph, getattr(pipe.denoiser, "name", ""))
+    row = {"key": path.key, "path": label, "batch": batch, "call_ms": call, "fuse_ms": fuse,
            "slices_per_s": batch / fuse * 1e3, "setup_s": setup, "engine": engine, "math": math,
            "precision": "fp32" if dtype == torch.float32 else "fp16", "call_graph": call_graph,
            "fuse_graph": fuse_graph, "profile_error": profile_error, "psnr_vs_fp32": None}

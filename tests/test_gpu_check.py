@@ -236,6 +236,10 @@ def test_labels_and_graph_flags_follow_what_ran():
     assert gc.row_label(per_call, True, True, False) == per_call.key
     assert gc.row_label(compiled, True, False, False).endswith("(fell back: no per-call graph)")
     assert gc.row_label(gc.PATHS[gc.DEFAULT], False, False, False) == gc.DEFAULT  # a CPU has no graphs to miss
+    # a package that cannot be recorded may be replaced by the torch engine and its graphs: named so
+    assert gc.row_label(gc.PATHS[gc.AOTI_FUSE], True, True, True, "torch") == (
+        f"{gc.AOTI_FUSE} (fell back: the torch engine, one CUDA graph per fuse)")
+    assert gc.row_label(gc.PATHS[gc.AOTI_FUSE], True, False, True, "aoti") == gc.AOTI_FUSE
 
     class Aoti:  # an AOTInductor package: no graph of its own per call
         capturable = True

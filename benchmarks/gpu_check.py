@@ -461,10 +461,10 @@ class Report:
 
 # -------------------------------------------------------------------------------------------- check
 def cli_commands(quick: bool) -> list[tuple[str, float]]:
-    """The command-line rows, most telling first: a name and its seconds on a GPU before any new
-    process was timed here (scaled by the measured cold start once there is one)."""
-    return [("fuse x4", 15.0), ("evaluate", 40.0), ("fuse a volume", 40.0), ("demo", 20.0), ("fuse x2", 15.0),
-            ("fuse x8", 15.0), ("bench", 30.0 if quick else 120.0)]
+    """The command-line rows, most telling first: a name and its expected time in new processes
+    (one process is the cold start's time, once measured)."""
+    return [("fuse x4", 1.0), ("evaluate", 2.0), ("fuse a volume", 2.0), ("demo", 1.5), ("fuse x2", 1.0),
+            ("fuse x8", 1.0), ("bench", 2.5 if quick else 8.0)]
 
 
 class Check:
@@ -520,13 +520,10 @@ class Check:
                    lambda left: self.latency(key, batch))
 
     # ------------------------------------------------------------------------------- estimates
-    def process_s(self, gpu_guess: float = 0.0) -> float:
-        """A new process's seconds: the cold start's when measured, else a guess; a command that
-        does more (`gpu_guess` on a GPU) is scaled by the same measure."""
-        base = PROCESS_S[self.dev]
-        measured = (self.report.data["cold_start"] or {}).get("process_s")
-        scale = measured / base if measured else 1.0
-        return scale * max(base, gpu_guess if self.cuda else base)
+    def process_s(self, processes: float = 1.0) -> float:
+        """Seconds of work worth `processes` new processes: one is the cold start's time when it
+        was measured, else a guess."""
+        return processes * ((self.report.data["cold_start"] or {}).get("process_s") or PROCESS_S[self.dev])
 
     def estimate_latency(self, key: str, batch: int) -> float:
         """Set-up, then the timed calls and fuses (each loop capped at TIMING_CAP_S), the first

@@ -166,6 +166,11 @@ def test_row_estimates_grow_with_what_was_measured(tmp_path):
     assert c.estimate_latency(gc.FP32_OFF, 16) > c.estimate_latency("eager fp16, native GroupNorm", 16)
     cpu = check_for(tmp_path, False)
     assert cpu.estimate_latency(gc.AOTI_FUSE, 1) == 0 and cpu.estimate_package() == 0  # not run: no GPU
+    # the commands cost new processes: the guess, then multiples of the measured cold start
+    evaluate = next(r for r in cpu.rows() if r.key == "cli:evaluate")
+    assert evaluate.estimate() == 2 * gc.PROCESS_S["cpu"]
+    cpu.report.data["cold_start"] = {"process_s": 4.0}
+    assert evaluate.estimate() == 8.0
 
 
 def test_rows_that_need_a_gpu_are_not_run_on_a_cpu(tmp_path):

@@ -14,9 +14,9 @@
 # stops it outright at the budget plus 10 % and a minute, and the report keeps every row measured
 # by then. Exit status: the check's (0 all measured rows passed, 1 some failed, 2 a usage error).
 #
-# With the device tool, from the repository root here (the wheels travel as an ignored folder):
-#   echo /.whl/ >> .git/info/exclude; <shared>/gpu/offline-wheels.sh .whl
-#   run(command="bash benchmarks/gpu_session.sh .whl \"$OUT\" 420", carry=[".whl"], timeout_s=560)
+# When the GPU machine receives a copy of this checkout, the wheels can travel in it as an ignored
+# folder: `echo /.whl/ >> .git/info/exclude`, make them into .whl, and run there
+#   bash benchmarks/gpu_session.sh .whl OUT 420
 set -u
 WHEELS=${1:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}
 OUT=${2:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}

@@ -15,7 +15,7 @@
 # by then. Exit status: the check's (0 all measured rows passed, 1 some failed, 2 a usage error).
 #
 # When the GPU machine receives a copy of this checkout, the wheels can travel in it as an ignored
-# folder: `echo /.whl/ >> .git/info/exclude`, make them into .whl, and run there
+# folder: `echo /.whl/ >> .git/info/exclude`, make them with `gpu/offline-wheels.sh .whl`, and run there
 #   bash benchmarks/gpu_session.sh .whl OUT 420
 set -u
 WHEELS=${1:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}
@@ -23,9 +23,11 @@ OUT=${2:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}
 BUDGET=${3:-420}
 shift $(($# < 3 ? $# : 3))
 PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WHEELS=$(cd "$WHEELS" 2>/dev/null && pwd || echo "$WHEELS")
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
 
 missing=()
 for wheel in "$WHEELS"/*.whl; do

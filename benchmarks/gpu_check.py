@@ -336,7 +336,8 @@ class Report:
             lines += self._latency_lines()
         if d["packaged"]:
             k = d["packaged"]
-            lines += ["", f"Packaged x4 model as a scan runs it ({k['describe']}), its own sampler (DDIM-{k['steps']}), "
+            lines += ["", f"Packaged x4 model as a scan runs it ({k['describe']}), its own sampler "
+                      f"(DDIM-{k['steps']}), "
                       f"{k['size']}x{k['size']}: batch {k['batch']}, {k['fuse_ms']:.1f} ms per batch, "
                       f"**{k['slices_per_s']:.0f} slices/s**; batch 1: {k['batch1_ms']:.1f} ms."]
         if d["cold_start"]:
@@ -1102,7 +1103,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse("no CUDA GPU; pass --allow-cpu to smoke-test the script on a CPU")
     from tfsdeploy.tools.hardware import _cpu_name
 
-    device = torch.cuda.get_device_properties(0).name if cuda else f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)"
+    device = (torch.cuda.get_device_properties(0).name if cuda
+              else f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)")
     report = Report(a.out, device, vars(a))
     budget = Budget(a.budget, start=T0)
     # stopped from outside (`timeout`): unwind, so that a running child's session is killed too

@@ -69,8 +69,8 @@ from tfsdeploy.metrics import psnr  # noqa: E402
 from tfsdeploy.model import count_parameters  # noqa: E402
 from tfsdeploy.pipeline import FusionPipeline  # noqa: E402
 from tfsdeploy.tools.bench import random_checkpoint  # noqa: E402
-from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu_math, gpu_peak_tflops,  # noqa: E402
-                                      project_ms, tf32_mode)
+from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, device_name, gpu_math,  # noqa: E402
+                                      gpu_peak_tflops, project_ms, tf32_mode)
 from tfsdeploy.tools.projection import (CARDS, LAUNCH_SOURCE, LAUNCH_US, MATH_KINDS, Kernel,  # noqa: E402
                                         attribute_by_name, card_for, check_fraction, profile_call, project_call,
                                         project_fuse)
@@ -1101,11 +1101,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     if not cuda and not a.allow_cpu:
         refuse("no CUDA GPU; pass --allow-cpu to smoke-test the script on a CPU")
-    from tfsdeploy.tools.hardware import _cpu_name
-
-    device = (torch.cuda.get_device_properties(0).name if cuda
-              else f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)")
-    report = Report(a.out, device, vars(a))
+    report = Report(a.out, device_name(), vars(a))
     budget = Budget(a.budget, start=T0)
     # stopped from outside (`timeout`): unwind, so that a running child's session is killed too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -112,8 +112,15 @@ def device_info(threads: int) -> dict:
                                             capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             pass
-    info["device"] = info.get("gpu") or f"CPU: {info['cpu']} ({info['logical_cpus']} logical cores)"
+    info["device"] = device_name()
     return info
+
+
+def device_name() -> str:
+    """What a report names the device: the GPU, else the CPU and its logical cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).name
+    return f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores)"
 
 
 def _cpu_name() -> str:

@@ -1,50 +1,47 @@
 #!/usr/bin/env bash
-# One GPU session, as a single command: a side-by-side comparison of training formulations (four
-# runs share the GPU for the same wall time), then the paper-preset latency table (benchmarks/gpu_check.py --skip-cli).
+# The GPU check on a lent GPU machine, as one command, and nothing else: install what is missing
+# from a folder of wheels, run benchmarks/gpu_check.py within its budget, and leave the report
+# (gpu-check-<device>.md, .json, -kernels.json) and the check's log in OUT.
 #
-#   benchmarks/gpu_session.sh DATA WORK OUT [TRAIN_MINUTES] [BENCH_SECONDS]
+#   benchmarks/gpu_session.sh WHEELS OUT [BUDGET_SECONDS [gpu_check.py options...]]
 #
-# DATA is a built dataset (`tfsdeploy data build`). WORK receives the runs (WORK/runs/<name>/, full
-# checkpoints and log.jsonl) and WORK/bench/gpu-<device>.{md,json}. OUT receives only what is worth
-# copying off the machine: <name>.safetensors (each run's EMA weights) and results.tgz (configs,
-# logs, reports).
+# WHEELS is made beforehand, where a package index can be reached, by the shared
+# `gpu/offline-wheels.sh WHEELS` (nibabel, tifffile and their small dependencies, and the SPM
+# templates' spm-runtime); a wheel is installed (pip install --no-index --no-deps) only when its
+# distribution is missing there. The machine needs CUDA torch, numpy, Pillow, typer, rich and
+# safetensors already. The check runs from this checkout (no install of the project itself).
+# BUDGET_SECONDS (default 420) bounds the whole check, package builds included; this script
+# stops it outright at the budget plus 10 % and a minute, and the report keeps every row measured
+# by then. Exit status: the check's (0 all measured rows passed, 1 some failed, 2 a usage error).
+#
+# When the GPU machine receives a copy of this checkout, the wheels can travel in it as an ignored
+# folder: `echo /.whl/ >> .git/info/exclude`, make them with `gpu/offline-wheels.sh .whl`, and run there
+#   bash benchmarks/gpu_session.sh .whl OUT 420
 set -u
-DATA=$1
-WORK=$2
-OUT=$3
-MINUTES=${4:-4.5}
-BENCH_S=${5:-220}
+WHEELS=${1:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}
+OUT=${2:?usage: $0 WHEELS OUT [BUDGET_SECONDS [gpu_check options...]]}
+BUDGET=${3:-420}
+shift $(($# < 3 ? $# : 3))
 PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WHEELS=$(cd "$WHEELS" 2>/dev/null && pwd || echo "$WHEELS")
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-mkdir -p "$WORK/runs" "$WORK/bench" "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
-common=(--preset small --data "$DATA" --steps 200000 --batch-size 64 --crop 64 --lr 2e-4
-        --val-every 500 --ckpt-every 1000 --log-every 50 --no-progress --time-limit "$MINUTES")
-launch() {
-    local name=$1; shift
-    "$PY" -m tfsdeploy train --out "$WORK/runs/$name" "${common[@]}" "$@" >"$WORK/runs/$name.log" 2>&1 &
-}
-launch x0-res-bal --prediction x0 --target residual --scale-balance
-launch x0-res --prediction x0 --target residual --no-scale-balance
-launch regression-bal --prediction x0 --target residual --objective regression --scale-balance
-launch v-res-bal --prediction v --target residual --scale-balance
-wait
-for f in "$WORK"/runs/*.log; do echo "== $f"; tail -n 6 "$f"; done
+missing=()
+for wheel in "$WHEELS"/*.whl; do
+    [ -e "$wheel" ] || continue
+    dist=$(basename "$wheel" | cut -d- -f1)  # a wheel's file name starts with its distribution's name
+    "$PY" -c 'import importlib.metadata as m, sys; m.distribution(sys.argv[1])' "$dist" 2>/dev/null \
+        || missing+=("$wheel")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${#missing[@]} missing wheel(s): ${missing[*]##*/}"
+    "$PY" -m pip install -q --no-index --no-deps --no-cache-dir "${missing[@]}" \
+        || echo "warning: installing the wheels failed; the rows that need them will say so"
+fi
 
-"$PY" - "$WORK" "$OUT" <<'PY'
-import shutil, sys
-from pathlib import Path
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-for run in sorted((work / "runs").iterdir()):
-    latest = run / "latest"
-    if run.is_dir() and latest.is_file():
-        ckpt = run / latest.read_text().strip()
-        # model.safetensors embeds its configs in the header: on its own it is a loadable checkpoint
-        shutil.copy(ckpt / "model.safetensors", out / f"{run.name}.safetensors")
-        shutil.copy(ckpt / "config.json", work / "runs" / f"{run.name}.config.json")
-PY
-
-timeout "$BENCH_S" "$PY" benchmarks/gpu_check.py --skip-cli --out "$WORK/bench" --repeats 10 --warmup 3
-tar -czf "$OUT/results.tgz" -C "$WORK" bench $(cd "$WORK" && ls runs/*.log runs/*/log.jsonl runs/*.config.json 2>/dev/null)
-ls -la "$OUT"
+stop=$(( ${BUDGET%.*} * 11 / 10 + 60 ))
+timeout -k 10 "$stop" "$PY" benchmarks/gpu_check.py --budget "$BUDGET" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log"
+exit "${PIPESTATUS[0]}"

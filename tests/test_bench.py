@@ -9,7 +9,7 @@ from tfsdeploy.config import PRESETS
 from tfsdeploy.errors import UserError
 from tfsdeploy.model import SelfAttention, build_model
 from tfsdeploy.tools.bench import BenchConfig, build_engines, run_bench
-from tfsdeploy.tools.hardware import count_flops
+from tfsdeploy.tools.hardware import count_bytes, count_flops
 from tfsdeploy.tools.study import StudyConfig, pick_sampler, sampler_study
 
 
@@ -39,6 +39,51 @@ def test_flop_count_agrees_with_an_independent_count(preset, size):
     m = build_model(PRESETS[preset]).eval()
     ours, ref = count_flops(m, 1, size), independent_flops(m, size)
     assert abs(ours - ref) / ref < 0.05
+
+
+class _Devices(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every device an operator's tensor arguments sit on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in torch.utils._pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(a, torch.Tensor):
+                self.seen.add(a.device.type)
+        return func(*args, **(kwargs or {}))
+
+
+def test_counts_run_on_the_meta_device_and_leave_the_model_alone():
+    """Counting bytes and FLOPs needs shapes only: no operator sees a real tensor (the paper model
+    in fp16 on a CPU took half an hour this way), the model keeps its device, dtype and weights,
+    and the bytes equal an independent count from a real fp16 call."""
+    m = build_model(PRESETS["tiny"]).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with _Devices() as mode:
+        nbytes = count_bytes(m, 2, 32, torch.float16)
+        flops = count_flops(m, 2, 32)
+    assert mode.seen == {"meta"}
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in m.parameters())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert flops == 2 * count_flops(m, 1, 32)
+
+    ref = sum(p.numel() * 2 for p in m.parameters())
+    half = build_model(PRESETS["tiny"]).eval().half()
+
+    def hook(_m, _i, out):
+        nonlocal ref
+        ref += 2 * out.numel() * out.element_size()
+
+    hs = [x.register_forward_hook(hook) for x in half.modules() if not list(x.children())]
+    with torch.no_grad():
+        half(torch.zeros(2, 3, 32, 32, dtype=torch.half), torch.zeros(2, 5, 32, 32, dtype=torch.half),
+             torch.full((2,), 0.5))
+    for h in hs:
+        h.remove()
+    assert nbytes == ref
+    assert count_bytes(m, 2, 32) == count_bytes(m, 2, 32, torch.float32) > nbytes
 
 
 def test_bench_writes_markdown_json_and_plot(tmp_path):

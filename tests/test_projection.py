@@ -170,10 +170,11 @@ def _op(id, name, start, end, flops=0, shapes=(), parent=None, dtypes=None):
     return e
 
 
-def _kernel(name, start, end, linked):
+def _kernel(name, start, end, linked, activity="kernel", annotation=False):
     return SimpleNamespace(id=1000 + int(start), name=name, device_type=SimpleNamespace(name="CUDA"),
                            time_range=SimpleNamespace(start=start, end=end), flops=0, input_shapes=[],
-                           cpu_parent=None, cpu_children=[], linked_correlation_id=linked)
+                           cpu_parent=None, cpu_children=[], linked_correlation_id=linked,
+                           activity_type=activity, is_user_annotation=annotation)
 
 
 def test_kernels_from_a_cuda_profile():
@@ -198,6 +199,29 @@ def test_kernels_from_a_cuda_profile():
     named = attribute_by_name(ks, ks)
     assert named[3].source == "by name" and named[3].flops == pytest.approx(ks[1].flops)
     assert named[:3] == ks[:3]
+
+
+def test_device_side_annotations_are_not_kernels():
+    """torch.profiler puts device-side ranges on the GPU's timeline beside the kernels: a compiled
+    region's span ("Torch-Compiled Region") or a record_function range. They carry the device type
+    CUDA but are no work; only kernels, copies and fills are."""
+    silu = _op(3, "aten::silu", 60, 70, 0, [[1, 128, 32, 32]], dtypes=["float"])
+    events = [silu,
+              _kernel("Torch-Compiled Region: 0/0", 95, 200, 0, activity="gpu_user_annotation"),
+              _kernel("my range", 96, 199, 3, activity="gpu_user_annotation", annotation=True),
+              _kernel("vectorized_elementwise_kernel<silu>", 100, 110, 3),
+              _kernel("Memcpy HtoD (Pageable -> Device)", 120, 125, 0, activity="gpu_memcpy"),
+              _kernel("Memset (Device)", 130, 131, 0, activity="gpu_memset")]
+    ks = kernels_from_events(events, "cuda", "fp16", 2)
+    assert [k.name for k in ks] == ["vectorized_elementwise_kernel<silu>", "Memcpy HtoD (Pageable -> Device)",
+                                    "Memset (Device)"]
+    # the operator's bytes go to its one kernel, not shared with the annotation that spans it
+    assert ks[0].bytes == 2 * 4 * 131072 and ks[0].source == "operator"
+    # the busy time is the kernels' own: 16 us, not the annotations' 208 us on top
+    assert sum(k.dur_us for k in ks) == 16
+    # an event without an activity type (an older torch): kept unless marked as an annotation
+    old = [_kernel("k", 0, 5, 0, activity=None), _kernel("a", 0, 9, 0, activity=None, annotation=True)]
+    assert [k.name for k in kernels_from_events(old, "cuda", "fp16", 2)] == ["k"]
 
 
 def test_kernels_from_a_cpu_profile_are_top_level_operators():

@@ -204,11 +204,10 @@ def project_card(rows: list[dict], model: torch.nn.Module, card: str = PROJECTED
             continue
         precision = "fp32" if r["engine"] == REFERENCE else "fp16"
         dtype = torch.float32 if precision == "fp32" else torch.float16
-        nbytes = count_bytes(model.to(dtype), r["batch"], r["size"])
+        nbytes = count_bytes(model, r["batch"], r["size"], dtype)
         proj = project_ms(int(r["gflop_per_call"] * 1e9), nbytes, card, precision, r["fraction_of_peak"])
         out.append({"engine": r["engine"], "size": r["size"], "batch": r["batch"], "measured_ms": r["median_ms"],
                     "mbytes_per_call": nbytes / 1e6, **proj})
-    model.float()
     return out
 
 

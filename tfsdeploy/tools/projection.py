@@ -210,6 +210,22 @@ def _device(e) -> str:
     return getattr(e.device_type, "name", str(e.device_type).split(".")[-1])
 
 
+# What the profiler records on a GPU's timeline as work: kernels, copies and fills. Device-side
+# ranges a program or torch annotates ("gpu_user_annotation", e.g. "Torch-Compiled Region") sit on the
+# same timeline, spanning the kernels inside them, and are no kernels.
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _is_device_work(e) -> bool:
+    """A kernel, memcpy or memset on the GPU, by the event's activity type (its device type alone
+    also admits annotations). Without an activity type (older torch), anything on the GPU that is
+    not a user annotation."""
+    if _device(e) != "CUDA" or getattr(e, "is_user_annotation", False):
+        return False
+    kind = getattr(e, "activity_type", None)
+    return kind is None or kind in DEVICE_WORK
+
+
 def _top_op(op):
     """The outermost aten operator above `op` (the one the model called), or None."""
     top = op if op.name.startswith("aten::") else None
@@ -227,16 +243,17 @@ def _subtree_flops(op) -> float:
 
 def kernels_from_events(events: Iterable, device: str, math: str, elem_size: int) -> list[Kernel]:
     """Kernels of a torch.profiler event list (`prof.events()`, recorded with record_shapes and
-    with_flops). On CUDA: the device's kernel, memcpy and memset events, each tied through its
-    correlation id to the operator that launched it, then to the outermost aten operator above that
-    one; that operator's FLOPs (its own and its children's) and bytes (from its input shapes) are
-    shared among its kernels by their time. On a CPU: the top-level aten operators themselves."""
+    with_flops). On CUDA: the device's kernel, memcpy and memset events (DEVICE_WORK; never the
+    device-side annotations beside them), each tied through its correlation id to the operator that
+    launched it, then to the outermost aten operator above that one; that operator's FLOPs (its own
+    and its children's) and bytes (from its input shapes) are shared among its kernels by their
+    time. On a CPU: the top-level aten operators themselves."""
     events = list(events)
     units = []
     if device == "cuda":
         ops = {e.id: e for e in events if _device(e) == "CPU" and e.name.startswith("aten::")}
         for e in events:
-            if _device(e) == "CUDA":
+            if _is_device_work(e):
                 op = ops.get(getattr(e, "linked_correlation_id", 0) or None)
                 units.append((e, _top_op(op) if op is not None else None))
     else:

@@ -28,7 +28,8 @@ from tfsdeploy.data.spm import SPM_MEMBERS, SPM_PREFIX, spm_archive  # noqa: E40
 from tfsdeploy.dicom import is_dicom_folder, list_dicom_series, read_dicom_series  # noqa: E402
 from tfsdeploy.errors import UserError  # noqa: E402
 from tfsdeploy.volumes import (  # noqa: E402
-    Registration, brain_box, check_overlap, onto_grid, register_rigid, resample_onto, save_transforms,
+    RegisterConfig, Registration, brain_box, check_overlap, check_plausible, onto_grid, register_rigid,
+    register_volumes, resample_onto, save_transforms,
     world_extent_of_box)
 
 EXTRA = "pip install 'tfsdeploy[scans]'"
@@ -350,6 +351,100 @@ def test_registration_parameters_are_the_ras_matrix():
     q_lps = np.asarray(t.TransformPoint(tuple(flip @ p_ras)))
     np.testing.assert_allclose((reg.matrix() @ np.r_[p_ras, 1])[:3], flip @ q_lps, atol=1e-9)
     np.testing.assert_allclose(reg.matrix(), rigid(reg.rotation_deg, reg.translation_mm, reg.center_mm), atol=1e-9)
+
+
+def coarse(img, step: int = 2) -> nib.Nifti1Image:
+    """Every `step`-th voxel of `img` (a grid `step` times coarser over the same field of view): small,
+    fast volumes for the registration tests."""
+    affine = img.affine @ np.diag([step, step, step, 1.0])
+    return nib.Nifti1Image(np.ascontiguousarray(img.get_fdata(dtype=np.float32)[::step, ::step, ::step]), affine)
+
+
+def brain_centre(img) -> np.ndarray:
+    return world_extent_of_box(img, brain_box(img)).mean(axis=1)
+
+
+def motion_error(truth: np.ndarray, reg: Registration, center: np.ndarray) -> tuple[float, float]:
+    """(angle in degrees, shift of `center` in mm) of the residual truth^-1 @ reg."""
+    residual = np.linalg.inv(truth) @ reg.matrix()
+    angle = math.degrees(math.acos(np.clip((np.trace(residual[:3, :3]) - 1) / 2, -1, 1)))
+    return angle, float(np.linalg.norm(residual[:3, :3] @ center + residual[:3, 3] - center))
+
+
+def test_registration_is_repeatable_on_every_run_and_thread_count(spm):
+    import SimpleITK as sitk
+
+    t1, spect = coarse(spm["t1"]), coarse(spm["spect"])
+    motion = rigid((3.0, -2.0, 4.0), (4.0, -3.0, 2.0), brain_centre(t1))
+    spect = nib.Nifti1Image(spect.get_fdata(dtype=np.float32), motion @ spect.affine)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        found = []
+        for threads in (1, 2, 2, 1):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            found.append(register_rigid(t1, spect))
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1  # the caller's setting is left alone
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert {(r.itk_parameters, r.metric_start, r.metric) for r in found} == {
+        (found[0].itk_parameters, found[0].metric_start, found[0].metric)}
+    assert found[0].moved and found[0].metric < found[0].metric_start
+    with pytest.raises(ValueError, match="seed"):
+        RegisterConfig(seed=0)
+
+
+def test_a_fit_no_better_than_the_start_keeps_the_headers_placement(spm):
+    # The T2 is in place already; one huge first step throws the fit off, and its metric is worse.
+    t1, t2 = coarse(spm["t1"]), coarse(spm["t2"])
+    config = RegisterConfig(step_mm=40.0, iterations=1, shrink=(1,), smooth=(0.0,), max_rotation_deg=180.0,
+                            max_shift_mm=500.0)
+    reg = register_rigid(t1, t2, config, label="t2.nii")
+    assert not reg.moved and reg.metric >= reg.metric_start
+    np.testing.assert_allclose(reg.matrix(), np.eye(4), atol=1e-12)
+    line = reg.describe_metric()
+    assert line.startswith("kept the headers' placement: the fit's Mattes mutual information") and "\n" not in line
+
+
+def test_an_implausible_fit_is_refused_unless_the_bound_is_raised(spm):
+    t1, t2 = coarse(spm["t1"]), coarse(spm["t2"])
+    center = brain_centre(t1)
+    motion = rigid((0.0, 0.0, 0.0), (0.0, 36.0, 0.0), center)  # 36 mm: beyond the default 30 mm
+    far = nib.Nifti1Image(t2.get_fdata(dtype=np.float32), motion @ t2.affine)
+    with pytest.raises(UserError) as e:
+        register_rigid(t1, far, label="t2.nii", fixed_label="t1.nii")
+    msg = str(e.value)
+    assert re.fullmatch(r"registering t2.nii to t1.nii gave a shift of 3[5-7]\.\d mm \(the bound is 30\), too far for "
+                        r"scans of one subject; check the headers, or raise --max-rotation / --max-shift if the "
+                        r"motion is real", msg), msg
+    reg = register_rigid(t1, far, RegisterConfig(max_shift_mm=40.0))
+    angle, shift = motion_error(motion, reg, center)
+    assert angle < 1.0 and shift < 1.5, (angle, shift)
+    # A rotation beyond its bound, as check_plausible sees it (Euler angles about R, A, S).
+    import SimpleITK as sitk
+
+    turned = Registration.from_itk(sitk.Euler3DTransform((0.0, 0.0, 0.0), math.radians(25.0), 0.0, 0.0),
+                                   metric_start=0.0, metric=-1.0, iterations=1, seconds=0.0, stop="")
+    with pytest.raises(UserError, match=r"gave a rotation of 25.0 deg \(the bound is 20\)"):
+        check_plausible(turned, RegisterConfig(), "spect.nii", "t1.nii")
+    check_plausible(turned, RegisterConfig(max_rotation_deg=30.0), "spect.nii", "t1.nii")
+
+
+def test_grid_func_registers_through_the_t1(spm):
+    # --grid func: the SPECT is the reference grid; the T1 and T2 are moved together. Each volume is
+    # fitted to the T1, and the T1's and T2's transforms onto the SPECT's grid are derived from the
+    # SPECT's fit, so both land where the motion put them.
+    t1, t2, spect = coarse(spm["t1"]), coarse(spm["t2"]), coarse(spm["spect"])
+    center = brain_centre(t1)
+    motion = rigid((-6.0, 4.0, 5.0), (6.0, 8.0, -5.0), center)
+    images = {"t1": nib.Nifti1Image(t1.get_fdata(dtype=np.float32), motion @ t1.affine),
+              "t2": nib.Nifti1Image(t2.get_fdata(dtype=np.float32), motion @ t2.affine), "func": spect}
+    regs, lines = register_volumes(images, "func")
+    assert set(regs) == {"t1", "t2"}
+    for key in ("t1", "t2"):
+        angle, shift = motion_error(motion, regs[key], center)
+        assert angle < 2.5 and shift < 3.0, (key, angle, shift)
+    assert lines[0].startswith("registered t2 to t1: Mattes") and lines[2].startswith("registered func to t1: ")
+    assert lines[-1].startswith("t2 -> func (through t1): rotation")
 
 
 # --------------------------------------------------------------------------- the extra

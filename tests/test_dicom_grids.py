@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -245,6 +246,114 @@ def test_stray_files_beside_a_series_are_skipped(small_series):
     (small_series / "README.txt").write_text("exported\n")
     vol = read_dicom_series(small_series)
     assert vol.series.slices == 10 and vol.skipped == 1
+
+
+def patch_header(path: Path, keyword: str, text: str) -> None:
+    """Overwrite the value of `keyword` in the file as written, bytes for bytes (the element keeps its
+    length, so `text` may be what no writer would write: 'abc' for a number, 5 values for 6)."""
+    raw = pydicom.dcmread(path)._dict[pydicom.datadict.tag_for_keyword(keyword)]
+    new = text.encode("ascii").ljust(raw.length)
+    assert len(new) == raw.length, f"{text!r} does not fit in {raw.length} bytes"
+    data = bytearray(path.read_bytes())
+    data[raw.value_tell:raw.value_tell + raw.length] = new
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("keyword, text, message", [
+    ("PixelSpacing", "abc", "has PixelSpacing 'abc', which is not 2 numbers"),
+    ("PixelSpacing", "2", "has PixelSpacing '2', which is not 2 numbers"),
+    ("PixelSpacing", "0\\0", "has PixelSpacing 0/0; a pixel spacing must be positive"),
+    ("PixelSpacing", "-2\\-2", "has PixelSpacing -2/-2; a pixel spacing must be positive"),
+    ("ImagePositionPatient", "a\\b\\c", "has ImagePositionPatient 'a\\b\\c', which is not 3 numbers"),
+    ("ImageOrientationPatient", "1\\0\\0\\0\\1", "has ImageOrientationPatient '1\\0\\0\\0\\1', which is not 6 numbers"),
+    ("ImageOrientationPatient", "2\\0\\0\\0\\1\\0", "which is not two perpendicular unit vectors"),
+    ("ImageOrientationPatient", "0\\0\\0\\0\\0\\0", "which is not two perpendicular unit vectors"),
+    ("ImageOrientationPatient", "1\\0\\0\\1\\0\\0", "which is not two perpendicular unit vectors"),
+    ("NumberOfFrames", "x", "has NumberOfFrames 'x', which is not a whole number"),
+])
+def test_damaged_headers_are_one_line(small_series, keyword, text, message):
+    if keyword == "NumberOfFrames":
+        ds = pydicom.dcmread(small_series / "IM0003.dcm")
+        ds.NumberOfFrames = 1
+        ds.save_as(small_series / "IM0003.dcm")
+    patch_header(small_series / "IM0003.dcm", keyword, text)
+    msg = one_line_error(small_series, re.escape(message))
+    assert "IM0003.dcm" in msg and "gantry tilt" not in msg
+
+
+def test_a_damaged_series_number_only_orders_the_list(small_series):
+    patch_header(small_series / "IM0000.dcm", "SeriesNumber", "x")
+    assert read_dicom_series(small_series).series.slices == 10
+
+
+def test_images_without_a_series_uid_are_named_as_such(small_series):
+    for f in small_series.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.SeriesInstanceUID
+        ds.save_as(f)
+    one_line_error(small_series, r"its 10 DICOM image\(s\) have no SeriesInstanceUID \(e.g. IM0000.dcm\)")
+
+
+def test_a_multi_frame_file_is_named_as_such_not_as_one_slice(small_series):
+    for f in sorted(small_series.iterdir())[1:]:
+        f.unlink()
+    ds = pydicom.dcmread(small_series / "IM0000.dcm")
+    ds.NumberOfFrames = 10
+    ds.save_as(small_series / "IM0000.dcm")
+    msg = one_line_error(small_series, "multi-frame DICOM files are not supported")
+    assert "IM0000.dcm holds 10 frames" in msg and "1 slice" not in msg
+
+
+def test_a_dicomdir_listing_a_missing_file_is_refused(spm, tmp_path):
+    from pydicom.fileset import FileSet
+
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::3, ::3, 30:40], spm["t1"].affine @ np.diag([3, 3, 1, 1]))
+    datasets, _ = write_series(small, tmp_path / "loose", "T1 small")
+    fs = FileSet()
+    for ds in datasets:
+        fs.add(ds)
+    fs.write(tmp_path / "media")
+    listed = sorted(p for p in (tmp_path / "media").rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    listed[4].unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no reader's warning on the way
+        msg = one_line_error(tmp_path / "media", r"DICOMDIR: lists 1 file\(s\) that are not there")
+    assert listed[4].name in msg
+
+
+def test_a_series_beside_many_other_files_is_still_a_series(small_series):
+    for k in range(20):
+        (small_series / f"A{k:02d}_notes.txt").write_text("notes\n")  # sort before IM0000.dcm
+    (small_series / "preview.png").write_bytes(b"not opened")
+    assert is_dicom_folder(small_series)
+    assert read_dicom_series(small_series).series.slices == 10
+
+
+def test_undecodable_pixels_are_one_line_without_the_decoders_chatter(small_series, capfd):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    for f in small_series.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([b"\xff\xd8garbage" * 10])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(f, enforce_file_format=True)
+    capfd.readouterr()
+    msg = one_line_error(small_series, r"cannot read the pixels of series [\d.]+ \(Failed to change")
+    assert "ITK ERROR" not in msg
+    assert capfd.readouterr().err == ""  # libjpeg's line per slice ("Corrupt JPEG data ...") is not shown
+
+
+def test_a_successful_read_shows_no_reader_warnings(spm, tmp_path):
+    # A UID with letters in it, which pydicom reads with a warning per file; the series is fine.
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::4, ::4, 30:34], spm["t1"].affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_series(small, tmp_path / "s", "odd uid", series_uid="1.2.840.10008.abc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_dicom_series(tmp_path / "s").series.uid == "1.2.840.10008.abc"
 
 
 # --------------------------------------------------------------------------- grids

@@ -421,10 +421,15 @@ def _load_canonical(path: Path):
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    from tfsdeploy.volumes import quiet_readers
+
+    with quiet_readers():  # header oddities nibabel mends itself; what matters is refused below
+        return _checked_nifti(path, nib)
+
+
+def _checked_nifti(path: Path, nib):
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # header oddities nibabel mends itself; what matters is refused below
-            img = nib.load(path)
+        img = nib.load(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
         raise UserError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
     shape = img.shape
@@ -434,10 +439,31 @@ def _load_canonical(path: Path):
         raise UserError(f"{path}: the volume holds no voxels (shape {_fmt_shape(shape)})")
     if np.issubdtype(img.get_data_dtype(), np.complexfloating):
         raise UserError(f"{path}: holds complex values; save the magnitude (or the part to fuse) as a real volume")
+    _check_voxel_sizes(path, img)
     try:
         return nib.as_closest_canonical(img)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: cannot reorient the volume ({type(e).__name__}: {e})") from None
+
+
+def _check_voxel_sizes(path: Path, img) -> None:
+    """Refuse a header whose voxel sizes come from pixdim (no sform) and are 0 or negative. nibabel mends
+    those on load (0 becomes 1, a negative size its absolute value), so the header is read again as
+    written."""
+    from nibabel.openers import ImageOpener
+
+    header = img.header
+    if "pixdim" not in header or ("sform_code" in header and int(header["sform_code"]) > 0):
+        return
+    try:
+        with ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 - read once already; nothing more to learn
+        return
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if not np.all(pixdim > 0):
+        raise UserError(f"{path}: its header gives voxel sizes of {'x'.join(f'{v:g}' for v in pixdim)} mm "
+                        "(pixdim, with no sform); each must be positive")
 
 
 def _read_dicom(folder: Path, series: tuple[str, ...]):

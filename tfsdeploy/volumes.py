@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -395,8 +398,10 @@ def register_rigid(fixed, moving, config: RegisterConfig = RegisterConfig(), lab
     t0 = time.perf_counter()
     working_mm = max(config.working_mm, config.follow_moving * float(voxel_sizes(moving.affine).max()))
     with _one_thread(sitk):
-        fixed_itk = _working_copy(to_itk(fixed, fixed_label), working_mm, fixed_label, config)
         moving_itk = _working_copy(to_itk(moving, label), working_mm, label, config)
+        why = (f", the working voxel that {label}'s {voxel_sizes(moving.affine).max():.1f} mm voxels call for"
+               if working_mm > config.working_mm else "")
+        fixed_itk = _working_copy(to_itk(fixed, fixed_label), working_mm, fixed_label, config, why)
         box = world_extent_of_box(fixed, brain_box(fixed))
         transform = sitk.Euler3DTransform()
         transform.SetCenter([float(v) for v in _FLIP @ box.mean(axis=1)])
@@ -512,7 +517,47 @@ def save_transforms(folder: str | Path, registrations: Mapping[str, Registration
     return [reg.write_tfm(folder / f"{key}_to_{reference}.tfm") for key, reg in registrations.items()]
 
 
-def _working_copy(image, working_mm: float, label: str, config: RegisterConfig):
+@contextlib.contextmanager
+def quiet_readers(sitk=None):
+    """Readers' warnings kept off the terminal: Python warnings (pydicom), nibabel's log lines ("setting
+    0 dims to 1"), and with `sitk`, ITK's warnings and whatever its C libraries print on the process's
+    stderr. What matters is checked and said in one line by the caller."""
+    from nibabel.imageglobals import logger as nibabel_log
+
+    was = nibabel_log.disabled
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.simplefilter("ignore")
+        nibabel_log.disabled = True
+        stack.callback(setattr, nibabel_log, "disabled", was)
+        if sitk is not None:
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            stack.callback(sitk.ProcessObject.SetGlobalWarningDisplay, shown)
+            stack.enter_context(_stderr_dropped())
+        yield
+
+
+@contextlib.contextmanager
+def _stderr_dropped():
+    """File descriptor 2 pointed at a scratch file for the block (C libraries write there directly)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to drop
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _working_copy(image, working_mm: float, label: str, config: RegisterConfig, why: str = ""):
     """Block-average an ITK image to voxels of at least `working_mm` along each axis (never finer), after
     refusing one that cannot guide a fit: constant, or too small for the coarsest pyramid level."""
     sitk = import_extra("SimpleITK", "registration")
@@ -524,7 +569,7 @@ def _working_copy(image, working_mm: float, label: str, config: RegisterConfig):
     need = 2 * max(config.shrink)
     if min(n // f for n, f in zip(image.GetSize(), factors)) < need:
         raise UserError(f"{label}: {'x'.join(map(str, image.GetSize()))} voxels are too few to register (at "
-                        f"{working_mm:.1f} mm a voxel, each axis needs at least {need})")
+                        f"{working_mm:.1f} mm a voxel{why}, each axis needs at least {need})")
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
@@ -535,4 +580,5 @@ def _fmt_mm(v) -> str:
 __all__ = ["SCANS_EXTRA", "MIN_OVERLAP", "import_extra", "to_itk", "from_itk", "itk_affine", "voxel_sizes",
            "volume_data", "same_grid", "describe_grid", "world_extent", "describe_extent", "brain_box", "coverage",
            "check_overlap", "world_extent_of_box", "resample_onto", "onto_grid", "RegisterConfig", "Registration", "register_rigid", "register_volumes", "check_plausible",
+           "quiet_readers",
            "save_transforms"]

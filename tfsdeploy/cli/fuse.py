@@ -171,6 +171,9 @@ def _fuse_images(job: FuseJob) -> None:
     if job.method != "diffusion":
         if job.adapt:
             raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
+        if job.sample.ensemble:
+            raise UserError("--ensemble averages the model's fused images; the upsample-then-fuse baselines have no "
+                            "model")
         write_png(out, fuse_baseline(read_triplet(*job.inputs), job.scale, job.size or 256, job.method))
         typer.echo(f"wrote {out} (bicubic + {job.method} fusion, x{job.scale})")
         return

@@ -173,7 +173,8 @@ def test_oblique_series_with_another_spacing_reads_with_its_geometry(t2_series):
     assert "T2 oblique 3 mm" in vol.describe() and "3.00x3.00x3.00 mm" in vol.describe()
 
 
-def test_dicomdir_is_followed(spm, tmp_path):
+def dicomdir_media(spm, tmp_path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A small T1 series written as media with a DICOMDIR into tmp_path/media: (its image, its values)."""
     from pydicom.fileset import FileSet
 
     small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::3, ::3, 30:40], spm["t1"].affine @ np.diag([3, 3, 1, 1]))
@@ -182,6 +183,11 @@ def test_dicomdir_is_followed(spm, tmp_path):
     for ds in datasets:
         fs.add(ds)
     fs.write(tmp_path / "media")
+    return small, values
+
+
+def test_dicomdir_is_followed(spm, tmp_path):
+    small, values = dicomdir_media(spm, tmp_path)
     assert (tmp_path / "media" / "DICOMDIR").is_file()
     vol = read_dicom_series(tmp_path / "media")
     np.testing.assert_allclose(vol.image.affine, small.affine, atol=1e-4)
@@ -305,14 +311,7 @@ def test_a_multi_frame_file_is_named_as_such_not_as_one_slice(small_series):
 
 
 def test_a_dicomdir_listing_a_missing_file_is_refused(spm, tmp_path):
-    from pydicom.fileset import FileSet
-
-    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::3, ::3, 30:40], spm["t1"].affine @ np.diag([3, 3, 1, 1]))
-    datasets, _ = write_series(small, tmp_path / "loose", "T1 small")
-    fs = FileSet()
-    for ds in datasets:
-        fs.add(ds)
-    fs.write(tmp_path / "media")
+    dicomdir_media(spm, tmp_path)
     listed = sorted(p for p in (tmp_path / "media").rglob("*") if p.is_file() and p.name != "DICOMDIR")
     listed[4].unlink()
     with warnings.catch_warnings():

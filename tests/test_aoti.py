@@ -11,7 +11,7 @@ from conftest import EXPORT_SPEC
 from engines.aoti_engine import AotiDenoiser, device_identity
 from engines.torch_engine import TorchDenoiser
 from export.parity import relative_l2
-from tfsdeploy.artifacts import read_sidecar, sidecar_path
+from tfsdeploy.artifacts import read_sidecar, sealed, sidecar_path
 from tfsdeploy.checkpoint import build_from_checkpoint
 from tfsdeploy.config import EngineConfig
 from tfsdeploy.errors import UserError
@@ -71,7 +71,7 @@ def _copy_with(package_path, tmp_path, **changes):
     shutil.copy(package_path, dst)
     meta = json.loads(sidecar_path(package_path).read_text())
     meta.update(changes)
-    sidecar_path(dst).write_text(json.dumps(meta))
+    sidecar_path(dst).write_text(json.dumps(sealed(meta)))  # sealed again: an export that says this
     return dst
 
 

@@ -303,3 +303,36 @@ def test_an_output_the_system_refuses_is_refused_before_fusing(tmp_path, tiny_ru
     monkeypatch.setattr(FusionPipeline, "fuse_triplet", must_not_run)
     line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", "/proc/fused.png"))
     assert "/proc/fused.png" in line
+
+
+def test_numbers_with_underscores_and_scales_given_twice_are_refused(tmp_path, tiny_run, triplet):
+    out = tmp_path / "o.png"
+    base = ("fuse", *triplet, "--model", tiny_run, "--out", out)
+    line = one_error_line(run(*base, "--backproject", "0_5"))  # Python's float("0_5") is 5.0
+    assert "'0_5' is not a number (write it without underscores)" in line and "--backproject" in line
+    assert "'1_0' is not a number" in one_error_line(run(*base, "--steps", "1_0"))
+    for option, value in (("--backproject", "4:0.5,4:0.7"), ("--ddim-steps", "4:5,4:7")):
+        line = one_error_line(run("bundle", tmp_path / "b", "--x4", tiny_run, option, value))
+        assert line == f"error: {option} gives scale 4 twice ('{value.split(',')[0]}' and '{value.split(',')[1]}'); " \
+                       "give it once"
+    assert "takes SCALE:STEPS pairs" in one_error_line(run("bundle", tmp_path / "b", "--x4", tiny_run,
+                                                           "--ddim-steps", "4:1_0"))
+    assert not out.exists() and not (tmp_path / "b").exists()
+
+
+def test_options_a_baseline_cannot_honour_are_refused(tmp_path, tiny_run, triplet):
+    out = tmp_path / "o.png"
+    line = one_error_line(run("fuse", *triplet, "--model", tiny_run, "--out", out, "--method", "classical",
+                              "--ensemble"))
+    assert "--ensemble averages the model's fused images; the upsample-then-fuse baselines have no model" in line
+    assert not out.exists()
+
+
+def test_registration_options_are_described_and_go_with_register(tmp_path, tiny_run, triplet):
+    res = runner.invoke(app, ["fuse", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(res.output.split())
+    assert "needs pip install 'tfsdeploy[scans]'" in text  # not swallowed as markup
+    assert "(t2_to_t1.tfm, func_to_t1.tfm, named after the --grid volume)" in text
+    for option in ("--max-rotation", "--max-shift"):
+        line = one_error_line(run("fuse", *triplet, "--model", tiny_run, option, "25"))
+        assert line == f"error: {option} bounds the fit of --register; add --register"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from tfsdeploy.data.spm import SPM_MEMBERS, SPM_PREFIX, spm_archive  # noqa: E40
 from tfsdeploy.dicom import is_dicom_folder, list_dicom_series, read_dicom_series  # noqa: E402
 from tfsdeploy.errors import UserError  # noqa: E402
 from tfsdeploy.volumes import (  # noqa: E402
-    Registration, brain_box, check_overlap, onto_grid, register_rigid, resample_onto, save_transforms,
+    RegisterConfig, Registration, brain_box, check_overlap, check_plausible, onto_grid, register_rigid,
+    register_volumes, resample_onto, save_transforms,
     world_extent_of_box)
 
 EXTRA = "pip install 'tfsdeploy[scans]'"
@@ -171,7 +173,8 @@ def test_oblique_series_with_another_spacing_reads_with_its_geometry(t2_series):
     assert "T2 oblique 3 mm" in vol.describe() and "3.00x3.00x3.00 mm" in vol.describe()
 
 
-def test_dicomdir_is_followed(spm, tmp_path):
+def dicomdir_media(spm, tmp_path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A small T1 series written as media with a DICOMDIR into tmp_path/media: (its image, its values)."""
     from pydicom.fileset import FileSet
 
     small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::3, ::3, 30:40], spm["t1"].affine @ np.diag([3, 3, 1, 1]))
@@ -180,6 +183,11 @@ def test_dicomdir_is_followed(spm, tmp_path):
     for ds in datasets:
         fs.add(ds)
     fs.write(tmp_path / "media")
+    return small, values
+
+
+def test_dicomdir_is_followed(spm, tmp_path):
+    small, values = dicomdir_media(spm, tmp_path)
     assert (tmp_path / "media" / "DICOMDIR").is_file()
     vol = read_dicom_series(tmp_path / "media")
     np.testing.assert_allclose(vol.image.affine, small.affine, atol=1e-4)
@@ -244,6 +252,107 @@ def test_stray_files_beside_a_series_are_skipped(small_series):
     (small_series / "README.txt").write_text("exported\n")
     vol = read_dicom_series(small_series)
     assert vol.series.slices == 10 and vol.skipped == 1
+
+
+def patch_header(path: Path, keyword: str, text: str) -> None:
+    """Overwrite the value of `keyword` in the file as written, bytes for bytes (the element keeps its
+    length, so `text` may be what no writer would write: 'abc' for a number, 5 values for 6)."""
+    raw = pydicom.dcmread(path)._dict[pydicom.datadict.tag_for_keyword(keyword)]
+    new = text.encode("ascii").ljust(raw.length)
+    assert len(new) == raw.length, f"{text!r} does not fit in {raw.length} bytes"
+    data = bytearray(path.read_bytes())
+    data[raw.value_tell:raw.value_tell + raw.length] = new
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("keyword, text, message", [
+    ("PixelSpacing", "abc", "has PixelSpacing 'abc', which is not 2 numbers"),
+    ("PixelSpacing", "2", "has PixelSpacing '2', which is not 2 numbers"),
+    ("PixelSpacing", "0\\0", "has PixelSpacing 0/0; a pixel spacing must be positive"),
+    ("PixelSpacing", "-2\\-2", "has PixelSpacing -2/-2; a pixel spacing must be positive"),
+    ("ImagePositionPatient", "a\\b\\c", "has ImagePositionPatient 'a\\b\\c', which is not 3 numbers"),
+    ("ImageOrientationPatient", "1\\0\\0\\0\\1", "has ImageOrientationPatient '1\\0\\0\\0\\1', which is not 6 numbers"),
+    ("ImageOrientationPatient", "2\\0\\0\\0\\1\\0", "which is not two perpendicular unit vectors"),
+    ("ImageOrientationPatient", "0\\0\\0\\0\\0\\0", "which is not two perpendicular unit vectors"),
+    ("ImageOrientationPatient", "1\\0\\0\\1\\0\\0", "which is not two perpendicular unit vectors"),
+    ("NumberOfFrames", "x", "has NumberOfFrames 'x', which is not a whole number"),
+])
+def test_damaged_headers_are_one_line(small_series, keyword, text, message):
+    if keyword == "NumberOfFrames":
+        ds = pydicom.dcmread(small_series / "IM0003.dcm")
+        ds.NumberOfFrames = 1
+        ds.save_as(small_series / "IM0003.dcm")
+    patch_header(small_series / "IM0003.dcm", keyword, text)
+    msg = one_line_error(small_series, re.escape(message))
+    assert "IM0003.dcm" in msg and "gantry tilt" not in msg
+
+
+def test_a_damaged_series_number_only_orders_the_list(small_series):
+    patch_header(small_series / "IM0000.dcm", "SeriesNumber", "x")
+    assert read_dicom_series(small_series).series.slices == 10
+
+
+def test_images_without_a_series_uid_are_named_as_such(small_series):
+    for f in small_series.iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.SeriesInstanceUID
+        ds.save_as(f)
+    one_line_error(small_series, r"its 10 DICOM image\(s\) have no SeriesInstanceUID \(e.g. IM0000.dcm\)")
+
+
+def test_a_multi_frame_file_is_named_as_such_not_as_one_slice(small_series):
+    for f in sorted(small_series.iterdir())[1:]:
+        f.unlink()
+    ds = pydicom.dcmread(small_series / "IM0000.dcm")
+    ds.NumberOfFrames = 10
+    ds.save_as(small_series / "IM0000.dcm")
+    msg = one_line_error(small_series, "multi-frame DICOM files are not supported")
+    assert "IM0000.dcm holds 10 frames" in msg and "1 slice" not in msg
+
+
+def test_a_dicomdir_listing_a_missing_file_is_refused(spm, tmp_path):
+    dicomdir_media(spm, tmp_path)
+    listed = sorted(p for p in (tmp_path / "media").rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    listed[4].unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no reader's warning on the way
+        msg = one_line_error(tmp_path / "media", r"DICOMDIR: lists 1 file\(s\) that are not there")
+    assert listed[4].name in msg
+
+
+def test_a_series_beside_many_other_files_is_still_a_series(small_series):
+    for k in range(20):
+        (small_series / f"A{k:02d}_notes.txt").write_text("notes\n")  # sort before IM0000.dcm
+    (small_series / "preview.png").write_bytes(b"not opened")
+    assert is_dicom_folder(small_series)
+    assert read_dicom_series(small_series).series.slices == 10
+
+
+def test_undecodable_pixels_are_one_line_without_the_decoders_chatter(small_series, capfd):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    for f in small_series.iterdir():
+        ds = pydicom.dcmread(f)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([b"\xff\xd8garbage" * 10])
+        ds["PixelData"].VR = "OB"
+        ds.save_as(f, enforce_file_format=True)
+    capfd.readouterr()
+    msg = one_line_error(small_series, r"cannot read the pixels of series [\d.]+ \(Failed to change")
+    assert "ITK ERROR" not in msg
+    assert capfd.readouterr().err == ""  # libjpeg's line per slice ("Corrupt JPEG data ...") is not shown
+
+
+def test_a_successful_read_shows_no_reader_warnings(spm, tmp_path):
+    # A UID with letters in it, which pydicom reads with a warning per file; the series is fine.
+    small = nib.Nifti1Image(spm["t1"].get_fdata(dtype=np.float32)[::4, ::4, 30:34], spm["t1"].affine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_series(small, tmp_path / "s", "odd uid", series_uid="1.2.840.10008.abc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_dicom_series(tmp_path / "s").series.uid == "1.2.840.10008.abc"
 
 
 # --------------------------------------------------------------------------- grids
@@ -350,6 +459,100 @@ def test_registration_parameters_are_the_ras_matrix():
     q_lps = np.asarray(t.TransformPoint(tuple(flip @ p_ras)))
     np.testing.assert_allclose((reg.matrix() @ np.r_[p_ras, 1])[:3], flip @ q_lps, atol=1e-9)
     np.testing.assert_allclose(reg.matrix(), rigid(reg.rotation_deg, reg.translation_mm, reg.center_mm), atol=1e-9)
+
+
+def coarse(img, step: int = 2) -> nib.Nifti1Image:
+    """Every `step`-th voxel of `img` (a grid `step` times coarser over the same field of view): small,
+    fast volumes for the registration tests."""
+    affine = img.affine @ np.diag([step, step, step, 1.0])
+    return nib.Nifti1Image(np.ascontiguousarray(img.get_fdata(dtype=np.float32)[::step, ::step, ::step]), affine)
+
+
+def brain_centre(img) -> np.ndarray:
+    return world_extent_of_box(img, brain_box(img)).mean(axis=1)
+
+
+def motion_error(truth: np.ndarray, reg: Registration, center: np.ndarray) -> tuple[float, float]:
+    """(angle in degrees, shift of `center` in mm) of the residual truth^-1 @ reg."""
+    residual = np.linalg.inv(truth) @ reg.matrix()
+    angle = math.degrees(math.acos(np.clip((np.trace(residual[:3, :3]) - 1) / 2, -1, 1)))
+    return angle, float(np.linalg.norm(residual[:3, :3] @ center + residual[:3, 3] - center))
+
+
+def test_registration_is_repeatable_on_every_run_and_thread_count(spm):
+    import SimpleITK as sitk
+
+    t1, spect = coarse(spm["t1"]), coarse(spm["spect"])
+    motion = rigid((3.0, -2.0, 4.0), (4.0, -3.0, 2.0), brain_centre(t1))
+    spect = nib.Nifti1Image(spect.get_fdata(dtype=np.float32), motion @ spect.affine)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    try:
+        found = []
+        for threads in (1, 2, 2, 1):
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+            found.append(register_rigid(t1, spect))
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1  # the caller's setting is left alone
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+    assert {(r.itk_parameters, r.metric_start, r.metric) for r in found} == {
+        (found[0].itk_parameters, found[0].metric_start, found[0].metric)}
+    assert found[0].moved and found[0].metric < found[0].metric_start
+    with pytest.raises(ValueError, match="seed"):
+        RegisterConfig(seed=0)
+
+
+def test_a_fit_no_better_than_the_start_keeps_the_headers_placement(spm):
+    # The T2 is in place already; one huge first step throws the fit off, and its metric is worse.
+    t1, t2 = coarse(spm["t1"]), coarse(spm["t2"])
+    config = RegisterConfig(step_mm=40.0, iterations=1, shrink=(1,), smooth=(0.0,), max_rotation_deg=180.0,
+                            max_shift_mm=500.0)
+    reg = register_rigid(t1, t2, config, label="t2.nii")
+    assert not reg.moved and reg.metric >= reg.metric_start
+    np.testing.assert_allclose(reg.matrix(), np.eye(4), atol=1e-12)
+    line = reg.describe_metric()
+    assert line.startswith("kept the headers' placement: the fit's Mattes mutual information") and "\n" not in line
+
+
+def test_an_implausible_fit_is_refused_unless_the_bound_is_raised(spm):
+    t1, t2 = coarse(spm["t1"]), coarse(spm["t2"])
+    center = brain_centre(t1)
+    motion = rigid((0.0, 0.0, 0.0), (0.0, 36.0, 0.0), center)  # 36 mm: beyond the default 30 mm
+    far = nib.Nifti1Image(t2.get_fdata(dtype=np.float32), motion @ t2.affine)
+    with pytest.raises(UserError) as e:
+        register_rigid(t1, far, label="t2.nii", fixed_label="t1.nii")
+    msg = str(e.value)
+    assert re.fullmatch(r"registering t2.nii to t1.nii gave a shift of 3[5-7]\.\d mm \(the bound is 30\), too far for "
+                        r"scans of one subject; check the headers, or raise --max-rotation / --max-shift if the "
+                        r"motion is real", msg), msg
+    reg = register_rigid(t1, far, RegisterConfig(max_shift_mm=40.0))
+    angle, shift = motion_error(motion, reg, center)
+    assert angle < 1.0 and shift < 1.5, (angle, shift)
+    # A rotation beyond its bound, as check_plausible sees it (Euler angles about R, A, S).
+    import SimpleITK as sitk
+
+    turned = Registration.from_itk(sitk.Euler3DTransform((0.0, 0.0, 0.0), math.radians(25.0), 0.0, 0.0),
+                                   metric_start=0.0, metric=-1.0, iterations=1, seconds=0.0, stop="")
+    with pytest.raises(UserError, match=r"gave a rotation of 25.0 deg \(the bound is 20\)"):
+        check_plausible(turned, RegisterConfig(), "spect.nii", "t1.nii")
+    check_plausible(turned, RegisterConfig(max_rotation_deg=30.0), "spect.nii", "t1.nii")
+
+
+def test_grid_func_registers_through_the_t1(spm):
+    # --grid func: the SPECT is the reference grid; the T1 and T2 are moved together. Each volume is
+    # fitted to the T1, and the T1's and T2's transforms onto the SPECT's grid are derived from the
+    # SPECT's fit, so both land where the motion put them.
+    t1, t2, spect = coarse(spm["t1"]), coarse(spm["t2"]), coarse(spm["spect"])
+    center = brain_centre(t1)
+    motion = rigid((-6.0, 4.0, 5.0), (6.0, 8.0, -5.0), center)
+    images = {"t1": nib.Nifti1Image(t1.get_fdata(dtype=np.float32), motion @ t1.affine),
+              "t2": nib.Nifti1Image(t2.get_fdata(dtype=np.float32), motion @ t2.affine), "func": spect}
+    regs, lines = register_volumes(images, "func")
+    assert set(regs) == {"t1", "t2"}
+    for key in ("t1", "t2"):
+        angle, shift = motion_error(motion, regs[key], center)
+        assert angle < 2.5 and shift < 3.0, (key, angle, shift)
+    assert lines[0].startswith("registered t2 to t1: Mattes") and lines[2].startswith("registered func to t1: ")
+    assert lines[-1].startswith("t2 -> func (through t1): rotation")
 
 
 # --------------------------------------------------------------------------- the extra

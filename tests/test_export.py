@@ -21,7 +21,7 @@ from engines.trt_engine import check_engine_meta, tensorrt_status  # noqa: E402
 from export.onnx_export import HalfDenoiser, default_spec, export_onnx  # noqa: E402
 from export.parity import check_limits, relative_l2  # noqa: E402
 from export.trt_build import build_plan, engine_key, engine_path  # noqa: E402
-from tfsdeploy.artifacts import read_sidecar, sidecar_path  # noqa: E402
+from tfsdeploy.artifacts import read_sidecar, sidecar_path, write_sidecar  # noqa: E402
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint, save_checkpoint  # noqa: E402
 from tfsdeploy.config import PRESETS, EngineConfig  # noqa: E402
 from tfsdeploy.pipeline import load_denoiser  # noqa: E402
@@ -126,6 +126,36 @@ def test_tampered_onnx_is_refused(exported, tmp_path):
         OnnxDenoiser(dst)
     sidecar_path(dst).unlink()
     with pytest.raises(UserError, match="no sidecar"):
+        load_artifact(dst)
+
+
+def test_a_sidecar_is_sealed_by_its_own_hash(tmp_path):
+    package = tmp_path / "denoiser-fp32.pt2"
+    package.write_bytes(b"compiled")
+    write_sidecar(package, {"kind": "aoti", "configs": {"diffusion": {"prediction": "x0"}}})
+    assert read_sidecar(package)["configs"]["diffusion"]["prediction"] == "x0"
+    text = sidecar_path(package).read_text()
+    sidecar_path(package).write_text(text.replace('"x0"', '"eps"'))
+    with pytest.raises(UserError, match="was edited after export"):
+        read_sidecar(package, verify_hash=False)
+    sidecar_path(package).write_text(text.replace("  ", " "))  # the same content, laid out otherwise
+    assert read_sidecar(package)["configs"]["diffusion"]["prediction"] == "x0"
+
+
+def test_an_edited_sidecar_is_refused(exported, tmp_path):
+    src = exported["fp32"][0]
+    dst = tmp_path / src.name
+    shutil.copy(src, dst)
+    meta = json.loads(sidecar_path(src).read_text())
+    diffusion = meta["configs"]["diffusion"]
+    # x0 read as eps (or the other way round): the artifact's output would be read as the wrong thing
+    diffusion["prediction"] = "eps" if diffusion["prediction"] == "x0" else "x0"
+    sidecar_path(dst).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    with pytest.raises(UserError, match=r"was edited after export \(its own sha256 does not match\); export again"):
+        OnnxDenoiser(dst)
+    del meta["sidecar_sha256"]
+    sidecar_path(dst).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="has no sha256 of its own"):
         load_artifact(dst)
 
 

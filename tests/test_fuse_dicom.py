@@ -189,6 +189,15 @@ def test_save_transforms_needs_register_and_a_folder_of_its_own(scanner, work, t
 # --------------------------------------------------------------------------- refused
 
 
+def test_the_bounds_on_a_fit_are_checked_and_reach_the_registration(scanner, work, tiny_run):
+    args = ("fuse", scanner["t1"], scanner["t2"], scanner["func"], *fast(tiny_run), "--register")
+    assert "--max-rotation must be above 0 and at most 180, got 0" in refused(work, *args, "--max-rotation", "0")
+    assert "--max-shift must be above 0 and at most 500, got nan" in refused(work, *args, "--max-shift", "nan")
+    line = refused(work, *args, "--max-shift", "0.001", "--max-rotation", "180")
+    assert re.search(r"registering (t2|spect).nii.gz to t1_dicom gave a shift of \d+\.\d mm \(the bound is 0.001\)",
+                     line), line
+
+
 def test_volumes_that_do_not_overlap_are_refused_with_their_extents(scanner, work, tiny_run):
     spect = nib.load(scanner["func"])
     far = spect.affine.copy()

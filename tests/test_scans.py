@@ -140,6 +140,58 @@ def test_bad_inputs_are_user_errors(tmp_path, volumes, case, message):
         assert func.name in str(err.value)
 
 
+def qform_only(path: Path, data: np.ndarray, pixdim: dict[int, float]) -> Path:
+    """A NIfTI placed by its qform alone (no sform), its pixdim then overwritten as written on disk."""
+    img = nib.Nifti1Image(data.astype(np.float32), None)
+    img.header.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    img.header.set_sform(None, code=0)
+    nib.save(img, path)
+    raw = bytearray(path.read_bytes())
+    for i, v in pixdim.items():  # pixdim[i] is the float32 at byte 76 + 4 i of the header
+        raw[76 + 4 * i:80 + 4 * i] = np.float32(v).tobytes()
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("pixdim, sizes", [({1: 0.0}, "0x2x2"), ({2: -2.0}, "2x-2x2")])
+def test_a_voxel_size_of_zero_or_below_is_refused(tmp_path, pixdim, sizes, capfd):
+    good = qform_only(tmp_path / "good.nii", unique_volume(0), {})
+    bad = qform_only(tmp_path / "bad.nii", unique_volume(1), pixdim)
+    with pytest.raises(UserError) as err:
+        open_scan(bad, good, good)
+    assert str(err.value) == (f"{bad}: its header gives voxel sizes of {sizes} mm (pixdim, with no sform); each "
+                              "must be positive")
+    assert capfd.readouterr().err == ""  # nibabel's "setting 0 dims to 1" stays off the terminal
+    assert len(open_scan(good, good, good)) == Z
+
+
+def test_nibabel_complaints_stay_off_the_terminal_on_a_good_read(tmp_path, capfd):
+    # qfac (pixdim[0]) 0: nibabel logs that it takes 1, which is what the file means; the read is fine.
+    odd = qform_only(tmp_path / "odd.nii", unique_volume(0), {0: 0.0})
+    assert len(open_scan(odd, odd, odd)) == Z
+    assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("case, message", [
+    ("blank", "every voxel is 0, so there is nothing to register it by"),
+    ("constant", "every voxel is 7, so there is nothing to register it by"),
+    ("tiny", "2x2x2 voxels are too few to register"),
+])
+def test_volumes_that_cannot_be_registered_are_one_line(tmp_path, volumes, case, message):
+    pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+    t1 = save_nifti(tmp_path / "big_t1.nii.gz", unique_volume(0, (40, 48, 40)))
+    t2 = save_nifti(tmp_path / "big_t2.nii.gz", unique_volume(1, (40, 48, 40)))
+    if case == "tiny":  # 2x2x2 voxels of 60 mm around the T1's centre (1, -13, 19): covering all of it
+        affine = np.diag([-60.0, 60.0, 60.0, 1.0])
+        affine[:3, 3] = (31.0, -43.0, -11.0)
+        func = save_nifti(tmp_path / "f.nii.gz", unique_volume(2, (2, 2, 2)), affine)
+    else:
+        func = save_nifti(tmp_path / "f.nii.gz", np.full((40, 48, 40), 0.0 if case == "blank" else 7.0))
+    with pytest.raises(UserError, match=message) as err:
+        open_scan(t1, t2, func, register=True)
+    assert str(err.value).startswith("f.nii.gz: ") and "\n" not in str(err.value)
+
+
 # --------------------------------------------------------------------------- NIfTI out
 
 

@@ -2,12 +2,15 @@
 
 `denoiser-fp32.onnx` is described by `denoiser-fp32.onnx.json`: the artifact's own sha256, the
 source checkpoint's sha256, precision, opset, I/O spec, tool versions and (for engines) the
-TensorRT version and GPU. A loader refuses an artifact whose sidecar is missing, whose hash does
-not match, or whose source checkpoint has changed since export.
+TensorRT version and GPU, and last the sidecar's own sha256 (`sidecar_sha256`, over the rest of
+it). A loader refuses an artifact whose sidecar is missing or was edited (what a sidecar says, such
+as the model's prediction target, decides how the artifact's output is read), whose hash does not
+match, or whose source checkpoint has changed since export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from tfsdeploy.fileio import atomic_path
 from tfsdeploy.paths import cache_dir
 
 SIDECAR_FORMAT = "tfsdeploy-artifact"
+SEAL = "sidecar_sha256"
 EXPORT_DIR = "export"
 
 
@@ -29,10 +33,20 @@ def sidecar_path(artifact: str | Path) -> Path:
 def write_sidecar(artifact: str | Path, data: dict[str, Any]) -> Path:
     """Write the sidecar last, atomically: an artifact without one is never loaded."""
     out = sidecar_path(artifact)
-    body = {"format": SIDECAR_FORMAT, "file": Path(artifact).name, "sha256": sha256_file(artifact), **data}
+    body = sealed({"format": SIDECAR_FORMAT, "file": Path(artifact).name, "sha256": sha256_file(artifact), **data})
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(body, indent=2, sort_keys=True))
     return out
+
+
+def sealed(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` with its own sha256 (SEAL) over the rest of it, as write_sidecar stores it."""
+    return {**body, SEAL: _seal_of(body)}
+
+
+def _seal_of(body: dict[str, Any]) -> str:
+    rest = {k: v for k, v in body.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_sidecar(artifact: str | Path, verify_hash: bool = True) -> dict[str, Any]:
@@ -46,8 +60,12 @@ def read_sidecar(artifact: str | Path, verify_hash: bool = True) -> dict[str, An
         data = json.loads(sc.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{sc}: corrupted JSON ({e})") from None
-    if data.get("format") != SIDECAR_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise UserError(f"{sc}: not a tfsdeploy sidecar")
+    if SEAL not in data:
+        raise UserError(f"{sc}: has no sha256 of its own (written by an older tfsdeploy); export again")
+    if data[SEAL] != _seal_of(data):
+        raise UserError(f"{sc}: was edited after export (its own sha256 does not match); export again")
     if verify_hash and sha256_file(artifact) != data.get("sha256"):
         raise UserError(f"{artifact}: sha256 does not match its sidecar (modified or truncated); export again")
     return data
@@ -88,5 +106,5 @@ def compiled_cache_dir(ckpt_sha256: str) -> Path:
     return cache_dir() / "compiled" / ckpt_sha256[:16]
 
 
-__all__ = ["sidecar_path", "write_sidecar", "read_sidecar", "checkpoint_fingerprint", "verify_source",
+__all__ = ["sidecar_path", "write_sidecar", "sealed", "read_sidecar", "checkpoint_fingerprint", "verify_source",
            "default_export_dir", "compiled_cache_dir"]

@@ -29,6 +29,11 @@ SCALES = (2, 4, 8)
 DEFAULT_DDIM_STEPS = 10
 # the strongest back-projection of the upsampled inputs that a run, a bundle or an option may ask for
 BACKPROJECT_MAX = 8
+# `fuse --register`: a rigid fit that turns (degrees) or shifts the brain's centre (mm) by more is
+# refused as implausible for scans of one subject (--max-rotation / --max-shift raise the bounds).
+MAX_ROTATION_DEG = 20.0
+MAX_SHIFT_MM = 30.0
+MAX_SHIFT_LIMIT_MM = 500.0  # the most --max-shift takes: a head's size, and then some
 COMBOS = ("t1-t2-spect", "t1-t2-pet", "t1-pd-spect", "t1-pd-pet")
 # Where `data build` takes slices from (tfsdeploy.data.build), and what the packaged model trained on.
 DATA_SOURCES = ("spm", "synth")

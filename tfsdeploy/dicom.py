@@ -14,6 +14,7 @@ preambles), so a caller can tell a DICOM folder from a folder of PNGs without it
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -21,27 +22,27 @@ from typing import Iterable
 import numpy as np
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.volumes import describe_grid, from_itk, import_extra
+from tfsdeploy.imaging import IMAGE_SUFFIXES
+from tfsdeploy.volumes import describe_grid, from_itk, import_extra, quiet_readers as quiet
 
 DICOMDIR = "DICOMDIR"
 # Tolerances on header geometry: direction cosines, and slice gaps relative to their median.
 ORIENTATION_TOL = 1e-4
+# ImageOrientationPatient's two vectors: unit length and perpendicular within this (headers round them).
+UNIT_TOL = 1e-3
 GAP_TOL = 0.01
 
 
 def is_dicom_folder(path: str | Path) -> bool:
-    """True for a folder with a DICOMDIR or with a DICOM file ('DICM' at byte 128) among its first files."""
+    """True for a folder with a DICOMDIR or with a DICOM file ('DICM' at byte 128) in it. Files named as
+    images (.png, ...) are slices of a folder scan and are not opened; every other file may be DICOM,
+    however many notes or reports sort before it."""
     path = Path(path)
     if not path.is_dir():
         return False
     if (path / DICOMDIR).is_file():
         return True
-    for n, f in enumerate(_files_under(path)):
-        if n >= 16:  # a folder of PNGs is told from a series by its first few files
-            break
-        if _has_dicom_preamble(f):
-            return True
-    return False
+    return any(_has_dicom_preamble(f) for f in _files_under(path) if f.suffix.lower() not in IMAGE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -94,30 +95,43 @@ def _read_headers(folder: Path) -> tuple[list[SeriesInfo], dict[str, list], int]
     if not files:
         raise UserError(f"{folder}: the folder is empty; expected the files of one DICOM series")
     groups: dict[str, list] = {}
-    skipped, not_dicom = 0, []
+    skipped, not_dicom, no_uid = 0, [], []
     for f in files:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, EOFError, ValueError):
+            with quiet():
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        except (pydicom.errors.InvalidDicomError, EOFError, ValueError, TypeError, KeyError):
             not_dicom.append(f)
             continue
         except OSError as e:
             raise UserError(f"{f}: cannot read ({e.strerror or e})") from None
-        if "Rows" not in ds or "SeriesInstanceUID" not in ds:  # a DICOMDIR, a report, a presentation state
+        if "Rows" not in ds:  # a DICOMDIR, a report, a presentation state
             skipped += 1
             continue
-        groups.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+        if not uid:  # an image that names no series
+            no_uid.append(f)
+            continue
+        groups.setdefault(uid, []).append((f, ds))
+    if not groups and no_uid:
+        raise UserError(f"{folder}: its {len(no_uid)} DICOM image(s) have no SeriesInstanceUID (e.g. {no_uid[0].name}), "
+                        "so their series cannot be told; export them again with their series")
     if not groups:
         example = f" (e.g. {not_dicom[0].name})" if not_dicom else ""
         raise UserError(f"{folder}: no DICOM images in its {len(files)} file(s){example}")
-    infos = [SeriesInfo(uid, str(members[0][1].get("SeriesDescription", "")), str(members[0][1].get("Modality", "")),
+    infos = [SeriesInfo(uid, _text(members[0][1], "SeriesDescription"), _text(members[0][1], "Modality"),
                         tuple(f for f, _ in members)) for uid, members in groups.items()]
+
     def number(info: SeriesInfo) -> float:
-        value = groups[info.uid][0][1].get("SeriesNumber", None)
-        return float(value) if value not in (None, "") else float("inf")
+        # Only orders the list of series; a SeriesNumber that is not a number sorts last.
+        try:
+            return float(_text(groups[info.uid][0][1], "SeriesNumber") or "inf")
+        except ValueError:
+            return float("inf")
 
     infos.sort(key=lambda s: (number(s), s.uid))
-    return infos, {uid: [ds for _, ds in members] for uid, members in groups.items()}, skipped + len(not_dicom)
+    return (infos, {uid: [ds for _, ds in members] for uid, members in groups.items()},
+            skipped + len(not_dicom) + len(no_uid))
 
 
 def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = None) -> DicomVolume:
@@ -140,9 +154,10 @@ def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = N
     reader.SetFileNames([str(f) for f in files])
     reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        image = reader.Execute()
+        with quiet(sitk):  # a decoder's complaints, one per slice, would come before the one line below
+            image = reader.Execute()
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1]
+        reason = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", str(e).strip().splitlines()[-1])
         raise UserError(f"{folder}: cannot read the pixels of series {chosen.uid} ({reason})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{folder}: series {chosen.uid} is not a grey volume")
@@ -174,30 +189,42 @@ def _choose(folder: Path, infos: list[SeriesInfo], series: str | Iterable[str] |
 def _check_series(folder: Path, info: SeriesInfo, headers: list) -> tuple[list[int], tuple]:
     """Check one series' headers; return the slice order along the normal and (origin, direction, spacing) in LPS."""
     where = f"{folder}: series {info.uid}"
-    if len(headers) < 2:
-        raise UserError(f"{where} has {len(headers)} slice; a volume needs at least 2")
     for ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise UserError(f"{where}: multi-frame DICOM files are not supported; export the series as one "
-                            "file per slice")
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise UserError(f"{where}: colour images ({ds.get('PhotometricInterpretation', '?')}) are not a "
+        if _integer(ds, "NumberOfFrames", 1, where) > 1:
+            raise UserError(f"{where}: multi-frame DICOM files are not supported ({Path(ds.filename).name} holds "
+                            f"{_integer(ds, 'NumberOfFrames', 1, where)} frames); export the series as one file per slice")
+        if _integer(ds, "SamplesPerPixel", 1, where) != 1:
+            raise UserError(f"{where}: colour images ({_text(ds, 'PhotometricInterpretation') or '?'}) are not a "
                             "grey volume")
         missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
         if missing:
             raise UserError(f"{where}: {Path(ds.filename).name} has no {', '.join(missing)}, so its place in "
                             "the volume is unknown")
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in headers])
+    if len(headers) < 2:
+        raise UserError(f"{where} has {len(headers)} slice; a volume needs at least 2")
+    orientations = np.array([_numbers(ds, "ImageOrientationPatient", 6, where) for ds in headers])
+    spacings = np.array([_numbers(ds, "PixelSpacing", 2, where) for ds in headers])
+    positions = np.array([_numbers(ds, "ImagePositionPatient", 3, where) for ds in headers])
+    for ds, spacing in zip(headers, spacings):
+        if not np.all(spacing > 0):
+            raise UserError(f"{where}: {Path(ds.filename).name} has PixelSpacing {_fmt(spacing)}; a pixel spacing "
+                            "must be positive")
+    for ds, o in zip(headers, orientations):
+        row, col = o[:3], o[3:]
+        if (abs(np.linalg.norm(row) - 1) > UNIT_TOL or abs(np.linalg.norm(col) - 1) > UNIT_TOL
+                or abs(float(row @ col)) > UNIT_TOL):
+            raise UserError(f"{where}: {Path(ds.filename).name} has ImageOrientationPatient {_fmt(o)}, which is not "
+                            "two perpendicular unit vectors; the header is damaged")
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOL:
         kinds = len(np.unique(np.round(orientations, 3), axis=0))
         raise UserError(f"{where} mixes {kinds} slice orientations (ImageOrientationPatient differs between "
                         "slices); a volume has one")
-    sizes = {(int(ds.Rows), int(ds.Columns), *(round(float(v), 4) for v in ds.PixelSpacing)) for ds in headers}
+    sizes = {(_integer(ds, "Rows", 0, where), _integer(ds, "Columns", 0, where), *(round(float(v), 4) for v in sp))
+             for ds, sp in zip(headers, spacings)}
     if len(sizes) > 1:
         raise UserError(f"{where} mixes slice sizes or pixel spacings ({', '.join(map(str, sorted(sizes)))})")
     row, col = orientations[0, :3], orientations[0, 3:]
     normal = np.cross(row, col)
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in headers])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     along, positions = along[order], positions[order]
@@ -217,7 +244,7 @@ def _check_series(folder: Path, info: SeriesInfo, headers: list) -> tuple[list[i
     if np.linalg.norm(drift, axis=1).max() > max(0.01, 0.01 * gap):
         raise UserError(f"{where}: its slices are not stacked along their normal (gantry tilt); resample it "
                         "onto an orthogonal grid first")
-    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+    row_spacing, col_spacing = (float(v) for v in spacings[0])
     direction = np.stack([row, col, normal], axis=1)  # columns: the i, j, k axes in LPS
     return [int(i) for i in order], (positions[0], direction, (col_spacing, row_spacing, gap))
 
@@ -232,17 +259,75 @@ def _files_under(folder: Path) -> Iterable[Path]:
 
 
 def _dicomdir_files(pydicom, folder: Path) -> list[Path]:
-    from pydicom.fileset import FileSet
-
+    """The files a DICOMDIR lists (its records' ReferencedFileID, relative to its folder), every one of
+    them: a listed file that is not there is refused, never dropped."""
+    path = folder / DICOMDIR
     try:
-        fileset = FileSet(pydicom.dcmread(folder / DICOMDIR))
+        with quiet():
+            records = list(pydicom.dcmread(path).get("DirectoryRecordSequence", []))
+            ids = [r.ReferencedFileID for r in records if "ReferencedFileID" in r]
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
-        raise UserError(f"{folder / DICOMDIR}: cannot read the DICOMDIR ({type(e).__name__}: {e})") from None
-    files = [Path(inst.path) for inst in fileset]
+        raise UserError(f"{path}: cannot read the DICOMDIR ({type(e).__name__}: {e})") from None
+    files = [folder.joinpath(*([str(i)] if isinstance(i, str) else [str(p) for p in i])) for i in ids]
     absent = [f for f in files if not f.is_file()]
     if absent:
-        raise UserError(f"{folder / DICOMDIR}: lists {len(absent)} file(s) that are not there (e.g. {absent[0]})")
+        raise UserError(f"{path}: lists {len(absent)} file(s) that are not there (e.g. {absent[0]})")
     return files
+
+
+def _text(ds, keyword: str) -> str:
+    """A header element as text ('' when absent or unreadable)."""
+    try:
+        return str(ds.get(keyword, "") or "").strip()
+    except Exception:  # noqa: BLE001 - a damaged value reads as absent
+        return ""
+
+
+def _numbers(ds, keyword: str, count: int, where: str) -> np.ndarray:
+    """The `count` numbers of a header element (ImagePositionPatient, ...), or one line saying what is wrong."""
+    name = Path(ds.filename).name
+    try:
+        with quiet():
+            value = ds.get(keyword)
+            items = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            out = np.array([float(v) for v in items], dtype=float)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{where}: {name} has {keyword} '{_raw(ds, keyword)}', which is not {count} numbers; the "
+                        "header is damaged") from None
+    if out.shape != (count,) or not np.all(np.isfinite(out)):
+        raise UserError(f"{where}: {name} has {keyword} '{_raw(ds, keyword)}', which is not {count} numbers; the "
+                        "header is damaged")
+    return out
+
+
+def _integer(ds, keyword: str, default: int, where: str) -> int:
+    """An integer header element (NumberOfFrames, Rows, ...), `default` when absent or empty."""
+    if keyword not in ds:
+        return default
+    try:
+        with quiet():
+            value = ds.get(keyword)
+            return default if value in (None, "") else int(str(value).strip())
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {Path(ds.filename).name} has {keyword} '{_raw(ds, keyword)}', which is not a "
+                        "whole number; the header is damaged") from None
+
+
+def _raw(ds, keyword: str) -> str:
+    """A header value as written, for messages."""
+    try:
+        value = ds[keyword].value
+    except Exception:  # noqa: BLE001
+        return "?"
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _fmt(values) -> str:
+    return "/".join(f"{float(v):g}" for v in values)
 
 
 def _has_dicom_preamble(path: Path) -> bool:

@@ -115,14 +115,14 @@ class Scan(ABC):
 
 
 def open_scan(t1: str | Path, t2: str | Path, func: str | Path, *, grid: str = "t1",
-              series: tuple[str, ...] = (), register: bool = False, log=None) -> Scan:
+              series: tuple[str, ...] = (), register=False, log=None) -> Scan:
     """Open three volumes (NIfTI files or DICOM series folders, in any mix), or three folders of slices
     matched by file name.
 
     Volumes only: grid, the input whose grid the others are resampled onto and the output lies on
     ("t1", "t2" or "func"); series, SeriesInstanceUIDs choosing the series of a DICOM folder that holds
-    several (each folder takes the one it holds); register, rigidly register the other two volumes to
-    the reference before resampling. log(line) receives one line per volume read, per registration
+    several (each folder takes the one it holds); register, rigidly register the other two volumes
+    before resampling (True, or a tfsdeploy.volumes.RegisterConfig; see `register_volumes`). log(line) receives one line per volume read, per registration
     (metric, transform) and per volume resampled. Everything is read and checked here, before any work.
     """
     paths = dict(zip(MODALITIES, (Path(t1), Path(t2), Path(func)), strict=True))
@@ -369,7 +369,7 @@ class _VolumeScan(Scan):
 
     @classmethod
     def open(cls, paths: dict[str, Path], kinds: dict[str, str], reference: str = "t1", series: tuple[str, ...] = (),
-             register: bool = False, log=lambda line: None) -> _VolumeScan:
+             register=False, log=lambda line: None) -> _VolumeScan:
         from tfsdeploy.volumes import describe_grid, same_grid
 
         labels = _labels(paths)
@@ -390,16 +390,14 @@ class _VolumeScan(Scan):
                 log(f"read {labels[m]}: {read[m]}")
         registrations = {}
         if register or not one_grid:
-            from tfsdeploy.volumes import check_overlap, onto_grid, register_rigid
+            from tfsdeploy.volumes import RegisterConfig, check_overlap, onto_grid, register_volumes
 
             check_overlap(images, "t1", labels)
             if register:
-                for m in MODALITIES:
-                    if m != reference:
-                        reg = register_rigid(images[reference], images[m], label=labels[m])
-                        registrations[m] = reg
-                        log(f"registered {labels[m]} to {labels[reference]}: {reg.describe_metric()}")
-                        log(f"{labels[m]} -> {labels[reference]}: {reg.describe_transform()}")
+                config = register if isinstance(register, RegisterConfig) else RegisterConfig()
+                registrations, lines = register_volumes(images, reference, "t1", config, labels)
+                for line in lines:
+                    log(line)
             images, lines = onto_grid(images, reference, registrations, labels)
             for line in lines:
                 log(line)
@@ -423,10 +421,15 @@ def _load_canonical(path: Path):
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
+    from tfsdeploy.volumes import quiet_readers
+
+    with quiet_readers():  # header oddities nibabel mends itself; what matters is refused below
+        return _checked_nifti(path, nib)
+
+
+def _checked_nifti(path: Path, nib):
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # header oddities nibabel mends itself; what matters is refused below
-            img = nib.load(path)
+        img = nib.load(path)
     except Exception as e:  # noqa: BLE001 - any reader failure is the file's fault
         raise UserError(f"{path}: cannot read as NIfTI ({type(e).__name__}: {e})") from None
     shape = img.shape
@@ -436,10 +439,31 @@ def _load_canonical(path: Path):
         raise UserError(f"{path}: the volume holds no voxels (shape {_fmt_shape(shape)})")
     if np.issubdtype(img.get_data_dtype(), np.complexfloating):
         raise UserError(f"{path}: holds complex values; save the magnitude (or the part to fuse) as a real volume")
+    _check_voxel_sizes(path, img)
     try:
         return nib.as_closest_canonical(img)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: cannot reorient the volume ({type(e).__name__}: {e})") from None
+
+
+def _check_voxel_sizes(path: Path, img) -> None:
+    """Refuse a header whose voxel sizes come from pixdim (no sform) and are 0 or negative. nibabel mends
+    those on load (0 becomes 1, a negative size its absolute value), so the header is read again as
+    written."""
+    from nibabel.openers import ImageOpener
+
+    header = img.header
+    if "pixdim" not in header or ("sform_code" in header and int(header["sform_code"]) > 0):
+        return
+    try:
+        with ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 - read once already; nothing more to learn
+        return
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if not np.all(pixdim > 0):
+        raise UserError(f"{path}: its header gives voxel sizes of {'x'.join(f'{v:g}' for v in pixdim)} mm "
+                        "(pixdim, with no sform); each must be positive")
 
 
 def _read_dicom(folder: Path, series: tuple[str, ...]):

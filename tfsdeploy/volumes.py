@@ -14,17 +14,22 @@ install.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from tfsdeploy.config import MAX_ROTATION_DEG, MAX_SHIFT_MM
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path
 from tfsdeploy.imaging import normalise_volume
@@ -250,9 +255,14 @@ class RegisterConfig:
     Both volumes are first block-averaged to voxels of at least `working_mm`, or `follow_moving` times
     the moving volume's largest voxel when that is coarser: detail finer than the moving volume's own
     voxels cannot guide the fit, and skipping it is what makes a 256^3 T1 against a 4 mm SPECT cheap.
-    `shrink` and `smooth`
-    (sigmas in working voxels) give the pyramid levels; `sampling` is the fraction of voxels the metric
-    draws at each level (at random, from `seed`, so a run is repeatable).
+    `shrink` and `smooth` (sigmas in working voxels) give the pyramid levels; `sampling` is the fraction
+    of voxels the metric draws at each level, at random from `seed` (SimpleITK takes 0 as "seed from
+    the clock", so the seed is never 0). The fit runs on one thread: the same inputs give the same
+    transform, bit for bit, on any machine.
+
+    A fit whose metric is not better than the headers' placement is not used (the headers' placement is
+    kept); one that turns by more than `max_rotation_deg` or shifts the brain's centre by more than
+    `max_shift_mm` is refused as implausible for scans of one subject.
     """
 
     working_mm: float = 2.0
@@ -264,7 +274,15 @@ class RegisterConfig:
     iterations: int = 200
     step_mm: float = 2.0
     min_step_mm: float = 0.01
-    seed: int = 0
+    seed: int = 1
+    max_rotation_deg: float = MAX_ROTATION_DEG
+    max_shift_mm: float = MAX_SHIFT_MM
+
+    def __post_init__(self):
+        if not 0 < self.seed < 2**32:
+            raise ValueError(f"seed must be in 1..2^32-1 (0 seeds SimpleITK from the clock), got {self.seed}")
+        if not (self.max_rotation_deg > 0 and self.max_shift_mm > 0):
+            raise ValueError("the bounds on rotation and shift must be positive")
 
 
 @dataclass(frozen=True)
@@ -273,7 +291,9 @@ class Registration:
 
     rotation_deg: Euler angles about the R, A, S axes, composed as ITK's Euler3DTransform does
     (R = Rz @ Rx @ Ry), turning around `center_mm`; translation_mm: (R, A, S) shift in mm.
-    metric_start / metric: Mattes mutual information before and after (negative; lower is better).
+    metric_start / metric: Mattes mutual information before and after (negative; lower is better),
+    both on the same samples. moved: False when the fit was not better than the start and the
+    headers' placement (the identity) was kept; then `metric` is the rejected fit's.
     itk_parameters / itk_center: the same transform as ITK holds it, in LPS (what the .tfm file stores).
     """
 
@@ -287,6 +307,7 @@ class Registration:
     stop: str
     itk_parameters: tuple[float, ...]
     itk_center: tuple[float, float, float]
+    moved: bool = True
 
     @classmethod
     def from_itk(cls, transform, **kw) -> Registration:
@@ -313,9 +334,35 @@ class Registration:
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         return flip @ lps @ flip
 
+    def with_matrix(self, matrix: np.ndarray) -> Registration:
+        """This registration's record (metric, time) holding another rigid RAS matrix, about the same centre:
+        what an inverse or a chain of registrations is written as."""
+        sitk = import_extra("SimpleITK", "registration")
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        lps = flip @ np.asarray(matrix, dtype=float) @ flip
+        t = sitk.Euler3DTransform()
+        t.SetCenter(self.itk_center)
+        t.SetMatrix([float(v) for v in lps[:3, :3].ravel()], 1e-6)
+        c = np.asarray(self.itk_center)
+        t.SetTranslation([float(v) for v in lps[:3, 3] - c + lps[:3, :3] @ c])
+        keep = {k: getattr(self, k) for k in ("metric_start", "metric", "iterations", "seconds", "stop", "moved")}
+        return Registration.from_itk(t, **keep)
+
+    def rotation_angle(self) -> float:
+        """The angle of the rotation, in degrees, whatever its axis."""
+        r = self.matrix()[:3, :3]
+        return math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+
+    def shift(self) -> float:
+        """How far the transform moves its centre (the fixed volume's brain box centre), in mm."""
+        return float(np.linalg.norm(self.translation_mm))
+
     def describe_metric(self) -> str:
-        return (f"Mattes mutual information {self.metric_start:.4f} -> {self.metric:.4f} (lower is better), "
-                f"{self.iterations} iterations at the finest level, {self.seconds:.1f} s")
+        seconds = f"{self.iterations} iterations at the finest level, {self.seconds:.1f} s"
+        if not self.moved:
+            return (f"kept the headers' placement: the fit's Mattes mutual information {self.metric:.4f} is not "
+                    f"better than the start's {self.metric_start:.4f} ({seconds})")
+        return f"Mattes mutual information {self.metric_start:.4f} -> {self.metric:.4f} (lower is better), {seconds}"
 
     def describe_transform(self) -> str:
         r, t = self.rotation_deg, self.translation_mm
@@ -336,44 +383,126 @@ class Registration:
         return path
 
 
-def register_rigid(fixed, moving, config: RegisterConfig = RegisterConfig(), label: str = "moving") -> Registration:
+def register_rigid(fixed, moving, config: RegisterConfig = RegisterConfig(), label: str = "moving",
+                   fixed_label: str = "the reference volume") -> Registration:
     """Rigidly register `moving` to `fixed` (both nibabel images) by Mattes mutual information.
 
     The start is the headers' placement (identity in world space), turning around the centre of the
     fixed volume's brain box: scans from one subject are placed roughly right by their headers, while
-    aligning the volumes' centres would move a small field of view onto the wrong place.
+    aligning the volumes' centres would move a small field of view onto the wrong place. The metric
+    of the start and of the fit are measured on the same samples; a fit that is not better keeps the
+    start (`Registration.moved` False). A fit beyond the config's bounds on rotation or shift is
+    refused (UserError). The same inputs give the same transform on every run and thread count.
     """
     sitk = import_extra("SimpleITK", "registration")
     t0 = time.perf_counter()
     working_mm = max(config.working_mm, config.follow_moving * float(voxel_sizes(moving.affine).max()))
-    fixed_itk = _working_copy(to_itk(fixed, "the reference volume"), working_mm)
-    moving_itk = _working_copy(to_itk(moving, label), working_mm)
-    box = world_extent_of_box(fixed, brain_box(fixed))
-    transform = sitk.Euler3DTransform()
-    transform.SetCenter([float(v) for v in _FLIP @ box.mean(axis=1)])
+    with _one_thread(sitk):
+        moving_itk = _working_copy(to_itk(moving, label), working_mm, label, config)
+        why = (f", the working voxel that {label}'s {voxel_sizes(moving.affine).max():.1f} mm voxels call for"
+               if working_mm > config.working_mm else "")
+        fixed_itk = _working_copy(to_itk(fixed, fixed_label), working_mm, fixed_label, config, why)
+        box = world_extent_of_box(fixed, brain_box(fixed))
+        transform = sitk.Euler3DTransform()
+        transform.SetCenter([float(v) for v in _FLIP @ box.mean(axis=1)])
+        identity = sitk.Euler3DTransform(transform)
 
+        reg = _method(sitk, config)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=config.step_mm, minStep=config.min_step_mm,
+                                                     numberOfIterations=config.iterations,
+                                                     gradientMagnitudeTolerance=1e-8)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel(list(config.shrink))
+        reg.SetSmoothingSigmasPerLevel(list(config.smooth))
+        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        reg.SetInitialTransform(transform, inPlace=True)
+        try:
+            reg.Execute(fixed_itk, moving_itk)
+            start = _metric(sitk, config, fixed_itk, moving_itk, identity)
+            end = _metric(sitk, config, fixed_itk, moving_itk, transform)
+        except RuntimeError as e:  # ITK's message for e.g. too few samples in the overlap
+            reason = str(e).strip().splitlines()[-1]
+            raise UserError(f"registering {label} failed: {reason}") from None
+    moved = end < start
+    found = Registration.from_itk(transform if moved else identity, metric_start=start, metric=end,
+                                  iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0,
+                                  stop=reg.GetOptimizerStopConditionDescription(), moved=moved)
+    check_plausible(found, config, label, fixed_label)
+    return found
+
+
+def check_plausible(reg: Registration, config: RegisterConfig, label: str, fixed_label: str) -> None:
+    """Refuse a registration that turns or shifts more than the config allows, in one line naming both."""
+    angle, shift = reg.rotation_angle(), reg.shift()
+    if angle > config.max_rotation_deg or shift > config.max_shift_mm:
+        what = (f"a rotation of {angle:.1f} deg (the bound is {config.max_rotation_deg:g})"
+                if angle > config.max_rotation_deg else
+                f"a shift of {shift:.1f} mm (the bound is {config.max_shift_mm:g})")
+        raise UserError(f"registering {label} to {fixed_label} gave {what}, too far for scans of one subject; "
+                        f"check the headers, or raise --max-rotation / --max-shift if the motion is real")
+
+
+def register_volumes(images: Mapping[str, object], reference: str, anatomy: str = "t1",
+                     config: RegisterConfig = RegisterConfig(), labels: Mapping[str, str] | None = None
+                     ) -> tuple[dict[str, Registration], list[str]]:
+    """Register every volume but `reference` to it: (key -> Registration from the reference, log lines).
+
+    Every other volume is fitted to the anatomy (`anatomy`, the T1: the sharpest, whose brain box the
+    overlap check measures), whatever the reference grid; when the reference is another volume, the
+    transforms onto its grid are derived from those fits (the inverse of the reference's fit, chained
+    with each other volume's), so the fits do not change with --grid. A functional volume, blurred and
+    without a skull outline, makes a poor fixed volume: fitting the T1 to a SPECT directly lands
+    farther off than the fit the other way round.
+    """
+    labels = {k: (labels or {}).get(k, k) for k in images}
+    fits, lines = {}, []
+    for key in images:
+        if key == anatomy:
+            continue
+        fits[key] = register_rigid(images[anatomy], images[key], config, labels[key], labels[anatomy])
+        lines.append(f"registered {labels[key]} to {labels[anatomy]}: {fits[key].describe_metric()}")
+        lines.append(f"{labels[key]} -> {labels[anatomy]}: {fits[key].describe_transform()}")
+    if reference == anatomy:
+        return fits, lines
+    # A reference point p: the anatomy's point is inv(fit[reference]) p, and another volume's is fit[key] of that.
+    back = np.linalg.inv(fits[reference].matrix())
+    out = {anatomy: fits[reference].with_matrix(back)}
+    for key, fit in fits.items():
+        if key != reference:
+            out[key] = fit.with_matrix(fit.matrix() @ back)
+    for key, reg in out.items():
+        lines.append(f"{labels[key]} -> {labels[reference]} (through {labels[anatomy]}): {reg.describe_transform()}")
+    return out, lines
+
+
+@contextlib.contextmanager
+def _one_thread(sitk):
+    """SimpleITK on one thread for the block: a threaded metric sums its parts in an order that varies."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+def _method(sitk, config: RegisterConfig):
+    """An ImageRegistrationMethod with the config's metric and sampling, on one thread."""
     reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=config.bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     reg.SetMetricSamplingPercentage(config.sampling, config.seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=config.step_mm, minStep=config.min_step_mm,
-                                                 numberOfIterations=config.iterations,
-                                                 gradientMagnitudeTolerance=1e-8)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(list(config.shrink))
-    reg.SetSmoothingSigmasPerLevel(list(config.smooth))
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    reg.SetInitialTransform(transform, inPlace=True)
-    try:
-        start = reg.MetricEvaluate(fixed_itk, moving_itk)
-        reg.Execute(fixed_itk, moving_itk)
-    except RuntimeError as e:  # ITK's message for e.g. too few samples in the overlap
-        reason = str(e).strip().splitlines()[-1]
-        raise UserError(f"registering {label} failed: {reason}") from None
-    return Registration.from_itk(transform, metric_start=float(start), metric=float(reg.GetMetricValue()),
-                                 iterations=int(reg.GetOptimizerIteration()), seconds=time.perf_counter() - t0,
-                                 stop=reg.GetOptimizerStopConditionDescription())
+    return reg
+
+
+def _metric(sitk, config: RegisterConfig, fixed, moving, transform) -> float:
+    """The metric of `transform` at full working resolution, on the config's samples (the same for every
+    transform, so two values compare)."""
+    reg = _method(sitk, config)
+    reg.SetInitialTransform(sitk.Euler3DTransform(transform), inPlace=False)
+    return float(reg.MetricEvaluate(fixed, moving))
 
 
 def save_transforms(folder: str | Path, registrations: Mapping[str, Registration], reference: str) -> list[Path]:
@@ -388,10 +517,59 @@ def save_transforms(folder: str | Path, registrations: Mapping[str, Registration
     return [reg.write_tfm(folder / f"{key}_to_{reference}.tfm") for key, reg in registrations.items()]
 
 
-def _working_copy(image, working_mm: float):
-    """Block-average an ITK image to voxels of at least `working_mm` along each axis (never finer)."""
+@contextlib.contextmanager
+def quiet_readers(sitk=None):
+    """Readers' warnings kept off the terminal: Python warnings (pydicom), nibabel's log lines ("setting
+    0 dims to 1"), and with `sitk`, ITK's warnings and whatever its C libraries print on the process's
+    stderr. What matters is checked and said in one line by the caller."""
+    from nibabel.imageglobals import logger as nibabel_log
+
+    was = nibabel_log.disabled
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        warnings.simplefilter("ignore")
+        nibabel_log.disabled = True
+        stack.callback(setattr, nibabel_log, "disabled", was)
+        if sitk is not None:
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+            stack.callback(sitk.ProcessObject.SetGlobalWarningDisplay, shown)
+            stack.enter_context(_stderr_dropped())
+        yield
+
+
+@contextlib.contextmanager
+def _stderr_dropped():
+    """File descriptor 2 pointed at a scratch file for the block (C libraries write there directly)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to drop
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _working_copy(image, working_mm: float, label: str, config: RegisterConfig, why: str = ""):
+    """Block-average an ITK image to voxels of at least `working_mm` along each axis (never finer), after
+    refusing one that cannot guide a fit: constant, or too small for the coarsest pyramid level."""
     sitk = import_extra("SimpleITK", "registration")
+    values = sitk.GetArrayViewFromImage(image)
+    lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:
+        raise UserError(f"{label}: every voxel is {lo:g}, so there is nothing to register it by; check the volume")
     factors = [max(1, int(working_mm / s + 1e-6)) for s in image.GetSpacing()]
+    need = 2 * max(config.shrink)
+    if min(n // f for n, f in zip(image.GetSize(), factors)) < need:
+        raise UserError(f"{label}: {'x'.join(map(str, image.GetSize()))} voxels are too few to register (at "
+                        f"{working_mm:.1f} mm a voxel{why}, each axis needs at least {need})")
     return sitk.BinShrink(image, factors) if max(factors) > 1 else image
 
 
@@ -401,5 +579,6 @@ def _fmt_mm(v) -> str:
 
 __all__ = ["SCANS_EXTRA", "MIN_OVERLAP", "import_extra", "to_itk", "from_itk", "itk_affine", "voxel_sizes",
            "volume_data", "same_grid", "describe_grid", "world_extent", "describe_extent", "brain_box", "coverage",
-           "check_overlap", "world_extent_of_box", "resample_onto", "onto_grid", "RegisterConfig", "Registration", "register_rigid",
+           "check_overlap", "world_extent_of_box", "resample_onto", "onto_grid", "RegisterConfig", "Registration", "register_rigid", "register_volumes", "check_plausible",
+           "quiet_readers",
            "save_transforms"]

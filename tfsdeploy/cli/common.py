@@ -23,6 +23,7 @@ class OneLineErrors(typer.core.TyperGroup):
     option) printed as one `error:` line and exit code 2, like every other error a user can cause."""
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
+        _digits_only(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -38,6 +39,31 @@ class OneLineErrors(typer.core.TyperGroup):
             typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _digits_only(command) -> None:
+    """Make every number option of `command` and its subcommands refuse underscores: Python reads
+    "0_5" as 5, which no user means. Done once per parameter, before the parser's own conversion."""
+    for param in getattr(command, "params", ()):
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)  # typer's own parser
+        kind = str(getattr(getattr(param, "type", None), "name", ""))  # typer on click
+        numeric = annotation in (int, float) or kind.startswith(("integer", "float"))
+        if numeric and not getattr(param, "_digits_only", False):
+            param.process_value = _refusing_underscores(param, param.process_value)
+            param._digits_only = True
+    for sub in getattr(command, "commands", {}).values():
+        _digits_only(sub)
+
+
+def _refusing_underscores(param, process_value):
+    def process(ctx, value):
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, str) and "_" in v:
+                raise typer.BadParameter(f"{v!r} is not a number (write it without underscores)", ctx=ctx,
+                                         param=param)
+        return process_value(ctx, value)
+
+    return process
 
 
 ALLOCATOR_FAILURES = ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc_cpu")
@@ -86,7 +112,7 @@ def long_running() -> None:
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+        return tuple(_number(int, s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
         raise UserError(f"{what} takes numbers separated by commas (got {text!r})") from None
 
@@ -99,17 +125,30 @@ def scale_values(text: str, option: str, value: Callable[[str], V], form: str,
                  scale_optional: bool = False) -> Iterator[tuple[str, Optional[int], V]]:
     """The SCALE:VALUE items of a comma-separated option (with `scale_optional`, a bare VALUE too,
     whose scale is None), one (item, scale, value) at a time, so the caller checks each before the
-    next is parsed. `form` names the expected items in the error, e.g. "SCALE:STEPS pairs"."""
+    next is parsed. `form` names the expected items in the error, e.g. "SCALE:STEPS pairs". A scale
+    given twice (or two bare values) is refused."""
+    seen: dict[Optional[int], str] = {}
     for item in (x.strip() for x in text.split(",") if x.strip()):
         scale_text, _, value_text = item.rpartition(":")
         try:
-            parsed = value(value_text)
+            parsed = _number(value, value_text)
             if not scale_text and not scale_optional:
                 raise ValueError(item)
-            scale = int(scale_text) if scale_text else None
+            scale = _number(int, scale_text) if scale_text else None
         except ValueError:
             raise UserError(f"{option} takes {form} separated by commas (got {item!r})") from None
+        if scale in seen:
+            which = f"scale {scale}" if scale is not None else "a value for every scale"
+            raise UserError(f"{option} gives {which} twice ({seen[scale]!r} and {item!r}); give it once")
+        seen[scale] = item
         yield item, scale, parsed
+
+
+def _number(kind: Callable[[str], V], text: str) -> V:
+    """int or float of `text`, refusing the underscores Python allows ("0_5" is not 5 to a user)."""
+    if "_" in text:
+        raise ValueError(text)
+    return kind(text)
 
 
 def explicit(ctx: typer.Context, name: str) -> bool:

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from tfsdeploy.cli.common import ENGINE_HELP, engine_config, long_running, notice, progress_bar, verbose_log
-from tfsdeploy.config import BACKPROJECT_MAX, EngineConfig, SampleConfig
+from tfsdeploy.config import (BACKPROJECT_MAX, MAX_ROTATION_DEG, MAX_SHIFT_LIMIT_MM, MAX_SHIFT_MM, EngineConfig,
+                              SampleConfig)
 from tfsdeploy.errors import UserError
 
 
@@ -63,11 +64,17 @@ def fuse(
     series: list[str] = typer.Option([], "--series", metavar="UID",
                                      help="Volumes: the SeriesInstanceUID to read from a DICOM folder holding "
                                      "several series (repeat it for several folders)."),
-    register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes to "
-                                  "the --grid one first (6 DOF, mutual information; needs tfsdeploy[scans])."),
+    register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes first "
+                                  "(6 DOF, mutual information; needs pip install 'tfsdeploy\\[scans]'). Each is fitted "
+                                  "to the T1; the same inputs give the same transforms on every run."),
+    max_rotation: Optional[float] = typer.Option(None, metavar="DEG", help="With --register: refuse a fit that "
+                                                 f"turns by more (default {MAX_ROTATION_DEG:g}; at most 180)."),
+    max_shift: Optional[float] = typer.Option(None, metavar="MM", help="With --register: refuse a fit that shifts "
+                                              f"the brain's centre by more (default {MAX_SHIFT_MM:g}; at most "
+                                              f"{MAX_SHIFT_LIMIT_MM:g})."),
     save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
-                                                   "folder as ITK .tfm files (T2_to_T1.tfm ...), once the fuse "
-                                                   "succeeds."),
+                                                   "folder as ITK .tfm files (t2_to_t1.tfm, func_to_t1.tfm, named "
+                                                   "after the --grid volume), once the fuse succeeds."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -83,6 +90,7 @@ def fuse(
         raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
     if save_transforms is not None and not register:
         raise UserError("--save-transforms writes the transforms of --register; add --register")
+    bounds = _register_bounds(max_rotation, max_shift, register)
     for given in (t1, t2, func):  # the inputs first: a missing one is not an output problem
         if not given.exists():
             raise UserError(f"{given}: no such file or folder")
@@ -99,11 +107,28 @@ def fuse(
     job = FuseJob(inputs=(t1, t2, func), scale=scale, model=model, out=out, sample=sample, size=size,
                   engine=engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir),
                   batch_size=batch_size, method=method, adapt=adapt, progress=progress, verbose=verbose,
-                  grid=grid, series=tuple(series), register=register, transforms=save_transforms)
+                  grid=grid, series=tuple(series), register=bounds if register else False,
+                  transforms=save_transforms)
     if kind is not None:
         _fuse_scan(kind, job)
     else:
         _fuse_images(job)
+
+
+def _register_bounds(max_rotation: Optional[float], max_shift: Optional[float], register: bool):
+    """The registration's config with the bounds given (None: the defaults); refused without --register."""
+    given = [(o, v) for o, v in (("--max-rotation", max_rotation), ("--max-shift", max_shift)) if v is not None]
+    if not given:
+        return True
+    if not register:
+        raise UserError(f"{given[0][0]} bounds the fit of --register; add --register")
+    for option, value, top in (("--max-rotation", max_rotation, 180.0), ("--max-shift", max_shift, MAX_SHIFT_LIMIT_MM)):
+        if value is not None and not 0 < value <= top:
+            raise UserError(f"{option} must be above 0 and at most {top:g}, got {value:g}")
+    from tfsdeploy.volumes import RegisterConfig
+
+    return RegisterConfig(max_rotation_deg=MAX_ROTATION_DEG if max_rotation is None else max_rotation,
+                          max_shift_mm=MAX_SHIFT_MM if max_shift is None else max_shift)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +149,7 @@ class FuseJob:
     verbose: bool
     grid: str  # volumes: the grid the others are resampled onto, and what to read and register
     series: tuple[str, ...]
-    register: bool
+    register: object  # False, True or a tfsdeploy.volumes.RegisterConfig (bounds given)
     transforms: Optional[Path]
 
     def load_pipeline(self, engine: EngineConfig):
@@ -146,6 +171,9 @@ def _fuse_images(job: FuseJob) -> None:
     if job.method != "diffusion":
         if job.adapt:
             raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
+        if job.sample.ensemble:
+            raise UserError("--ensemble averages the model's fused images; the upsample-then-fuse baselines have no "
+                            "model")
         write_png(out, fuse_baseline(read_triplet(*job.inputs), job.scale, job.size or 256, job.method))
         typer.echo(f"wrote {out} (bicubic + {job.method} fusion, x{job.scale})")
         return

@@ -68,6 +68,18 @@ def fuse(
     save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
                                                    "folder as ITK .tfm files (T2_to_T1.tfm ...), once the fuse "
                                                    "succeeds."),
+    format: str = typer.Option("auto", "--format", help="Volumes: the output's form: auto (NIfTI), nifti, or "
+                               "dicom (a DICOM series in the folder --out, default fused_dicom/; RGB Secondary "
+                               "Capture slices placed in the patient)."),
+    patient_id: Optional[str] = typer.Option(None, help="--format dicom with a NIfTI T1: the patient's ID (a DICOM "
+                                             "T1 gives its own patient and study)."),
+    patient_name: Optional[str] = typer.Option(None, help="--format dicom with a NIfTI T1: the patient's name "
+                                               "(DICOM form, e.g. Doe^Jane)."),
+    anonymous: bool = typer.Option(False, "--anonymous", help="--format dicom with a NIfTI T1: the series names "
+                                   "no patient."),
+    send: Optional[str] = typer.Option(None, "--send", metavar="AE@HOST:PORT", help="--format dicom: C-STORE the "
+                                       "written series to this PACS (its AE title, host and DICOM port)."),
+    calling_ae: Optional[str] = typer.Option(None, help="With --send: this end's AE title (default TFSDEPLOY)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -89,6 +101,7 @@ def fuse(
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     if kind is None:
         refuse_volume_options(grid, series, register, "images")
+    dicom_out = _dicom_options(kind, format, patient_id, patient_name, anonymous, send, calling_ae)
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject,
                           ensemble=ensemble)
     if adapt and model is not None and artifact_engine(model) is not None:
@@ -99,11 +112,47 @@ def fuse(
     job = FuseJob(inputs=(t1, t2, func), scale=scale, model=model, out=out, sample=sample, size=size,
                   engine=engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir),
                   batch_size=batch_size, method=method, adapt=adapt, progress=progress, verbose=verbose,
-                  grid=grid, series=tuple(series), register=register, transforms=save_transforms)
+                  grid=grid, series=tuple(series), register=register, transforms=save_transforms,
+                  dicom=dicom_out)
     if kind is not None:
         _fuse_scan(kind, job)
     else:
         _fuse_images(job)
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomOut:
+    """--format dicom: the patient options, and where to send the series (a tfsdeploy.pacs.Destination)."""
+
+    patient_id: Optional[str]
+    patient_name: Optional[str]
+    anonymous: bool
+    send: object = None
+    calling_ae: str = ""
+
+
+def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], patient_name: Optional[str],
+                   anonymous: bool, send: Optional[str], calling_ae: Optional[str]) -> Optional[DicomOut]:
+    """The DICOM output's options, checked before any input is read; None for another output."""
+    forms = ("auto", "nifti", "dicom")
+    if form not in forms:
+        raise UserError(f"--format must be one of {', '.join(forms)}, got {form!r}")
+    if form != "auto" and kind not in ("nifti", "dicom"):
+        raise UserError(f"--format {form} applies to volumes (NIfTI files or DICOM series); "
+                        f"{'images give a PNG' if kind is None else 'folders of slices give a folder of PNGs'}")
+    given = [o for o, on in (("--patient-id", patient_id is not None), ("--patient-name", patient_name is not None),
+                             ("--anonymous", anonymous), ("--send", send is not None),
+                             ("--calling-ae", calling_ae is not None)) if on]
+    if form != "dicom":
+        if given:
+            raise UserError(f"{given[0]} goes with --format dicom (a DICOM series output)")
+        return None
+    from tfsdeploy.pacs import DEFAULT_CALLING_AE, Destination, check_ae_title
+
+    if calling_ae is not None and send is None:
+        raise UserError("--calling-ae names this end of a --send; add --send AE@HOST:PORT")
+    return DicomOut(patient_id, patient_name, anonymous, Destination.parse(send) if send is not None else None,
+                    check_ae_title(calling_ae, "--calling-ae") if calling_ae is not None else DEFAULT_CALLING_AE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +175,7 @@ class FuseJob:
     series: tuple[str, ...]
     register: bool
     transforms: Optional[Path]
+    dicom: Optional[DicomOut] = None  # volumes written as a DICOM series (--format dicom)
 
     def load_pipeline(self, engine: EngineConfig):
         from tfsdeploy.pipeline import FusionPipeline
@@ -170,10 +220,13 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
         check_transform_folder(job.transforms, [], list(job.inputs))
     read: list[str] = []  # what was read, registered and resampled: said once every check has passed
     scan = open_scan(*job.inputs, grid=job.grid, series=job.series, register=job.register, log=read.append)
-    output = ScanOutput(scan, job.out, transforms=job.transforms)
+    plan = _plan_series(scan, job) if job.dicom is not None else None
+    output = ScanOutput(scan, job.out, transforms=job.transforms, dicom=plan)
     output.check()
     out, montage = output.path, output.montage
     pipe = job.load_pipeline(dataclasses.replace(job.engine, build_missing=not job.adapt))  # a scan is a long job
+    if plan is not None:
+        output.dicom = plan.with_derivation(_derivation(plan, pipe))
     output_box(*scan.shape, pipe.check_size(job.size))
     batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
     for line in read:
@@ -185,11 +238,40 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     with progress_bar("fuse", job.progress, "slices") as bar:
         fused = pipe.fuse_scan(scan, job.size, batch, progress=bar)
     written = output.publish(fused)
-    where = out if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
+    where = (f"{out}/ (DICOM series, {len(written)} files)" if plan is not None else out
+             if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)")
     typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
                f"{pipe.describe()})")
     if output.transform_files:
         typer.echo(f"wrote {job.transforms}/ ({', '.join(p.name for p in output.transform_files)})")
+    if job.dicom is not None and job.dicom.send is not None:
+        _send(written, out, job.dicom)
+
+
+def _plan_series(scan, job: FuseJob):
+    from tfsdeploy.dicomout import plan_series
+
+    d = job.dicom
+    return plan_series(scan.series, job.grid, job.scale, patient_id=d.patient_id, patient_name=d.patient_name,
+                       anonymous=d.anonymous)
+
+
+def _derivation(plan, pipe) -> str:
+    """The DerivationDescription: the series' own words, then the model (by name, never a path) and sampler."""
+    model = f"; model {pipe.source.parent.name} {pipe.source.name}" if pipe.source else ""
+    sampler = pipe.describe().split(", engine ")[0]
+    return f"{plan.description}, super-resolved and fused from the T1, T2 and functional series ({sampler}{model})"
+
+
+def _send(files: list[Path], folder: Path, dicom: DicomOut) -> None:
+    """C-STORE the written series; a failure is one line that says the series stays on disk."""
+    from tfsdeploy.pacs import send_series
+
+    try:
+        stored = send_series(files, dicom.send, dicom.calling_ae)
+    except UserError as e:
+        raise UserError(f"{e}; the series stays in {folder}/") from None
+    typer.echo(f"sent {stored} of {len(files)} instances to {dicom.send} (C-STORE from {dicom.calling_ae})")
 
 
 def _adapted(pipe, trips: list, job: FuseJob):

@@ -1,0 +1,122 @@
+"""Sending a written DICOM series to a PACS: C-STORE over one association (pynetdicom).
+
+The destination is `AE@HOST:PORT`, the PACS's (called) AE title and its DICOM port; the calling AE
+title names this end. Every file is offered in its own SOP class and transfer syntax. A PACS that
+cannot be reached, refuses the association, drops it or rejects an instance is one UserError naming
+what failed and how many instances it had stored; what was written stays on disk, and only instances
+the PACS confirmed count as sent.
+
+Needs the optional extra `tfsdeploy[dicom]` (pynetdicom); imported on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tfsdeploy.errors import UserError
+from tfsdeploy.volumes import import_extra
+
+DEFAULT_CALLING_AE = "TFSDEPLOY"
+TIMEOUT_S = 30.0  # connecting, association and each response
+_AE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII less the backslash, 1 to 16
+
+
+def check_ae_title(title: str, option: str) -> str:
+    """An AE title as DICOM allows it (1 to 16 printable ASCII characters, no backslash, not only spaces)."""
+    if not _AE_CHARS.match(title) or not title.strip():
+        raise UserError(f"{option} {title!r}: an AE title has 1 to 16 printable ASCII characters, no backslash")
+    return title.strip()
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node: its AE title, host and port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, option: str = "--send") -> Destination:
+        """`AE@HOST:PORT` (an IPv6 host in brackets: AE@[::1]:104)."""
+        match = re.fullmatch(r"(?P<ae>[^@]*)@(?P<host>\[[^\]]+\]|[^:@\[\]]+):(?P<port>\d{1,5})", text.strip())
+        if match is None:
+            raise UserError(f"{option} takes AE@HOST:PORT, the PACS's AE title, host and DICOM port (got {text!r})")
+        port = int(match["port"])
+        if not 1 <= port <= 65535:
+            raise UserError(f"{option} {text!r}: the port must be 1 to 65535")
+        return cls(check_ae_title(match["ae"], option), match["host"].strip("[]"), port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_CALLING_AE,
+                timeout: float = TIMEOUT_S) -> int:
+    """C-STORE every file to `dest` over one association; returns how many the PACS stored (all of them).
+
+    A warning status (the PACS stored the instance, perhaps coerced) counts as stored; anything else
+    stops nothing but is reported: after the last file, one UserError says what failed."""
+    pydicom = import_extra("pydicom", "sending a DICOM series")
+    pynetdicom = import_extra("pynetdicom", "sending a DICOM series")
+    if not files:
+        raise ValueError("no files to send")
+    datasets = [pydicom.dcmread(f) for f in files]
+    ae = pynetdicom.AE(ae_title=calling_ae)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    offered = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets})
+    for sop_class, syntax in offered:
+        ae.add_requested_context(sop_class, [syntax])
+    total = len(files)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        raise UserError(_not_associated(assoc, dest, calling_ae, total))
+    stored, failures = 0, []
+    try:
+        for f, ds in zip(files, datasets, strict=True):
+            if not assoc.is_established:
+                failures.append((f, "the association was lost"))
+                break
+            try:
+                status = assoc.send_c_store(ds)
+            except (RuntimeError, ValueError) as e:  # no accepted context for the file, a closed association
+                failures.append((f, str(e).splitlines()[0]))
+                continue
+            code = int(status.get("Status", -1)) if status else -1
+            if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+                stored += 1
+            elif code == -1:
+                failures.append((f, "no response (the association was aborted or timed out)"))
+                break
+            else:
+                failures.append((f, f"status 0x{code:04X}{_status_text(pynetdicom, code)}"))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failures:
+        f, why = failures[0]
+        unsent = total - stored
+        raise UserError(f"{dest} did not store {unsent} of {total} instance(s) ({f.name}: {why}); {stored} stored")
+    return stored
+
+
+def _not_associated(assoc, dest: Destination, calling_ae: str, total: int) -> str:
+    if assoc.is_rejected:
+        return (f"{dest} refused the association from {calling_ae} (check the called and calling AE titles); "
+                f"0 of {total} instance(s) sent")
+    return f"{dest}: cannot connect or associate (is the PACS running there?); 0 of {total} instance(s) sent"
+
+
+def _status_text(pynetdicom, code: int) -> str:
+    from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+
+    found = STORAGE_SERVICE_CLASS_STATUS.get(code)
+    if found is None and 0xC000 <= code <= 0xCFFF:
+        return " Cannot understand"
+    return f" {found[1]}" if found else ""
+
+
+__all__ = ["Destination", "DEFAULT_CALLING_AE", "check_ae_title", "send_series"]

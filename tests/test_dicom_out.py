@@ -32,6 +32,8 @@ from test_fuse_dicom import SLICES, fast, refused  # noqa: E402
 
 from tfsdeploy.cli import app  # noqa: E402
 from tfsdeploy.dicomout import slice_geometry  # noqa: E402
+from tfsdeploy.errors import UserError  # noqa: E402
+from tfsdeploy.pacs import Destination, send_series  # noqa: E402
 from tfsdeploy.volumes import itk_affine  # noqa: E402
 
 runner = CliRunner()
@@ -250,7 +252,7 @@ def test_dicom_options_need_format_dicom_and_volumes(inputs, tiny_run, work, syn
     triplet = [inputs[m] for m in ("t1", "t2", "func")]
     assert "--send goes with --format dicom" in refused(work, "fuse", *triplet, *fast(tiny_run), "--send",
                                                         "PACS@localhost:104")
-    images = [next((synth_dataset / "test" / m).iterdir()) for m in ("t1", "t2", "spect")]
+    images = [next((synth_dataset / "test" / m).iterdir()) for m in ("t1", "t2", "func")]
     assert "--format dicom applies to volumes" in refused(work, "fuse", *images, *fast(tiny_run), "--format", "dicom")
     assert "--format must be one of" in refused(work, "fuse", *triplet, *fast(tiny_run), "--format", "dcm")
 
@@ -274,6 +276,19 @@ def test_dicom_inputs_of_different_patients_are_refused(inputs, spm, tiny_run, w
     assert "different patients" in line and "SOMEONE-ELSE" in line
 
 
+@pytest.mark.parametrize("module, args", [("highdicom", []), ("pynetdicom", ["--send", "PACS@localhost:104"])])
+def test_without_the_dicom_extra_the_command_names_it_before_any_work(inputs, tiny_run, work, monkeypatch, module,
+                                                                       args):
+    import sys
+
+    for name in [n for n in sys.modules if n == module or n.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # `import` now fails as if it were not installed
+    line = refused(work, "fuse", inputs["t1"], inputs["t2"], inputs["func"], *fast(tiny_run), "--format", "dicom",
+                   *args)
+    assert line.endswith(f"needs {module}, which is not installed: pip install 'tfsdeploy[dicom]'"), line
+
+
 # --------------------------------------------------------------------------- a real PACS
 
 
@@ -284,22 +299,18 @@ def free_port() -> int:
 
 
 class Orthanc:
-    """An Orthanc on 127.0.0.1 with its own configuration and storage; accepts any calling AE title,
-    checks the called one, and (with `reject`) refuses instances whose InstanceNumber is `reject`."""
+    """An Orthanc on 127.0.0.1 with its own configuration and storage; it accepts any calling AE title,
+    checks the called one, and refuses SOP classes it does not know (its default)."""
 
-    def __init__(self, root: Path, reject: int | None = None):
+    def __init__(self, root: Path):
         self.root, self.dicom_port, self.http_port = root, free_port(), free_port()
         root.mkdir(parents=True)
         config = {"Name": "tfsdeploy-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
                   "DicomAet": PACS_AE, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAETitle": True,
-                  "DicomAlwaysAllowStore": True, "Plugins": [], "HttpServerEnabled": True, "DicomServerEnabled": True,
-                  "ConcurrentJobs": 1, "StorageCompression": False}
-        if reject is not None:
-            (root / "filter.lua").write_text(
-                "function ReceivedInstanceFilter(dicom, origin, info)\n"
-                f"  return tonumber(dicom.InstanceNumber) ~= {reject}\nend\n")
-            config["LuaScripts"] = [str(root / "filter.lua")]
+                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": True,
+                  "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": False, "Plugins": [],
+                  "HttpServerEnabled": True, "DicomServerEnabled": True, "ConcurrentJobs": 1,
+                  "StorageCompression": False}
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = open(root / "orthanc.log", "wb")
         self.process = subprocess.Popen([shutil.which("Orthanc"), str(root / "orthanc.json")], stdout=self.log,
@@ -374,21 +385,25 @@ def test_a_pacs_that_is_down_is_one_line_and_the_series_stays(inputs, tiny_run, 
 
 def test_a_wrong_ae_title_is_one_line_and_the_series_stays(inputs, tiny_run, work, orthanc):
     line = refused_after_writing(work, inputs, tiny_run, "--send", f"NOTTHEPACS@127.0.0.1:{orthanc.dicom_port}")
-    assert "refused the association" in line and "0 of 16" in line
+    assert "refused the association from TFSDEPLOY: Called AE title not recognised" in line and "0 of 16" in line
     assert orthanc.get("/instances") == []
 
 
-def test_a_rejected_instance_is_one_line_and_counts_what_was_stored(inputs, tiny_run, work, tmp_path):
-    if shutil.which("Orthanc") is None:
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    pacs = Orthanc(tmp_path / "rejecting", reject=5)
-    try:
-        line = refused_after_writing(work, inputs, tiny_run, "--send", pacs.destination)
-        assert f"{pacs.destination} did not store 1 of 16 instance(s) (IM0005.dcm: status 0x" in line, line
-        assert "15 stored" in line
-        assert len(pacs.get("/instances")) == 15
-    finally:
-        pacs.stop()
+def test_a_rejected_instance_is_one_line_and_counts_what_was_stored(fused, orthanc, tmp_path):
+    # One file of the series in a SOP class the PACS does not know: it refuses that one, stores the others.
+    folder = tmp_path / "series"
+    shutil.copytree(fused["folder"], folder)
+    files = sorted(folder.iterdir())
+    odd = pydicom.dcmread(files[3])
+    odd.SOPClassUID = odd.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.8.498.1"
+    odd.save_as(files[3])
+    with pytest.raises(UserError) as e:
+        send_series(files, Destination.parse(orthanc.destination))
+    line = str(e.value)
+    assert line.startswith(f"{orthanc.destination} did not store 1 of 16 instance(s) (IM0004.dcm: the PACS does "
+                           "not accept SOP class 1.2.826.0.1.3680043.8.498.1 in Explicit VR Little Endian)"), line
+    assert line.endswith("; 15 stored")
+    assert len(orthanc.get("/instances")) == 15
 
 
 def refused_after_writing(work: Path, inputs, tiny_run, *args) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.volumes import import_extra
+from tfsdeploy.volumes import DICOM_EXTRA, import_extra
 
 # RAS <-> LPS: flip the first two world axes.
 _FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -90,7 +90,7 @@ def plan_series(series: dict, grid: str, scale: int, *, patient_id: str | None =
     NIfTI inputs absent) and the patient options. Refuses, in one line: patient options beside a DICOM T1,
     a NIfTI T1 with neither a patient nor --anonymous, and DICOM inputs of different patients."""
     pydicom = import_extra("pydicom", "writing a DICOM series")
-    import_extra("highdicom", "writing a DICOM series")
+    import_extra("highdicom", "writing a DICOM series", DICOM_EXTRA)
     from pydicom.uid import generate_uid
 
     given = [o for o, v in (("--patient-id", patient_id), ("--patient-name", patient_name)) if v is not None]
@@ -180,7 +180,7 @@ def write_series(folder: Path, fused: np.ndarray, affine: np.ndarray, plan: Seri
     """Write uint8 [N,3,h,w] fused slices into the new folder `folder` as one DICOM series; returns the file
     names (IM0001.dcm ... in slice order). `affine`: the RAS voxel-to-world affine of the output grid."""
     import_extra("pydicom", "writing a DICOM series")
-    hd = import_extra("highdicom", "writing a DICOM series")
+    hd = import_extra("highdicom", "writing a DICOM series", DICOM_EXTRA)
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
     from pydicom.uid import generate_uid

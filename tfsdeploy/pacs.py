@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.volumes import import_extra
+from tfsdeploy.volumes import DICOM_EXTRA, import_extra
 
 DEFAULT_CALLING_AE = "TFSDEPLOY"
 TIMEOUT_S = 30.0  # connecting, association and each response
@@ -61,7 +61,7 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_
     A warning status (the PACS stored the instance, perhaps coerced) counts as stored; anything else
     stops nothing but is reported: after the last file, one UserError says what failed."""
     pydicom = import_extra("pydicom", "sending a DICOM series")
-    pynetdicom = import_extra("pynetdicom", "sending a DICOM series")
+    pynetdicom = import_extra("pynetdicom", "sending a DICOM series", DICOM_EXTRA)
     if not files:
         raise ValueError("no files to send")
     datasets = [pydicom.dcmread(f) for f in files]
@@ -71,9 +71,18 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_
     for sop_class, syntax in offered:
         ae.add_requested_context(sop_class, [syntax])
     total = len(files)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    # A refusal is told by the A-ASSOCIATE-RJ received, not only by the association's state: a PACS that
+    # closes the connection right after refusing may leave the association marked as aborted instead.
+    refusals: list = []
+
+    def on_pdu(event) -> None:
+        if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+            refusals.append(event.pdu)
+
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(pynetdicom.evt.EVT_PDU_RECV, on_pdu)])
     if not assoc.is_established:
-        raise UserError(_not_associated(assoc, dest, calling_ae, total))
+        raise UserError(_not_associated(assoc, refusals, dest, calling_ae, total))
     stored, failures = 0, []
     try:
         for f, ds in zip(files, datasets, strict=True):
@@ -82,9 +91,13 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_
                 break
             try:
                 status = assoc.send_c_store(ds)
-            except (RuntimeError, ValueError) as e:  # no accepted context for the file, a closed association
-                failures.append((f, str(e).splitlines()[0]))
+            except ValueError:  # the PACS accepted no presentation context for the file's class and syntax
+                failures.append((f, f"the PACS does not accept SOP class {ds.SOPClassUID} in "
+                                    f"{ds.file_meta.TransferSyntaxUID.name}"))
                 continue
+            except RuntimeError as e:  # the association closed under it
+                failures.append((f, str(e).splitlines()[0]))
+                break
             code = int(status.get("Status", -1)) if status else -1
             if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
                 stored += 1
@@ -103,10 +116,11 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_
     return stored
 
 
-def _not_associated(assoc, dest: Destination, calling_ae: str, total: int) -> str:
-    if assoc.is_rejected:
-        return (f"{dest} refused the association from {calling_ae} (check the called and calling AE titles); "
-                f"0 of {total} instance(s) sent")
+def _not_associated(assoc, refusals: list, dest: Destination, calling_ae: str, total: int) -> str:
+    if assoc.is_rejected or refusals:
+        reason = f": {refusals[0].reason_str}" if refusals else ""
+        return (f"{dest} refused the association from {calling_ae}{reason} (check the called and calling AE "
+                f"titles); 0 of {total} instance(s) sent")
     return f"{dest}: cannot connect or associate (is the PACS running there?); 0 of {total} instance(s) sent"
 
 

@@ -151,6 +151,10 @@ def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], pa
 
     if calling_ae is not None and send is None:
         raise UserError("--calling-ae names this end of a --send; add --send AE@HOST:PORT")
+    if send is not None:  # before any work, not once the series is written
+        from tfsdeploy.volumes import DICOM_EXTRA, import_extra
+
+        import_extra("pynetdicom", "sending a DICOM series", DICOM_EXTRA)
     return DicomOut(patient_id, patient_name, anonymous, Destination.parse(send) if send is not None else None,
                     check_ae_title(calling_ae, "--calling-ae") if calling_ae is not None else DEFAULT_CALLING_AE)
 

@@ -27,6 +27,7 @@ pydicom = pytest.importorskip("pydicom", reason="needs the scans extra: pip inst
 pytest.importorskip("highdicom", reason="needs the dicom extra: pip install 'tfsdeploy[dicom]'")
 pytest.importorskip("pynetdicom", reason="needs the dicom extra: pip install 'tfsdeploy[dicom]'")
 
+from pydicom.uid import generate_uid  # noqa: E402
 from test_dicom_grids import spm, write_series  # noqa: E402, F401
 from test_fuse_dicom import SLICES, fast, refused  # noqa: E402
 
@@ -38,6 +39,7 @@ from tfsdeploy.volumes import itk_affine  # noqa: E402
 
 runner = CliRunner()
 PACS_AE = "TFSPACS"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 # Series index (c, r, s) -> NIfTI voxel (w-1-c, h-1-r, s): rows anterior first, each row towards the left.
 MIRROR_IJ = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -60,8 +62,14 @@ def inputs(spm, tmp_path_factory):
     out = {"root": root}
     for m, key, number in (("t1", "t1", 1), ("t2", "t2", 2), ("func", "spect", 3)):
         img = crop(spm[key])
-        datasets, _ = write_series(img, root / f"{m}_dicom", f"{key.upper()} axial", number=number)
-        out[m], out[f"{m}_datasets"] = root / f"{m}_dicom", datasets
+        write_series(img, root / f"{m}_dicom", f"{key.upper()} axial", number=number)
+        frame = generate_uid()  # each series in a Frame of Reference of its own, as from a scanner
+        for f in (root / f"{m}_dicom").iterdir():
+            ds = pydicom.dcmread(f)
+            ds.FrameOfReferenceUID = frame
+            ds.save_as(f)
+        files = sorted((root / f"{m}_dicom").iterdir())  # IM0000.dcm ...: slice k
+        out[m], out[f"{m}_datasets"] = root / f"{m}_dicom", [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
         nib.save(img, root / f"{m}.nii.gz")
         out[f"{m}_nifti"] = root / f"{m}.nii.gz"
     return out
@@ -141,7 +149,7 @@ def test_every_instance_is_an_rgb_secondary_capture_of_the_t1s_patient_and_study
         assert int(ds.InstanceNumber) == k + 1
         assert (ds.PatientID, str(ds.PatientName)) == (t1.PatientID, str(t1.PatientName))
         assert ds.StudyInstanceUID == t1.StudyInstanceUID
-        assert ds.FrameOfReferenceUID == t1.FrameOfReferenceUID if "FrameOfReferenceUID" in t1 else True
+        assert ds.FrameOfReferenceUID == t1.FrameOfReferenceUID  # on the T1's grid, in its Frame of Reference
         assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
         assert ds.SeriesDescription == "TFS-Diff x4 fusion T1/T2/SPECT"
         assert "x4" in ds.DerivationDescription and "model " in ds.DerivationDescription
@@ -241,6 +249,7 @@ def test_nifti_inputs_need_a_patient_or_anonymous(inputs, tiny_run, work):
     (["--send", "AETITLEMUCHTOOLONG@localhost:104"], "an AE title has 1 to 16"),
     (["--send", "PACS@localhost:70000"], "the port must be 1 to 65535"),
     (["--calling-ae", "ME"], "--calling-ae names this end of a --send"),
+    (["--stow", "pacs:8042/dicom-web"], "--stow takes the DICOMweb root as an http(s) URL"),
 ])
 def test_bad_dicom_options_are_one_line_before_any_work(inputs, tiny_run, work, args, message):
     line = refused(work, "fuse", inputs["t1"], inputs["t2"], inputs["func"], *fast(tiny_run), "--format", "dicom",
@@ -300,7 +309,8 @@ def free_port() -> int:
 
 class Orthanc:
     """An Orthanc on 127.0.0.1 with its own configuration and storage; it accepts any calling AE title,
-    checks the called one, and refuses SOP classes it does not know (its default)."""
+    checks the called one, and refuses SOP classes it does not know (its default). With its DICOMweb
+    plugin installed, it serves DICOMweb at /dicom-web."""
 
     def __init__(self, root: Path):
         self.root, self.dicom_port, self.http_port = root, free_port(), free_port()
@@ -311,6 +321,9 @@ class Orthanc:
                   "DicomAlwaysAllowStore": True, "UnknownSopClassAccepted": False, "Plugins": [],
                   "HttpServerEnabled": True, "DicomServerEnabled": True, "ConcurrentJobs": 1,
                   "StorageCompression": False}
+        if DICOMWEB_PLUGIN.is_file():
+            config["Plugins"] = [str(DICOMWEB_PLUGIN)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = open(root / "orthanc.log", "wb")
         self.process = subprocess.Popen([shutil.which("Orthanc"), str(root / "orthanc.json")], stdout=self.log,
@@ -329,6 +342,29 @@ class Orthanc:
     @property
     def destination(self) -> str:
         return f"{PACS_AE}@127.0.0.1:{self.dicom_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def check_holds(self, folder: Path) -> None:
+        """Orthanc holds the series in `folder` and nothing else: every instance, with its UIDs and pixel data."""
+        written = {}
+        for f in sorted(folder.iterdir()):
+            ds = pydicom.dcmread(f)
+            written[str(ds.SOPInstanceUID)] = ds
+        series = self.get("/series?expand")
+        assert len(series) == 1 and len(series[0]["Instances"]) == len(written) == 16
+        first = next(iter(written.values()))
+        assert series[0]["MainDicomTags"]["SeriesInstanceUID"] == first.SeriesInstanceUID
+        for instance in series[0]["Instances"]:
+            stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(self.get(f"/instances/{instance}/file", raw=True)))
+            ours = written.pop(str(stored.SOPInstanceUID))
+            assert (stored.SeriesInstanceUID, stored.StudyInstanceUID) == (ours.SeriesInstanceUID,
+                                                                           ours.StudyInstanceUID)
+            assert stored.PixelData == ours.PixelData
+            np.testing.assert_array_equal(stored.pixel_array, ours.pixel_array)
+        assert not written  # every instance arrived
 
     def get(self, route: str, raw: bool = False):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{route}", timeout=10) as r:
@@ -360,21 +396,25 @@ def test_the_series_sent_to_orthanc_arrives_whole(inputs, tiny_run, work, orthan
               "--send", orthanc.destination, "--calling-ae", "TFSTEST")
     assert res.exit_code == 0, res.output
     assert f"sent 16 of 16 instances to {orthanc.destination} (C-STORE from TFSTEST)" in res.stdout
-    written = {}
-    for f in sorted((work / "fused_dicom").iterdir()):
-        ds = pydicom.dcmread(f)
-        written[str(ds.SOPInstanceUID)] = ds
-    series = orthanc.get("/series?expand")
-    assert len(series) == 1 and len(series[0]["Instances"]) == 16
-    first = next(iter(written.values()))
-    assert series[0]["MainDicomTags"]["SeriesInstanceUID"] == first.SeriesInstanceUID
-    for instance in series[0]["Instances"]:
-        stored = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.get(f"/instances/{instance}/file", raw=True)))
-        ours = written.pop(str(stored.SOPInstanceUID))
-        assert (stored.SeriesInstanceUID, stored.StudyInstanceUID) == (ours.SeriesInstanceUID, ours.StudyInstanceUID)
-        assert stored.PixelData == ours.PixelData
-        np.testing.assert_array_equal(stored.pixel_array, ours.pixel_array)
-    assert not written  # every instance arrived
+    orthanc.check_holds(work / "fused_dicom")
+
+
+def test_the_series_stored_by_stow_rs_arrives_whole(inputs, tiny_run, work, orthanc):
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+    res = cli("fuse", inputs["t1"], inputs["t2"], inputs["func"], *fast(tiny_run), "--format", "dicom",
+              "--stow", orthanc.dicomweb + "/")
+    assert res.exit_code == 0, res.output
+    assert f"sent 16 of 16 instances to {orthanc.dicomweb} (STOW-RS)" in res.stdout
+    orthanc.check_holds(work / "fused_dicom")
+    line = refused_after_writing(work, inputs, tiny_run, "--stow", orthanc.dicomweb + "/nowhere")
+    assert f"{orthanc.dicomweb}/nowhere/studies answered HTTP 404" in line and "0 of 16 instance(s) stored" in line
+
+
+def test_a_dicomweb_server_that_is_down_is_one_line(inputs, tiny_run, work):
+    url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    line = refused_after_writing(work, inputs, tiny_run, "--stow", url)
+    assert f"{url}/studies: cannot connect" in line and "0 of 16 instance(s) sent" in line
 
 
 def test_a_pacs_that_is_down_is_one_line_and_the_series_stays(inputs, tiny_run, work):

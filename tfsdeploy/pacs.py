@@ -1,17 +1,26 @@
-"""Sending a written DICOM series to a PACS: C-STORE over one association (pynetdicom).
+"""Sending a written DICOM series to a PACS: C-STORE over one association (pynetdicom), or DICOMweb
+STOW-RS (one HTTP request, the standard library).
 
-The destination is `AE@HOST:PORT`, the PACS's (called) AE title and its DICOM port; the calling AE
-title names this end. Every file is offered in its own SOP class and transfer syntax. A PACS that
-cannot be reached, refuses the association, drops it or rejects an instance is one UserError naming
-what failed and how many instances it had stored; what was written stays on disk, and only instances
-the PACS confirmed count as sent.
+C-STORE: the destination is `AE@HOST:PORT`, the PACS's (called) AE title and its DICOM port; the
+calling AE title names this end. Every file is offered in its own SOP class and transfer syntax.
+STOW-RS: the destination is the DICOMweb root (`http://host:8042/dicom-web`); the files go to
+ROOT/studies as one multipart/related request, and the answer lists the instances stored.
 
-Needs the optional extra `tfsdeploy[dicom]` (pynetdicom); imported on first use.
+A PACS that cannot be reached, refuses the association, drops it or rejects an instance is one
+UserError naming what failed and how many instances it had stored; what was written stays on disk,
+and only instances the PACS confirmed count as sent.
+
+C-STORE needs the optional extra `tfsdeploy[dicom]` (pynetdicom); imported on first use.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +125,75 @@ def send_series(files: list[Path], dest: Destination, calling_ae: str = DEFAULT_
     return stored
 
 
+def check_stow_url(url: str, option: str = "--stow") -> str:
+    """A DICOMweb root: an http or https URL with a host, without query or fragment."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise UserError(f"{option} takes the DICOMweb root as an http(s) URL, e.g. http://pacs:8042/dicom-web "
+                        f"(got {url!r})")
+    return url.strip().rstrip("/")
+
+
+def stow_series(files: list[Path], root: str, timeout: float = TIMEOUT_S) -> int:
+    """POST every file to ROOT/studies in one STOW-RS request; returns how many the server stored (all).
+
+    Counted as stored are the files whose SOP Instance UIDs the answer lists in its Referenced SOP
+    Sequence; a failed request, or an answer that lists fewer, is one UserError."""
+    pydicom = import_extra("pydicom", "sending a DICOM series")
+    if not files:
+        raise ValueError("no files to send")
+    ours = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+            for f in files]
+    boundary = f"tfsdeploy-{uuid.uuid4().hex}"
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+                    + b"\r\n" for f in files) + b"--" + boundary.encode() + b"--\r\n"
+    url = f"{root}/studies"
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json"})
+    total = len(files)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = response.read()
+    except urllib.error.HTTPError as e:
+        answer = e.read()
+        stored = _stowed(answer, ours)
+        raise UserError(f"{url} answered HTTP {e.code} {e.reason}{_failure(answer)}; {len(stored)} of {total} "
+                        "instance(s) stored") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"{url}: cannot connect ({reason}); 0 of {total} instance(s) sent") from None
+    stored = _stowed(answer, ours)
+    if len(stored) < total:
+        first = next(f for f, uid in zip(files, ours, strict=True) if uid not in stored)
+        raise UserError(f"{url} did not store {total - len(stored)} of {total} instance(s) (e.g. {first.name})"
+                        f"{_failure(answer)}; {len(stored)} stored")
+    return total
+
+
+def _stowed(answer: bytes, ours: list[str]) -> set[str]:
+    """Our SOP Instance UIDs that a STOW-RS answer (DICOM JSON) lists as stored."""
+    try:
+        items = (json.loads(answer or b"{}").get("00081199") or {}).get("Value") or []
+        listed = {str(v) for item in items for v in (item.get("00081155") or {}).get("Value") or []}
+    except (ValueError, AttributeError, TypeError):  # not DICOM JSON: nothing confirmed
+        return set()
+    return listed & set(ours)
+
+
+def _failure(answer: bytes) -> str:
+    """', failure reason 0xA700 (and N more)' from a STOW-RS answer's Failed SOP Sequence, or ''."""
+    try:
+        data = json.loads(answer or b"{}")
+        items = (data.get("00081198") or {}).get("Value") or []
+        reasons = [int(v) for item in items for v in (item.get("00081197") or {}).get("Value") or []]
+    except (ValueError, AttributeError, TypeError):
+        return ""
+    if not reasons:
+        return ""
+    return f", failure reason 0x{reasons[0]:04X}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "")
+
+
 def _not_associated(assoc, refusals: list, dest: Destination, calling_ae: str, total: int) -> str:
     if assoc.is_rejected or refusals:
         reason = f": {refusals[0].reason_str}" if refusals else ""
@@ -133,4 +211,4 @@ def _status_text(pynetdicom, code: int) -> str:
     return f" {found[1]}" if found else ""
 
 
-__all__ = ["Destination", "DEFAULT_CALLING_AE", "check_ae_title", "send_series"]
+__all__ = ["Destination", "DEFAULT_CALLING_AE", "check_ae_title", "send_series", "check_stow_url", "stow_series"]

@@ -23,7 +23,8 @@ def fuse(
                                          "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output: a PNG for images (default fused.png), "
                                        "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
-                                       "(default fused/); scans also get OUT_montage.png."),
+                                       "(default fused/) and for --format dicom (default fused_dicom/); scans "
+                                       "also get OUT_montage.png."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
     steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
                               "MODEL_CARD.md for the packaged model) or 10, for DDPM all T."),
@@ -80,6 +81,8 @@ def fuse(
     send: Optional[str] = typer.Option(None, "--send", metavar="AE@HOST:PORT", help="--format dicom: C-STORE the "
                                        "written series to this PACS (its AE title, host and DICOM port)."),
     calling_ae: Optional[str] = typer.Option(None, help="With --send: this end's AE title (default TFSDEPLOY)."),
+    stow: Optional[str] = typer.Option(None, "--stow", metavar="URL", help="--format dicom: store the written "
+                                       "series by DICOMweb STOW-RS at this root (e.g. http://pacs:8042/dicom-web)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -101,7 +104,7 @@ def fuse(
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     if kind is None:
         refuse_volume_options(grid, series, register, "images")
-    dicom_out = _dicom_options(kind, format, patient_id, patient_name, anonymous, send, calling_ae)
+    dicom_out = _dicom_options(kind, format, patient_id, patient_name, anonymous, send, calling_ae, stow)
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject,
                           ensemble=ensemble)
     if adapt and model is not None and artifact_engine(model) is not None:
@@ -129,10 +132,12 @@ class DicomOut:
     anonymous: bool
     send: object = None
     calling_ae: str = ""
+    stow: Optional[str] = None  # a DICOMweb root
 
 
 def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], patient_name: Optional[str],
-                   anonymous: bool, send: Optional[str], calling_ae: Optional[str]) -> Optional[DicomOut]:
+                   anonymous: bool, send: Optional[str], calling_ae: Optional[str],
+                   stow: Optional[str] = None) -> Optional[DicomOut]:
     """The DICOM output's options, checked before any input is read; None for another output."""
     forms = ("auto", "nifti", "dicom")
     if form not in forms:
@@ -142,12 +147,12 @@ def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], pa
                         f"{'images give a PNG' if kind is None else 'folders of slices give a folder of PNGs'}")
     given = [o for o, on in (("--patient-id", patient_id is not None), ("--patient-name", patient_name is not None),
                              ("--anonymous", anonymous), ("--send", send is not None),
-                             ("--calling-ae", calling_ae is not None)) if on]
+                             ("--calling-ae", calling_ae is not None), ("--stow", stow is not None)) if on]
     if form != "dicom":
         if given:
             raise UserError(f"{given[0]} goes with --format dicom (a DICOM series output)")
         return None
-    from tfsdeploy.pacs import DEFAULT_CALLING_AE, Destination, check_ae_title
+    from tfsdeploy.pacs import DEFAULT_CALLING_AE, Destination, check_ae_title, check_stow_url
 
     if calling_ae is not None and send is None:
         raise UserError("--calling-ae names this end of a --send; add --send AE@HOST:PORT")
@@ -156,7 +161,8 @@ def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], pa
 
         import_extra("pynetdicom", "sending a DICOM series", DICOM_EXTRA)
     return DicomOut(patient_id, patient_name, anonymous, Destination.parse(send) if send is not None else None,
-                    check_ae_title(calling_ae, "--calling-ae") if calling_ae is not None else DEFAULT_CALLING_AE)
+                    check_ae_title(calling_ae, "--calling-ae") if calling_ae is not None else DEFAULT_CALLING_AE,
+                    check_stow_url(stow) if stow is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +254,7 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
                f"{pipe.describe()})")
     if output.transform_files:
         typer.echo(f"wrote {job.transforms}/ ({', '.join(p.name for p in output.transform_files)})")
-    if job.dicom is not None and job.dicom.send is not None:
+    if job.dicom is not None:
         _send(written, out, job.dicom)
 
 
@@ -268,14 +274,19 @@ def _derivation(plan, pipe) -> str:
 
 
 def _send(files: list[Path], folder: Path, dicom: DicomOut) -> None:
-    """C-STORE the written series; a failure is one line that says the series stays on disk."""
-    from tfsdeploy.pacs import send_series
+    """C-STORE (--send), then STOW-RS (--stow), the written series; a failure is one line that says the
+    series stays on disk (a failed C-STORE leaves the STOW-RS untried)."""
+    from tfsdeploy.pacs import send_series, stow_series
 
     try:
-        stored = send_series(files, dicom.send, dicom.calling_ae)
+        if dicom.send is not None:
+            stored = send_series(files, dicom.send, dicom.calling_ae)
+            typer.echo(f"sent {stored} of {len(files)} instances to {dicom.send} (C-STORE from {dicom.calling_ae})")
+        if dicom.stow is not None:
+            stored = stow_series(files, dicom.stow)
+            typer.echo(f"sent {stored} of {len(files)} instances to {dicom.stow} (STOW-RS)")
     except UserError as e:
         raise UserError(f"{e}; the series stays in {folder}/") from None
-    typer.echo(f"sent {stored} of {len(files)} instances to {dicom.send} (C-STORE from {dicom.calling_ae})")
 
 
 def _adapted(pipe, trips: list, job: FuseJob):

@@ -134,7 +134,7 @@ def test_simpleitk_reads_one_rgb_volume_on_the_nifti_grid(fused):
     assert voxels.std() > 10  # a picture, not a blank
 
 
-def test_every_instance_is_an_rgb_secondary_capture_of_the_t1s_patient_and_study(fused, inputs):
+def test_every_instance_is_an_rgb_secondary_capture_of_the_t1s_patient_and_study(fused, inputs, tiny_run):
     t1 = inputs["t1_datasets"][0]
     sources = {m: inputs[f"{m}_datasets"] for m in ("t1", "t2", "func")}
     source_uids = {str(ds.SOPInstanceUID): m for m, dss in sources.items() for ds in dss}
@@ -152,7 +152,9 @@ def test_every_instance_is_an_rgb_secondary_capture_of_the_t1s_patient_and_study
         assert ds.FrameOfReferenceUID == t1.FrameOfReferenceUID  # on the T1's grid, in its Frame of Reference
         assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
         assert ds.SeriesDescription == "TFS-Diff x4 fusion T1/T2/SPECT"
-        assert "x4" in ds.DerivationDescription and "model " in ds.DerivationDescription
+        assert ds.DerivationDescription.startswith("TFS-Diff x4 fusion T1/T2/SPECT, super-resolved and fused")
+        assert "x4, ddim-1, engine torch" in ds.DerivationDescription
+        assert ds.DerivationDescription.endswith(f", model {tiny_run.name} ({tiny_run.parent.name}))")
         # Each slice names the nearest slice of each source series: on one grid, the slice at its own place.
         refs = [str(item.ReferencedSOPInstanceUID) for item in ds.SourceImageSequence]
         assert [source_uids[r] for r in refs] == ["t1", "t2", "func"]

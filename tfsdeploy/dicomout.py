@@ -80,8 +80,14 @@ class SeriesPlan:
     derivation: str = ""
     body_part: str = "BRAIN"
 
-    def with_derivation(self, text: str) -> SeriesPlan:
-        return replace(self, derivation=text)
+    def with_model(self, settings: str, model: Path | None) -> SeriesPlan:
+        """The plan with its DerivationDescription: the series' own words, then how it was made, from
+        `settings` (FusionPipeline.describe(): scale, sampler, engine) with the model named by its file and
+        folder names only: a path of this machine means nothing in a PACS and may say too much."""
+        if model is not None:
+            settings = settings.replace(f", model {model}", "") + f", model {model.name} ({model.parent.name})"
+        return replace(self, derivation=f"{self.description}, super-resolved and fused from the T1, T2 and "
+                                        f"functional series ({settings})")
 
 
 def plan_series(series: dict, grid: str, scale: int, *, patient_id: str | None = None,

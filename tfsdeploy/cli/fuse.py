@@ -236,7 +236,7 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     out, montage = output.path, output.montage
     pipe = job.load_pipeline(dataclasses.replace(job.engine, build_missing=not job.adapt))  # a scan is a long job
     if plan is not None:
-        output.dicom = plan.with_derivation(_derivation(plan, pipe))
+        output.dicom = plan.with_model(pipe.describe(), pipe.source)
     output_box(*scan.shape, pipe.check_size(job.size))
     batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
     for line in read:
@@ -264,13 +264,6 @@ def _plan_series(scan, job: FuseJob):
     d = job.dicom
     return plan_series(scan.series, job.grid, job.scale, patient_id=d.patient_id, patient_name=d.patient_name,
                        anonymous=d.anonymous)
-
-
-def _derivation(plan, pipe) -> str:
-    """The DerivationDescription: the series' own words, then the model (by name, never a path) and sampler."""
-    model = f"; model {pipe.source.parent.name} {pipe.source.name}" if pipe.source else ""
-    sampler = pipe.describe().split(", engine ")[0]
-    return f"{plan.description}, super-resolved and fused from the T1, T2 and functional series ({sampler}{model})"
 
 
 def _send(files: list[Path], folder: Path, dicom: DicomOut) -> None:

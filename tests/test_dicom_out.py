@@ -208,16 +208,24 @@ def test_no_attribute_holds_a_path_of_the_machine(fused, tiny_run):
         assert not found, found
 
 
-def test_dciodvfy_reports_no_error(fused):
+def dciodvfy(files: list[Path]) -> set[str]:
+    """Run dciodvfy on every file; assert it reports no error; return its warnings (skip without it)."""
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
     warnings = set()
-    for f in fused["files"]:
+    for f in files:
         res = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, timeout=60)
         lines = (res.stdout + res.stderr).splitlines()
         errors = [line for line in lines if line.startswith("Error")]
         assert not errors, (f.name, errors)
-        warnings |= {line for line in lines if line.startswith("Warning")}
+        warnings |= {line.strip() for line in lines if line.startswith("Warning")}
+    return warnings
+
+
+def test_dciodvfy_reports_no_error(fused):
+    warnings = dciodvfy(fused["files"])
+    # The Image Plane attributes, which its edition of the Secondary Capture IOD does not list yet.
+    assert any("Image Position (Patient)" in w for w in warnings), warnings
     print("\n".join(sorted(warnings)))
 
 
@@ -242,6 +250,8 @@ def test_nifti_inputs_need_a_patient_or_anonymous(inputs, tiny_run, work):
     anon = pydicom.dcmread(sorted((work / "anon").iterdir())[0])
     assert anon.PatientID == "" and str(anon.PatientName) == ""
     assert anon.StudyInstanceUID != datasets[0].StudyInstanceUID
+    if shutil.which("dciodvfy") is not None:
+        dciodvfy(files + sorted((work / "anon").iterdir()))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -49,7 +49,7 @@ def layer_of(module: str) -> str | None:
     core = {"__init__", "errors", "config", "model", "diffusion", "fusion", "metrics", "report_metrics", "imaging",
             "inputs", "iospec", "checkpoint", "fileio", "paths", "artifacts", "bundle", "modelref", "lpips", "scans",
             "ensemble",
-            "volumes", "dicom", "loopgraph"}
+            "volumes", "dicom", "dicomout", "pacs", "loopgraph"}
     if top == "tfsdeploy" and (module == "tfsdeploy" or module.split(".", 1)[1] in core):
         return "core"
     return None

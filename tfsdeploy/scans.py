@@ -15,7 +15,7 @@ Two layers, kept apart so that new input forms slot in without touching how outp
   never by order.
 * The writer (`ScanOutput`) publishes a fused scan: an RGB NIfTI volume on the input's grid (in-plane
   voxel size scaled to the fused slice size) for volume input, one PNG per slice for folder input,
-  and beside it `NAME_montage.png`. It is checked before any work (its name, its place, that it
+  and beside it `NAME_montage.png`; or, for volume input, a DICOM series (tfsdeploy.dicomout) in a folder. It is checked before any work (its name, its place, that it
   spares every input) and written all or nothing: everything goes into a temporary folder beside
   the output and is renamed into place at the end, replacing a previous output as a whole. With
   `transforms`, the registrations go into that folder as ITK .tfm files, published as a whole
@@ -46,6 +46,7 @@ RGB24 = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
 # Registered volumes written by one tool agree exactly; tolerate only rounding in stored affines.
 AFFINE_TOL_MM = 1e-3
 MONTAGE_SUFFIX = "_montage.png"
+DICOM_OUTPUT = "fused_dicom"  # the default folder of a DICOM series output
 
 
 VOLUME_KINDS = ("nifti", "dicom")
@@ -188,9 +189,11 @@ class ScanOutput:
     """
 
     def __init__(self, scan: Scan, out: str | Path | None = None, montage: bool = True,
-                 transforms: str | Path | None = None):
+                 transforms: str | Path | None = None, dicom=None):
         self.scan = scan
-        self.path = Path(out) if out is not None else default_output(scan)
+        # A volume written as a DICOM series (a tfsdeploy.dicomout.SeriesPlan) into the folder `out`.
+        self.dicom = dicom
+        self.path = Path(out) if out is not None else Path(DICOM_OUTPUT) if dicom is not None else default_output(scan)
         self.montage = montage_path(self.path) if montage else None
         # A folder for the scan's registrations (KEY_to_REFERENCE.tfm), published after the outputs.
         self.transforms = Path(transforms) if transforms is not None else None
@@ -203,7 +206,16 @@ class ScanOutput:
     def check(self) -> None:
         """Refuse, before any work, an output that cannot be written or would harm an input."""
         out = self.path
-        if self.scan.output_kind == "nifti":
+        if self.dicom is not None:
+            from tfsdeploy.dicomout import DICOM_SUFFIX
+
+            if self.scan.output_kind != "nifti":
+                raise UserError("--format dicom writes a volume; folders of slices give a folder of PNGs")
+            if out.exists() and not out.is_dir():
+                raise UserError(f"{out}: exists and is not a folder; a DICOM series is written into a folder")
+            if out.is_dir():
+                _check_replaceable(out, DICOM_SUFFIX, f"{DICOM_SUFFIX} files")
+        elif self.scan.output_kind == "nifti":
             if not out.name.lower().endswith(SCAN_SUFFIXES):
                 raise UserError(f"{out}: NIfTI input gives a NIfTI output; use a .nii or .nii.gz name")
             if out.is_dir():
@@ -242,7 +254,13 @@ class ScanOutput:
                 staged_tfm = stack.enter_context(atomic_dir(self.transforms))
                 tfms = save_transforms(staged_tfm, self.scan.registrations, self.scan.reference)
             with atomic_outputs(*self.paths) as staged:
-                if self.scan.output_kind == "nifti":
+                if self.dicom is not None:
+                    from tfsdeploy.dicomout import write_series
+
+                    h_out, w_out = fused.shape[2:]
+                    names = write_series(staged[0], fused, self.scan.grid.output_affine(h_out, w_out), self.dicom)
+                    written = [self.path / n for n in names]
+                elif self.scan.output_kind == "nifti":
                     _write_volume(staged[0], fused, self.scan.grid)
                     written = [self.path]
                 else:
@@ -277,12 +295,12 @@ def check_transform_folder(folder: Path, outputs: list[Path], inputs: list[Path]
         raise UserError(str(e).replace("--out", "--save-transforms")) from None
 
 
-def _check_replaceable(folder: Path) -> None:
-    """An existing output folder is replaced as a whole; only one that holds nothing but PNGs (a
-    previous fused output) may be, never a folder with other files in it."""
-    others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != ".png"]
+def _check_replaceable(folder: Path, suffix: str = ".png", what: str = "PNG slices") -> None:
+    """An existing output folder is replaced as a whole; only one that holds nothing but `suffix` files
+    (a previous fused output) may be, never a folder with other files in it."""
+    others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != suffix]
     if others:
-        raise UserError(f"{folder}: exists and holds more than PNG slices (e.g. {sorted(others)[0]}); "
+        raise UserError(f"{folder}: exists and holds more than {what} (e.g. {sorted(others)[0]}); "
                         f"an output folder is replaced as a whole, so give a new --out")
 
 
@@ -361,6 +379,7 @@ class _VolumeScan(Scan):
         self.inputs = inputs
         # modality -> tfsdeploy.volumes.Registration to `reference` (with register=True)
         self.registrations = registrations or {}
+        self.series: dict = {}  # modality -> tfsdeploy.dicom.SeriesInfo, for the inputs read from DICOM series
         self.reference = reference
         z, h, w = volumes[reference].shape
         width = max(3, len(str(z - 1)))
@@ -373,11 +392,11 @@ class _VolumeScan(Scan):
         from tfsdeploy.volumes import describe_grid, same_grid
 
         labels = _labels(paths)
-        images, read, used = {}, {}, set()
+        images, read, used, dicom_series = {}, {}, set(), {}
         for m, p in paths.items():
             if kinds[m] == "dicom":
-                images[m], uid, read[m] = _read_dicom(p, series)
-                used.add(uid)
+                images[m], dicom_series[m], read[m] = _read_dicom(p, series)
+                used.add(dicom_series[m].uid)
             else:
                 images[m] = _load_canonical(p)
                 read[m] = f"NIfTI volume, {describe_grid(images[m])}"
@@ -406,7 +425,9 @@ class _VolumeScan(Scan):
         grid = VolumeGrid(ref.affine.copy(), ref.header.copy(), type(ref), (int(y), int(x)))
         # Pop each image once read so that only one raw volume is held beside the float32 ones.
         volumes = {m: _axial_slices(paths[m], images.pop(m)) for m in MODALITIES}
-        return cls(volumes, grid, dict(paths), registrations, reference)
+        scan = cls(volumes, grid, dict(paths), registrations, reference)
+        scan.series = dicom_series
+        return scan
 
     def slice(self, i: int) -> ScanSlice:
         i = self._index(i)
@@ -467,14 +488,14 @@ def _check_voxel_sizes(path: Path, img) -> None:
 
 
 def _read_dicom(folder: Path, series: tuple[str, ...]):
-    """The DICOM series in `folder`: (canonical image, its SeriesInstanceUID, what was read in words)."""
+    """The DICOM series in `folder`: (canonical image, its tfsdeploy.dicom.SeriesInfo, what was read in words)."""
     import nibabel as nib
 
     from tfsdeploy.dicom import read_dicom_series
 
     vol = read_dicom_series(folder, series or None)
     skipped = f", {vol.skipped} other file(s) skipped" if vol.skipped else ""
-    return nib.as_closest_canonical(vol.image), vol.series.uid, f"{vol.describe()}{skipped}"
+    return nib.as_closest_canonical(vol.image), vol.series, f"{vol.describe()}{skipped}"
 
 
 def _axial_slices(path: Path, img) -> np.ndarray:

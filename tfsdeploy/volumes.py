@@ -36,19 +36,21 @@ from tfsdeploy.imaging import normalise_volume
 from tfsdeploy.scans import AFFINE_TOL_MM
 
 SCANS_EXTRA = "pip install 'tfsdeploy[scans]'"
+DICOM_EXTRA = "pip install 'tfsdeploy[dicom]'"
 # A volume must cover at least this fraction of the anatomical reference's brain box.
 MIN_OVERLAP = 0.5
 # RAS <-> LPS: flip the first two world axes (its own inverse).
 _FLIP = np.diag([-1.0, -1.0, 1.0])
 
 
-def import_extra(module: str, purpose: str):
-    """`module` (SimpleITK or pydicom) imported when first needed; without it, a UserError naming the
-    extra that installs it. `purpose` says what needed it ("reading DICOM series", ...)."""
+def import_extra(module: str, purpose: str, extra: str = SCANS_EXTRA):
+    """`module` (SimpleITK or pydicom; highdicom or pynetdicom with DICOM_EXTRA) imported when first
+    needed; without it, a UserError naming the extra that installs it. `purpose` says what needed it
+    ("reading DICOM series", ...)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{purpose} needs {module}, which is not installed: {SCANS_EXTRA}") from None
+        raise UserError(f"{purpose} needs {module}, which is not installed: {extra}") from None
 
 
 # --------------------------------------------------------------------------- nibabel <-> SimpleITK

@@ -24,7 +24,8 @@ def fuse(
                                          "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output: a PNG for images (default fused.png), "
                                        "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
-                                       "(default fused/); scans also get OUT_montage.png."),
+                                       "(default fused/) and for --format dicom (default fused_dicom/); scans "
+                                       "also get OUT_montage.png."),
     sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
     steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
                               "MODEL_CARD.md for the packaged model) or 10, for DDPM all T."),
@@ -75,6 +76,20 @@ def fuse(
     save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
                                                    "folder as ITK .tfm files (t2_to_t1.tfm, func_to_t1.tfm, named "
                                                    "after the --grid volume), once the fuse succeeds."),
+    format: str = typer.Option("auto", "--format", help="Volumes: the output's form: auto (NIfTI), nifti, or "
+                               "dicom (a DICOM series in the folder --out, default fused_dicom/; RGB Secondary "
+                               "Capture slices placed in the patient)."),
+    patient_id: Optional[str] = typer.Option(None, help="--format dicom with a NIfTI T1: the patient's ID (a DICOM "
+                                             "T1 gives its own patient and study)."),
+    patient_name: Optional[str] = typer.Option(None, help="--format dicom with a NIfTI T1: the patient's name "
+                                               "(DICOM form, e.g. Doe^Jane)."),
+    anonymous: bool = typer.Option(False, "--anonymous", help="--format dicom with a NIfTI T1: the series names "
+                                   "no patient."),
+    send: Optional[str] = typer.Option(None, "--send", metavar="AE@HOST:PORT", help="--format dicom: C-STORE the "
+                                       "written series to this PACS (its AE title, host and DICOM port)."),
+    calling_ae: Optional[str] = typer.Option(None, help="With --send: this end's AE title (default TFSDEPLOY)."),
+    stow: Optional[str] = typer.Option(None, "--stow", metavar="URL", help="--format dicom: store the written "
+                                       "series by DICOMweb STOW-RS at this root (e.g. http://pacs:8042/dicom-web)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
 ) -> None:
@@ -97,6 +112,7 @@ def fuse(
     kind = next((k for k in map(scan_kind, (t1, t2, func)) if k), None)  # a mix is refused by open_scan
     if kind is None:
         refuse_volume_options(grid, series, register, "images")
+    dicom_out = _dicom_options(kind, format, patient_id, patient_name, anonymous, send, calling_ae, stow)
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject,
                           ensemble=ensemble)
     if adapt and model is not None and artifact_engine(model) is not None:
@@ -108,7 +124,7 @@ def fuse(
                   engine=engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir),
                   batch_size=batch_size, method=method, adapt=adapt, progress=progress, verbose=verbose,
                   grid=grid, series=tuple(series), register=bounds if register else False,
-                  transforms=save_transforms)
+                  transforms=save_transforms, dicom=dicom_out)
     if kind is not None:
         _fuse_scan(kind, job)
     else:
@@ -132,6 +148,48 @@ def _register_bounds(max_rotation: Optional[float], max_shift: Optional[float], 
 
 
 @dataclasses.dataclass(frozen=True)
+class DicomOut:
+    """--format dicom: the patient options, and where to send the series (a tfsdeploy.pacs.Destination)."""
+
+    patient_id: Optional[str]
+    patient_name: Optional[str]
+    anonymous: bool
+    send: object = None
+    calling_ae: str = ""
+    stow: Optional[str] = None  # a DICOMweb root
+
+
+def _dicom_options(kind: Optional[str], form: str, patient_id: Optional[str], patient_name: Optional[str],
+                   anonymous: bool, send: Optional[str], calling_ae: Optional[str],
+                   stow: Optional[str] = None) -> Optional[DicomOut]:
+    """The DICOM output's options, checked before any input is read; None for another output."""
+    forms = ("auto", "nifti", "dicom")
+    if form not in forms:
+        raise UserError(f"--format must be one of {', '.join(forms)}, got {form!r}")
+    if form != "auto" and kind not in ("nifti", "dicom"):
+        raise UserError(f"--format {form} applies to volumes (NIfTI files or DICOM series); "
+                        f"{'images give a PNG' if kind is None else 'folders of slices give a folder of PNGs'}")
+    given = [o for o, on in (("--patient-id", patient_id is not None), ("--patient-name", patient_name is not None),
+                             ("--anonymous", anonymous), ("--send", send is not None),
+                             ("--calling-ae", calling_ae is not None), ("--stow", stow is not None)) if on]
+    if form != "dicom":
+        if given:
+            raise UserError(f"{given[0]} goes with --format dicom (a DICOM series output)")
+        return None
+    from tfsdeploy.pacs import DEFAULT_CALLING_AE, Destination, check_ae_title, check_stow_url
+
+    if calling_ae is not None and send is None:
+        raise UserError("--calling-ae names this end of a --send; add --send AE@HOST:PORT")
+    if send is not None:  # before any work, not once the series is written
+        from tfsdeploy.volumes import DICOM_EXTRA, import_extra
+
+        import_extra("pynetdicom", "sending a DICOM series", DICOM_EXTRA)
+    return DicomOut(patient_id, patient_name, anonymous, Destination.parse(send) if send is not None else None,
+                    check_ae_title(calling_ae, "--calling-ae") if calling_ae is not None else DEFAULT_CALLING_AE,
+                    check_stow_url(stow) if stow is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
 class FuseJob:
     """The options of one `fuse`, parsed and checked."""
 
@@ -151,6 +209,7 @@ class FuseJob:
     series: tuple[str, ...]
     register: object  # False, True or a tfsdeploy.volumes.RegisterConfig (bounds given)
     transforms: Optional[Path]
+    dicom: Optional[DicomOut] = None  # volumes written as a DICOM series (--format dicom)
 
     def load_pipeline(self, engine: EngineConfig):
         from tfsdeploy.pipeline import FusionPipeline
@@ -198,10 +257,13 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
         check_transform_folder(job.transforms, [], list(job.inputs))
     read: list[str] = []  # what was read, registered and resampled: said once every check has passed
     scan = open_scan(*job.inputs, grid=job.grid, series=job.series, register=job.register, log=read.append)
-    output = ScanOutput(scan, job.out, transforms=job.transforms)
+    plan = _plan_series(scan, job) if job.dicom is not None else None
+    output = ScanOutput(scan, job.out, transforms=job.transforms, dicom=plan)
     output.check()
     out, montage = output.path, output.montage
     pipe = job.load_pipeline(dataclasses.replace(job.engine, build_missing=not job.adapt))  # a scan is a long job
+    if plan is not None:
+        output.dicom = plan.with_model(pipe.describe(), pipe.source)
     output_box(*scan.shape, pipe.check_size(job.size))
     batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
     for line in read:
@@ -213,11 +275,38 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     with progress_bar("fuse", job.progress, "slices") as bar:
         fused = pipe.fuse_scan(scan, job.size, batch, progress=bar)
     written = output.publish(fused)
-    where = out if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)"
+    where = (f"{out}/ (DICOM series, {len(written)} files)" if plan is not None else out
+             if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)")
     typer.echo(f"wrote {where} and {montage} ({len(scan)} slices, {fused.shape[-1]}x{fused.shape[-2]}, "
                f"{pipe.describe()})")
     if output.transform_files:
         typer.echo(f"wrote {job.transforms}/ ({', '.join(p.name for p in output.transform_files)})")
+    if job.dicom is not None:
+        _send(written, out, job.dicom)
+
+
+def _plan_series(scan, job: FuseJob):
+    from tfsdeploy.dicomout import plan_series
+
+    d = job.dicom
+    return plan_series(scan.series, job.grid, job.scale, patient_id=d.patient_id, patient_name=d.patient_name,
+                       anonymous=d.anonymous)
+
+
+def _send(files: list[Path], folder: Path, dicom: DicomOut) -> None:
+    """C-STORE (--send), then STOW-RS (--stow), the written series; a failure is one line that says the
+    series stays on disk (a failed C-STORE leaves the STOW-RS untried)."""
+    from tfsdeploy.pacs import send_series, stow_series
+
+    try:
+        if dicom.send is not None:
+            stored = send_series(files, dicom.send, dicom.calling_ae)
+            typer.echo(f"sent {stored} of {len(files)} instances to {dicom.send} (C-STORE from {dicom.calling_ae})")
+        if dicom.stow is not None:
+            stored = stow_series(files, dicom.stow)
+            typer.echo(f"sent {stored} of {len(files)} instances to {dicom.stow} (STOW-RS)")
+    except UserError as e:
+        raise UserError(f"{e}; the series stays in {folder}/") from None
 
 
 def _adapted(pipe, trips: list, job: FuseJob):

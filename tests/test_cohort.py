@@ -376,6 +376,15 @@ def cohort_process(bids, out, tiny_run, address, *extra) -> subprocess.Popen:
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def sidecars(out: Path) -> list[Path]:
+    """The finished participants' sidecars, read while workers write (temporaries come and go)."""
+    while True:
+        try:
+            return [p for p in out.glob("sub-*/**/anat/*_fusion.json")]
+        except FileNotFoundError:
+            continue
+
+
 def worker_pids() -> list[int]:
     """The processes of the cohort's Ray actors (their titles start with ray::CohortWorker)."""
     pids = []
@@ -415,7 +424,7 @@ def test_a_killed_ray_worker_has_its_participant_retried_and_each_written_once(r
     deadline = time.monotonic() + 600
     while proc.poll() is None:
         assert time.monotonic() < deadline
-        for side in out.rglob("*_fusion.json"):
+        for side in sidecars(out):
             try:
                 inodes.setdefault(side, set()).add(side.stat().st_ino)
             except OSError:

@@ -100,7 +100,7 @@ def cohort(
         from tfsdeploy.pipeline import FusionPipeline
 
         pipe = FusionPipeline.load(model, scale, sample, eng, log=verbose_log(verbose), notice=notice)
-        pipe.check_size(size)
+        pipe.max_batch(pipe.check_size(size), cap=1)  # a size whose one slice does not fit: refused now
     results: list = []
     with removed_if_left_empty(output_dir):
         lib.write_description(output_dir, bids_dir, model_id, spec)

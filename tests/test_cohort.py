@@ -340,6 +340,18 @@ def test_malformed_input_is_refused_in_one_line(case, bids, tiny_run, tmp_path):
     assert expect in line
 
 
+@pytest.mark.parametrize("package", ["bids", "ray"])
+def test_without_its_extra_the_cohort_says_what_to_install(package, bids, tiny_run, tmp_path, monkeypatch):
+    for name in list(sys.modules):
+        if name == package or name.startswith(package + "."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)
+    extra = ["--ray", "auto"] if package == "ray" else []
+    line = one_error_line(run("cohort", bids, tmp_path / "out", "participant", "-m", tiny_run, *extra, *FAST))
+    assert f"pip install 'tfsdeploy[{'ray' if package == 'ray' else 'cohort'}]'" in line
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -352,7 +364,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """A real local Ray cluster (head on 127.0.0.1, 2 CPUs), stopped afterwards."""
-    pytest.importorskip("ray", reason="needs Ray: pip install -e '.[cohort]'")
+    pytest.importorskip("ray", reason="needs Ray: pip install -e '.[ray]'")
     ray_bin = Path(sys.executable).with_name("ray")
     port = free_port()
     tmp = tmp_path_factory.mktemp("ray")

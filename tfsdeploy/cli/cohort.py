@@ -58,7 +58,7 @@ def cohort(
     force: bool = typer.Option(False, "--force", help="Fuse again the participants an earlier run finished."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="auto|ADDRESS",
                                       help="Run on a Ray cluster (auto, or the head's HOST:PORT): each participant "
-                                      "a task on a worker holding its pipeline (needs tfsdeploy[cohort])."),
+                                      "a task on a worker holding its pipeline (needs tfsdeploy[ray])."),
     workers: int = typer.Option(0, min=0, max=4096, help="With --ray: how many workers (0 = one per GPU, else as "
                                 "many as the cluster's CPUs hold, --threads CPUs each)."),
     progress: bool = PROGRESS_OPTION,
@@ -95,8 +95,13 @@ def cohort(
     model_id.check_size(scale, size)
     eng = engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir, long_job=True)
     spec = lib.CohortSpec(scale, sample, size, grid, register, window, run, eng, batch_size)
-    pipe = None
-    if ray is None:  # one pipeline for the whole cohort, loaded before anything is written
+    pipe = cluster = None
+    if ray is not None:  # joined before anything is written
+        from tfsdeploy.tools.cohort_ray import connect, plan_workers
+
+        cluster = connect(ray)
+        plan_workers(cluster, ray, spec, workers)
+    else:  # one pipeline for the whole cohort, loaded before anything is written
         from tfsdeploy.pipeline import FusionPipeline
 
         pipe = FusionPipeline.load(model, scale, sample, eng, log=verbose_log(verbose), notice=notice)
@@ -119,8 +124,8 @@ def cohort(
                 else:
                     from tfsdeploy.tools.cohort_ray import run_on_ray
 
-                    run_on_ray(ray, units, output_dir, model, model_id, spec, workers, force, on_start=notice,
-                               on_result=finish)
+                    run_on_ray(cluster, ray, units, output_dir, model, model_id, spec, workers, force,
+                               on_start=notice, on_result=finish)
         finally:  # an interrupted cohort still reports what it finished
             done = {r.key for r in results}
             lib.write_report(output_dir, results, [u for u in units if u.key not in done],

@@ -55,6 +55,7 @@ LABEL = re.compile(r"^[A-Za-z0-9]+$")
 NIFTI = [".nii", ".nii.gz"]
 STATUSES = ("done", "kept", "skipped", "failed")
 COHORT_EXTRA = "pip install 'tfsdeploy[cohort]'"
+RAY_EXTRA = "pip install 'tfsdeploy[ray]'"
 
 
 # --------------------------------------------------------------------------- participants
@@ -631,6 +632,7 @@ def write_report(out: Path, results: list[Result], pending: list[Unit] = (), tit
             tmp.write_text(f"{REPORT}\n*_montage.png\n")
 
 
-__all__ = ["Unit", "CohortSpec", "ModelId", "Result", "Outputs", "find_participants", "find_bids", "read_manifest",
-           "parse_window", "pet_frames", "static_pet", "write_static_pet", "identify_model", "check_output_dir",
-           "write_description", "outputs_for", "finished", "fuse_unit", "write_report", "hash_input"]
+__all__ = ["Unit", "CohortSpec", "ModelId", "Result", "Outputs", "COHORT_EXTRA", "RAY_EXTRA", "find_participants",
+           "find_bids", "read_manifest", "parse_window", "pet_frames", "static_pet", "write_static_pet",
+           "identify_model", "check_output_dir", "write_description", "outputs_for", "finished", "fuse_unit",
+           "write_report", "hash_input"]

@@ -12,7 +12,7 @@
 - Workers write straight into OUTPUT_DIR, which must be one filesystem that every node sees. The
   driver checks it before any work: it writes a marker file there that every worker must read back.
 
-Ray comes with the optional extra `tfsdeploy[cohort]` and is imported only here.
+Ray comes with the optional extra `tfsdeploy[ray]` and is imported only here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable
 
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path
-from tfsdeploy.tools.cohort import COHORT_EXTRA, CohortSpec, ModelId, Result, Unit, fuse_unit
+from tfsdeploy.tools.cohort import RAY_EXTRA, CohortSpec, ModelId, Result, Unit, fuse_unit
 
 # A dead worker's participant is retried this many times (on the restarted worker) before it fails.
 RETRIES = 3
@@ -43,12 +43,34 @@ def check_address(address: str) -> str:
     return address
 
 
-def import_ray():
+def connect(address: str):
+    """Ray, connected to the cluster at `address` (checked first by check_address): before any work, so
+    a missing extra or an unreachable cluster is one line and writes nothing."""
     try:
         import ray
     except ImportError:
-        raise UserError(f"--ray needs Ray, which is not installed: {COHORT_EXTRA}") from None
+        raise UserError(f"--ray needs Ray, which is not installed: {RAY_EXTRA}") from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:  # noqa: BLE001 - Ray reports a cluster it cannot reach with several error types
+        raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())})") from None
     return ray
+
+
+def plan_workers(ray, address: str, spec: CohortSpec, workers: int) -> tuple[dict, int]:
+    """What each worker asks of the cluster (one GPU where it has GPUs and the engine may use one, else
+    `threads` CPUs, at least 1) and how many such workers it holds; refuses more `workers` than that."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    use_gpu = gpus > 0 and spec.engine.device != "cpu"
+    ask = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": max(1, spec.engine.threads or 1)}
+    fit = gpus if use_gpu else cpus // ask["num_cpus"]
+    if fit < 1 or workers > fit:
+        each = "1 GPU" if use_gpu else f"{ask['num_cpus']} CPU(s)"
+        raise UserError(f"--ray {address}: the cluster has {cpus} CPUs and {gpus} GPUs, room for {fit} worker(s) "
+                        f"of {each} each; --workers {workers} asks for more")
+    return ask, fit
 
 
 class CohortWorker:
@@ -79,13 +101,12 @@ class CohortWorker:
         return fuse_unit(self.pipe, unit, self.out, self.model_id, self.spec, force)
 
 
-def run_on_ray(address: str, units: list[Unit], out: Path, model, model_id: ModelId, spec: CohortSpec,
+def run_on_ray(ray, address: str, units: list[Unit], out: Path, model, model_id: ModelId, spec: CohortSpec,
                workers: int = 0, force: bool = False, on_start: Callable[[str], None] = lambda s: None,
                on_result: Callable[[Result], None] = lambda r: None) -> list[Result]:
-    """Fuse `units` on the Ray cluster at `address` with `workers` actors (0: one per GPU, else as many
-    as the cluster's CPUs hold); returns one Result per unit, in the order they finished. `on_start`
+    """Fuse `units` on the Ray cluster `connect` joined (`ray`, at `address`) with `workers` actors (0: one
+    per GPU, else as many as the cluster's CPUs hold); returns one Result per unit, in the order they finished. `on_start`
     hears what was started, `on_result` each Result as it comes."""
-    ray = import_ray()
     results: list[Result] = []
 
     def record(res: Result) -> None:
@@ -97,26 +118,16 @@ def run_on_ray(address: str, units: list[Unit], out: Path, model, model_id: Mode
             record(fuse_unit(None, u, out, model_id, spec))
     todo = collections.deque(u for u in units if not u.skip)
     if not todo:
+        ray.shutdown()
         return results
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    except Exception as e:  # noqa: BLE001 - Ray reports a cluster it cannot reach with several error types
-        raise UserError(f"--ray {address}: cannot connect to a Ray cluster ({type(e).__name__}: "
-                        f"{' '.join(str(e).split())})") from None
     token = uuid.uuid4().hex
     marker = out / f".tfsdeploy-cohort-{token[:12]}"
     actors: list = []
     try:
         with atomic_path(marker) as tmp:
             tmp.write_text(token)
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
-        use_gpu = gpus > 0 and spec.engine.device != "cpu"
-        ask = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": max(1, spec.engine.threads or 1)}
-        fit = gpus if use_gpu else cpus // ask["num_cpus"]
-        if fit < 1 or workers > fit:
-            raise UserError(f"--ray {address}: the cluster has {cpus} CPUs and {gpus} GPUs, room for {fit} "
-                            f"worker(s) of {ask}; {workers or 1} asked for")
+        ask, fit = plan_workers(ray, address, spec, workers)
+        use_gpu = "num_gpus" in ask
         n = min(workers or fit, len(todo))
         actor_class = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(CohortWorker)
         actors = [actor_class.options(**ask).remote(str(out), marker.name, token, model, spec, model_id)
@@ -168,4 +179,4 @@ def run_on_ray(address: str, units: list[Unit], out: Path, model, model_id: Mode
     return results
 
 
-__all__ = ["run_on_ray", "check_address", "CohortWorker", "RETRIES"]
+__all__ = ["run_on_ray", "check_address", "connect", "plan_workers", "CohortWorker", "RETRIES"]

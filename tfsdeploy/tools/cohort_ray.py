@@ -105,8 +105,8 @@ def run_on_ray(ray, address: str, units: list[Unit], out: Path, model, model_id:
                workers: int = 0, force: bool = False, on_start: Callable[[str], None] = lambda s: None,
                on_result: Callable[[Result], None] = lambda r: None) -> list[Result]:
     """Fuse `units` on the Ray cluster `connect` joined (`ray`, at `address`) with `workers` actors (0: one
-    per GPU, else as many as the cluster's CPUs hold); returns one Result per unit, in the order they finished. `on_start`
-    hears what was started, `on_result` each Result as it comes."""
+    per GPU, else as many as the cluster's CPUs hold); returns one Result per unit, in the order they
+    finished. `on_start` hears what was started, `on_result` each Result as it comes."""
     results: list[Result] = []
 
     def record(res: Result) -> None:

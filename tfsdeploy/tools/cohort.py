@@ -137,49 +137,51 @@ def find_bids(root: Path, sessions=(), run: Optional[int] = None) -> list[Unit]:
         raise UserError(f"{root / DESCRIPTION}: not valid JSON ({e})") from None
     try:
         from bids import BIDSLayout
-        from bids.layout import Query
     except ImportError:
         raise UserError(f"reading a BIDS dataset needs pybids, which is not installed: {COHORT_EXTRA}") from None
     try:
         layout = BIDSLayout(str(root), validate=False)
     except Exception as e:  # noqa: BLE001 - pybids refuses a layout with its own error types
         raise UserError(f"{root}: pybids cannot index it ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    # One query for the whole dataset, grouped by the entities pybids parsed: a query per participant
+    # and modality costs seconds on a few hundred participants.
+    images: dict[tuple, list] = {}
+    for f in layout.get(extension=NIFTI, datatype=["anat", "pet"], suffix=list(SUFFIXES)):
+        images.setdefault((f.entities["subject"], f.entities.get("session")), []).append(f)
     units = []
-    found_sessions = set()
+    found_sessions = {ses for _, ses in images if ses is not None}
     for sub in sorted(layout.get_subjects()):
-        subject_sessions = sorted(layout.get_sessions(subject=sub))
-        found_sessions.update(subject_sessions)
-        for ses in subject_sessions or [None]:
+        for ses in sorted({ses for s, ses in images if s == sub and ses is not None}) or [None]:
             if sessions and ses not in sessions:
                 continue
-            where = dict(subject=sub, session=ses if ses is not None else Query.NONE, extension=NIFTI)
-            units.append(_bids_unit(layout, root, sub, ses, where, run))
+            units.append(_bids_unit(images.get((sub, ses), []), root, sub, ses, run))
     unknown = [s for s in sessions if s not in found_sessions]
     if unknown:
         raise UserError(f"--session-label {unknown[0]}: no session ses-{unknown[0]} in {root}")
     return units
 
 
-def _bids_unit(layout, root: Path, sub: str, ses: Optional[str], where: dict, run: Optional[int]) -> Unit:
+# The BIDS suffixes of each modality, in order of preference (a T2w before a PDw).
+SUFFIXES = {"T1w": "t1", "T2w": "t2", "PDw": "t2", "pet": "func"}
+MODALITY_NAMES = {"t1": "T1w", "t2": "T2w or PDw", "func": "PET"}
+
+
+def _bids_unit(files: list, root: Path, sub: str, ses: Optional[str], run: Optional[int]) -> Unit:
+    """One participant's unit from its NIfTI files as pybids found them (entities parsed by pybids)."""
     picked, why = {}, []
-    queries = {"t1": [dict(datatype="anat", suffix="T1w")],
-               "t2": [dict(datatype="anat", suffix="T2w"), dict(datatype="anat", suffix="PDw")],
-               "func": [dict(datatype="pet", suffix="pet")]}
-    names = {"t1": "T1w", "t2": "T2w or PDw", "func": "PET"}
-    for m, tries in queries.items():
-        for q in tries:
-            files = layout.get(**where, **q)
-            if files:
-                break
-        if len(files) > 1 and run is not None:
-            files = [f for f in files if f.entities.get("run") is not None and int(f.entities["run"]) == run]
-        if len(files) == 1:
-            picked[m] = files[0]
-        elif not files:
-            why.append(f"no {names[m]}" + (f" of run {run}" if run is not None else ""))
+    for m, name in MODALITY_NAMES.items():
+        found: list = []
+        for suffix in (s for s, mod in SUFFIXES.items() if mod == m):  # the first suffix present wins
+            found = found or [f for f in files if f.entities.get("suffix") == suffix]
+        if len(found) > 1 and run is not None:
+            found = [f for f in found if f.entities.get("run") is not None and int(f.entities["run"]) == run]
+        if len(found) == 1:
+            picked[m] = found[0]
+        elif not found:
+            why.append(f"no {name}" + (f" of run {run}" if run is not None else ""))
         else:
-            listed = ", ".join(Path(f.path).name for f in files)
-            why.append(f"{len(files)} {names[m]} files ({listed}); choose one with --run")
+            listed = ", ".join(sorted(Path(f.path).name for f in found))
+            why.append(f"{len(found)} {name} files ({listed}); choose one with --run")
     if why:
         return Unit(sub, ses, skip="; ".join(why))
     inputs = {m: Path(f.path) for m, f in picked.items()}

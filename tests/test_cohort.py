@@ -207,6 +207,28 @@ def test_a_rerun_keeps_what_is_finished_and_redoes_what_changed(bids, tiny_run, 
     assert {k: r["status"] for k, r in table(out).items()} == {"sub-01": "done", "sub-02": "kept"}
 
 
+def test_a_retried_participant_is_not_written_twice_even_with_force(bids, tiny_run, tmp_path):
+    """A retry of a participant whose first attempt died after publishing (a Ray worker killed then)
+    finds this run's own output and leaves it; an earlier run's output is redone under --force."""
+    from tfsdeploy.config import EngineConfig, SampleConfig
+    from tfsdeploy.pipeline import FusionPipeline
+
+    model_id, sample = lib.identify_model(tiny_run, 4, SampleConfig(steps=1))
+    spec = lib.CohortSpec(4, sample, engine=EngineConfig(engine="torch"))
+    pipe = FusionPipeline.load(tiny_run, 4, sample, spec.engine)
+    unit = lib.find_participants(bids, ["01"])[0]
+    out = tmp_path / "out"
+    started = time.time()
+    first = lib.fuse_unit(pipe, unit, out, model_id, spec, started=started)
+    vol = outputs(out)["sub-01"]
+    ino = vol.stat().st_ino
+    again = lib.fuse_unit(pipe, unit, out, model_id, spec, force=True, started=started)
+    assert (first.status, again.status) == ("done", "done") and "earlier attempt of this run" in again.reason
+    assert again.slices == first.slices == 3 and vol.stat().st_ino == ino
+    later = lib.fuse_unit(pipe, unit, out, model_id, spec, force=True, started=time.time())
+    assert later.status == "done" and later.reason == "" and vol.stat().st_ino != ino
+
+
 def test_one_bad_participant_is_one_line_and_the_exit_code_says_so(bids, tiny_run, tmp_path):
     data = tmp_path / "ds"
     shutil.copytree(bids, data)

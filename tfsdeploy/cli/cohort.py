@@ -4,6 +4,7 @@ CSV) fused into a BIDS derivatives dataset, on this machine or on a Ray cluster,
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -118,9 +119,10 @@ def cohort(
 
                 if ray is None:
                     notice(f"fusing {len(units)} participant(s) ({pipe.describe()})")
+                    started = time.time()
                     for unit in units:
                         finish(lib.fuse_unit(pipe, unit, output_dir, model_id, spec, force, progress=bars.slices,
-                                             log=verbose_log(verbose)))
+                                             log=verbose_log(verbose), started=started))
                 else:
                     from tfsdeploy.tools.cohort_ray import run_on_ray
 

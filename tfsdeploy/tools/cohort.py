@@ -423,7 +423,8 @@ def check_output_dir(out: Path, source: Path) -> None:
                         f"own (e.g. beside it)")
     if src.is_relative_to(real):
         raise UserError(f"{out}: holds the input {source}; give an output folder apart from it")
-    if out.is_dir() and any(out.iterdir()):
+    # Hidden entries are other runs' temporaries (SLURM array tasks starting together), not content.
+    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         try:
             kind = json.loads((out / DESCRIPTION).read_text()).get("DatasetType")
         except (OSError, ValueError, AttributeError):
@@ -454,8 +455,11 @@ def write_description(out: Path, source: Path, model: ModelId, spec: CohortSpec)
     desc = {"Name": desc.get("Name", f"tfsdeploy fusion of {source.name}"), "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": runs,
             "SourceDatasets": [{"URL": link}], "DatasetLinks": {"raw": link}}
+    text = json.dumps(desc, indent=2) + "\n"
+    if path.is_file() and path.read_text() == text:
+        return  # as it is: concurrent runs (array tasks) of one cohort leave it alone
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(desc, indent=2) + "\n")
+        tmp.write_text(text)
 
 
 @dataclasses.dataclass
@@ -498,9 +502,9 @@ def expected_record(unit: Unit, model: ModelId, spec: CohortSpec) -> dict:
 
 
 def finished(unit: Unit, out: Path, model: ModelId, spec: CohortSpec,
-             record: Optional[dict] = None) -> Optional[Outputs]:
-    """The outputs of `unit` when an earlier run finished them with these inputs, model and options
-    (and they still hold what it wrote), else None."""
+             record: Optional[dict] = None) -> Optional[tuple[Outputs, dict]]:
+    """The outputs of `unit` and their sidecar when an earlier run (or attempt) finished them with these
+    inputs, model and options and they still hold what it wrote, else None."""
     try:
         side = json.loads(outputs_for(out, unit, spec).sidecar.read_text())
     except (OSError, ValueError):
@@ -512,7 +516,7 @@ def finished(unit: Unit, out: Path, model: ModelId, spec: CohortSpec,
         paths = outputs_for(out, unit, spec, kind)
         if paths.volume.exists() and paths.montage.is_file() and \
                 side.get("Output", {}).get("sha256") == hash_input(paths.volume):
-            return paths
+            return paths, side
     return None
 
 
@@ -520,19 +524,27 @@ Progress = Callable[[int, int], None]
 
 
 def fuse_unit(pipe, unit: Unit, out: Path, model: ModelId, spec: CohortSpec, force: bool = False,
-              progress: Optional[Progress] = None, log: Callable[[str], None] = lambda s: None) -> Result:
+              progress: Optional[Progress] = None, log: Callable[[str], None] = lambda s: None,
+              started: Optional[float] = None) -> Result:
     """Fuse one unit into OUTPUT_DIR `out` (see the module docstring), or keep it when finished. A unit
-    that cannot be fused is a skipped or failed Result, never an exception (but for an interrupt)."""
+    that cannot be fused is a skipped or failed Result, never an exception (but for an interrupt).
+
+    `started`: when this cohort run began (time.time()). An output written since then is this run's own
+    (a retried task whose first attempt died after publishing): it counts as done, and `force` does not
+    fuse it a second time."""
     t0 = time.perf_counter()
     res = Result(unit.key, unit.label, unit.session, "skipped", unit.skip)
     if unit.skip:
         return res
     try:
         record = expected_record(unit, model, spec)
-        done = None if force else finished(unit, out, model, spec, record)
-        if done is not None:
-            res.status, res.reason = "kept", "finished by an earlier run with these inputs, model and options"
-            res.output, res.montage = (str(p.relative_to(out)) for p in (done.volume, done.montage))
+        done = finished(unit, out, model, spec, record)
+        ours = done is not None and started is not None and done[1]["Output"].get("written", 0) >= started
+        if done is not None and (ours or not force):
+            res.status, res.reason = ("done", "written by an earlier attempt of this run") if ours else (
+                "kept", "finished by an earlier run with these inputs, model and options")
+            res.slices = done[1]["Output"].get("slices", 0) if ours else 0
+            res.output, res.montage = (str(p.relative_to(out)) for p in (done[0].volume, done[0].montage))
             return res
         with tempfile.TemporaryDirectory(prefix="tfsdeploy-pet-") as tmp:
             func, rule = unit.inputs["func"], ""
@@ -585,7 +597,7 @@ def _fuse_and_publish(pipe, unit: Unit, out: Path, func: Path, model: ModelId, s
             "Pipeline": pipe.describe(),
             "PETReduction": rule or "static PET, used as it is",
             "Output": {"file": paths.volume.name, "sha256": hash_input(staged[0]), "slices": len(scan),
-                       "montage": paths.montage.name},
+                       "montage": paths.montage.name, "written": time.time()},
             "GeneratedBy": {"Name": "tfsdeploy", "Version": _version()},
             "DateCreated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "Seconds": round(time.perf_counter() - t0, 3),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import re
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -89,7 +90,7 @@ class CohortWorker:
             seen = False
         return socket.gethostname(), seen
 
-    def fuse(self, unit: Unit, force: bool) -> Result:
+    def fuse(self, unit: Unit, force: bool, started: float) -> Result:
         from tfsdeploy.pipeline import FusionPipeline
 
         if self.pipe is None:
@@ -98,7 +99,7 @@ class CohortWorker:
             except UserError as e:
                 return Result(unit.key, unit.label, unit.session, "failed",
                               f"the worker on {socket.gethostname()} cannot load the model: {e}")
-        return fuse_unit(self.pipe, unit, self.out, self.model_id, self.spec, force)
+        return fuse_unit(self.pipe, unit, self.out, self.model_id, self.spec, force, started=started)
 
 
 def run_on_ray(ray, address: str, units: list[Unit], out: Path, model, model_id: ModelId, spec: CohortSpec,
@@ -108,6 +109,7 @@ def run_on_ray(ray, address: str, units: list[Unit], out: Path, model, model_id:
     per GPU, else as many as the cluster's CPUs hold); returns one Result per unit, in the order they
     finished. `on_start` hears what was started, `on_result` each Result as it comes."""
     results: list[Result] = []
+    started = time.time()
 
     def record(res: Result) -> None:
         results.append(res)
@@ -148,7 +150,7 @@ def run_on_ray(ray, address: str, units: list[Unit], out: Path, model, model_id:
         def hand(actor) -> None:
             if todo:
                 unit = todo.popleft()
-                inflight[actor.fuse.remote(unit, force)] = (actor, unit)
+                inflight[actor.fuse.remote(unit, force, started)] = (actor, unit)
 
         for a in actors:
             hand(a)

@@ -12,9 +12,10 @@ import typer
 
 from tfsdeploy.cli.common import (BACKPROJECT_OPTION, BATCH_SIZE_OPTION, COMPILE_OPTION, CUDA_GRAPH_OPTION,
                                   DEVICE_OPTION, ENGINE_OPTION, ENSEMBLE_OPTION, EXPORT_DIR_OPTION, GRID_OPTION,
-                                  MODEL_OPTION, PRECISION_OPTION, PROGRESS_OPTION, REGISTER_OPTION, SAMPLER_OPTION,
-                                  SCALE_OPTION, SEED_OPTION, SIZE_OPTION, SPACING_OPTION, STEPS_OPTION,
-                                  THREADS_OPTION, VERBOSE_OPTION, engine_config, long_running, notice, verbose_log)
+                                  MAX_ROTATION_OPTION, MAX_SHIFT_OPTION, MODEL_OPTION, PRECISION_OPTION,
+                                  PROGRESS_OPTION, REGISTER_OPTION, SAMPLER_OPTION, SCALE_OPTION, SEED_OPTION,
+                                  SIZE_OPTION, SPACING_OPTION, STEPS_OPTION, THREADS_OPTION, VERBOSE_OPTION,
+                                  engine_config, long_running, notice, register_bounds, verbose_log)
 from tfsdeploy.config import SampleConfig
 from tfsdeploy.errors import UserError
 
@@ -56,6 +57,8 @@ def cohort(
     threads: int = THREADS_OPTION,
     grid: str = GRID_OPTION,
     register: bool = REGISTER_OPTION,
+    max_rotation: Optional[float] = MAX_ROTATION_OPTION,
+    max_shift: Optional[float] = MAX_SHIFT_OPTION,
     force: bool = typer.Option(False, "--force", help="Fuse again the participants an earlier run finished."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="auto|ADDRESS",
                                       help="Run on a Ray cluster (auto, or the head's HOST:PORT): each participant "
@@ -79,6 +82,7 @@ def cohort(
     check_scale(scale)
     if grid not in MODALITIES:
         raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
+    bounds = register_bounds(max_rotation, max_shift, register)
     window = lib.parse_window(pet_window)
     if ray is not None:
         from tfsdeploy.tools.cohort_ray import check_address
@@ -95,7 +99,7 @@ def cohort(
     model_id, sample = lib.identify_model(model, scale, sample)
     model_id.check_size(scale, size)
     eng = engine_config(engine, device, precision, cuda_graph, compile, threads, export_dir, long_job=True)
-    spec = lib.CohortSpec(scale, sample, size, grid, register, window, run, eng, batch_size)
+    spec = lib.CohortSpec(scale, sample, size, grid, bounds if register else False, window, run, eng, batch_size)
     pipe = cluster = None
     if ray is not None:  # joined before anything is written
         from tfsdeploy.tools.cohort_ray import connect, plan_workers

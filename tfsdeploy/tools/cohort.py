@@ -338,7 +338,7 @@ class CohortSpec:
     sample: SampleConfig
     size: int = 0
     grid: str = "t1"
-    register: bool = False
+    register: object = False  # False, True or a tfsdeploy.volumes.RegisterConfig (bounds given), as open_scan takes
     pet_window: Optional[tuple[float, float]] = None
     run: Optional[int] = None
     engine: EngineConfig = EngineConfig()
@@ -348,7 +348,10 @@ class CohortSpec:
         s = self.sample
         return {"scale": self.scale, "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing, "seed": s.seed,
                 "backproject": s.backproject, "ensemble": s.ensemble, "size": self.size, "grid": self.grid,
-                "register": self.register, "pet_window": list(self.pet_window) if self.pet_window else None,
+                "register": self.register is not False,
+                "register_bounds": ([self.register.max_rotation_deg, self.register.max_shift_mm]
+                                    if not isinstance(self.register, bool) else None),
+                "pet_window": list(self.pet_window) if self.pet_window else None,
                 "run": self.run, "engine": self.engine.engine, "precision": self.engine.precision}
 
     def base_name(self, unit: Unit) -> str:

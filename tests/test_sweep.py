@@ -76,6 +76,16 @@ ACCEPTED = {
     ("evaluate", "limit", "huge"): "more than the split: every image",
     ("fuse", "out", "a file"): "an existing output is overwritten (README)",
     ("fuse", "export_dir", "a folder"): "an empty export folder: auto falls back to torch",
+    **{("cohort", "seed", k): "any non-negative seed is a seed" for k in ("zero", "huge")},
+    ("cohort", "steps", "zero"): "0 = the sampler's default",
+    ("cohort", "size", "zero"): "0 = the model's training size",
+    ("cohort", "threads", "zero"): "0 = the library's default",
+    ("cohort", "batch_size", "zero"): "0 = as many slices as memory holds",
+    ("cohort", "backproject", "zero"): "0 = plain bicubic upsampling",
+    ("cohort", "workers", "zero"): "0 = as many as the cluster holds",
+    ("cohort", "export_dir", "a folder"): "an empty export folder: auto falls back to torch",
+    ("cohort", "output_dir", "missing"): "the derivatives folder is created",
+    ("cohort", "output_dir", "a folder"): "an empty folder is filled",
 }
 
 
@@ -141,7 +151,17 @@ def base_invocations(tiny_run: Path, data: Path, triplet: list[str], work: Path)
                                        "cold_runs": 0, "out": work / "bench"}},
         "data build": {"args": {}, "opts": {"out": work / "ds", "size": 32, "combos": "t1-t2-spect"}},
         "info": {"args": {}, "opts": {}},
+        # A manifest CSV of one participant, the test split's folders of slices (no BIDS indexing, two slices).
+        "cohort": {"args": {"bids_dir": cohort_manifest(work, data), "output_dir": work / "derivatives",
+                            "analysis_level": "participant"},
+                   "opts": {"model": tiny_run, "engine": "torch", "steps": 1, "progress": False}},
     }
+
+
+def cohort_manifest(work: Path, data: Path) -> Path:
+    csv = work / "cohort.csv"
+    csv.write_text("id,t1,t2,func\n" + "e," + ",".join(str(data / "test" / m) for m in ("t1", "t2", "func")) + "\n")
+    return csv
 
 
 def command_line(name: str, fn, base: dict, swept: str | None = None, value: str | None = None) -> list[str]:
@@ -180,7 +200,7 @@ def test_every_command_and_parameter_is_swept():
     """The generator sees every command and every value-taking parameter, and the table of accepted
     values names only parameters that exist (so it cannot silently go stale)."""
     cmds = commands()
-    assert {"fuse", "train", "export", "bench", "evaluate", "demo", "bundle", "data build", "info"} <= set(cmds)
+    assert {"fuse", "cohort", "train", "export", "bench", "evaluate", "demo", "bundle", "data build", "info"} <= set(cmds)
     unknown_types = [(c, n, tp) for c, fn in cmds.items() for n, tp, _ in parameters(fn) if tp not in BAD]
     assert not unknown_types, f"add bad values for these parameter types: {unknown_types}"
     params = {(c, n) for c, fn in cmds.items() for n, _, _ in parameters(fn)}

@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from tfsdeploy.cli import bench, bundle, data, demo, evaluate, export, fuse, info, train
+from tfsdeploy.cli import bench, bundle, cohort, data, demo, evaluate, export, fuse, info, train
 from tfsdeploy.cli.common import OneLineErrors, user_errors
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -18,8 +18,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Build and inspect datasets.")
 app.add_typer(data_app, name="data")
 # Every command runs under `user_errors`: whatever a user can cause ends as one `error:` line.
 data_app.command("build")(user_errors(data.build))
-for command in (train.train, fuse.fuse, bundle.bundle, demo.demo, evaluate.evaluate, export.export, bench.bench,
-                info.info):
+for command in (train.train, fuse.fuse, cohort.cohort, bundle.bundle, demo.demo, evaluate.evaluate, export.export,
+                bench.bench, info.info):
     app.command()(user_errors(command))
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 import typer
 import typer.core
 
+from tfsdeploy.config import BACKPROJECT_MAX, MAX_ROTATION_DEG, MAX_SHIFT_LIMIT_MM, MAX_SHIFT_MM
 from tfsdeploy.errors import UserError
 
 V = TypeVar("V", int, float)
@@ -22,7 +23,11 @@ class OneLineErrors(typer.core.TyperGroup):
     """The command group, with option parsing errors (a missing argument, `--steps abc`, an unknown
     option) printed as one `error:` line and exit code 2, like every other error a user can cause."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, args=None, *rest, standalone_mode: bool = True, **kwargs):
+        args = spread_values(sys.argv[1:] if args is None else list(args))
+        return self._main(args, *rest, standalone_mode=standalone_mode, **kwargs)
+
+    def _main(self, *args, standalone_mode: bool = True, **kwargs):
         _digits_only(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
@@ -64,6 +69,26 @@ def _refusing_underscores(param, process_value):
         return process_value(ctx, value)
 
     return process
+
+
+# Options that take several values after one flag, as BIDS Apps spell them (`--participant-label 01 02`).
+MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label")
+
+
+def spread_values(argv: list[str]) -> list[str]:
+    """`--participant-label 01 02` -> `--participant-label 01 --participant-label 02`: every word after a
+    MULTI_VALUE_OPTIONS flag, up to the next option, is one more value of it (argparse's nargs="+")."""
+    out: list[str] = []
+    current = None
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + argv[i:]
+        if word.startswith("-") and len(word) > 1:
+            current = word if word in MULTI_VALUE_OPTIONS else None
+        elif current is not None and out[-1] != current:
+            out.append(current)
+        out.append(word)
+    return out
 
 
 ALLOCATOR_FAILURES = ("out of memory", "can't allocate memory", "cannot allocate memory", "alloc_cpu")
@@ -173,6 +198,71 @@ def engine_config(engine: str = "auto", device: str = "auto", precision: str = "
 
     return EngineConfig(engine=engine, device=device, precision=precision, cuda_graph=cuda_graph, compile=compile,
                         threads=threads, export_dir=str(export_dir) if export_dir else None, build_missing=long_job)
+
+
+# --------------------------------------------------------------------------- fusing options
+# The model and sampling options of `fuse`, defined once: every command that fuses scans takes them.
+
+SCALE_OPTION = typer.Option(4, help="Super-resolution factor: 2, 4 or 8.")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
+                            "(default: the packaged model, or $TFSDEPLOY_MODEL).")
+SAMPLER_OPTION = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler).")
+STEPS_OPTION = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
+                            "MODEL_CARD.md for the packaged model) or 10, for DDPM all T.")
+BACKPROJECT_OPTION = typer.Option(None, min=0, max=BACKPROJECT_MAX,
+                                  help="Sharpen the upsampled inputs by back-projection of this "
+                                  "strength before the model sees them (0 = plain bicubic; "
+                                  "default: the bundle's recommendation for the scale). It assumes "
+                                  "the inputs were shrunk bicubically; noisy inputs lose by it.")
+ENSEMBLE_OPTION = typer.Option(False, "--ensemble", help="Average the fused images of the inputs' 8 flips and "
+                               "quarter turns: 8 network calls per step instead of 1 (cheap on a GPU, slow on "
+                               "a CPU); see MODEL_CARD.md for what it gains.")
+SPACING_OPTION = typer.Option("linear", help="Step spacing: linear, quadratic or trailing.")
+SEED_OPTION = typer.Option(0, min=0, max=2**63 - 1,
+                           help="Noise seed; the same seed gives the same image (every slice of a scan "
+                           "uses it).")
+SIZE_OPTION = typer.Option(0, min=0, help="Output side in pixels (0 = the model's training size).")
+ENGINE_OPTION = typer.Option("auto", help=ENGINE_HELP)
+DEVICE_OPTION = typer.Option("auto", help="auto (CUDA when present), cpu or cuda.")
+PRECISION_OPTION = typer.Option("auto", help="torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+CUDA_GRAPH_OPTION = typer.Option(None, "--cuda-graph/--no-cuda-graph",
+                                 help="Replay denoiser calls from CUDA graphs (default: on for torch "
+                                 "on CUDA, off for TensorRT).")
+COMPILE_OPTION = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
+                              "seconds once per process; worth it for long scans on a GPU).")
+BATCH_SIZE_OPTION = typer.Option(0, min=0, max=4096,
+                                 help="Scans: slices per batch (0 = as many as half the free memory holds).")
+EXPORT_DIR_OPTION = typer.Option(None, help="Where exported engines live (default: beside the model).")
+THREADS_OPTION = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default).")
+GRID_OPTION = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "
+                           "their affines) and the output lies on: t1, t2 or func.")
+REGISTER_OPTION = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes first "
+                               "(6 DOF, mutual information; needs pip install 'tfsdeploy\\[scans]'). Each is fitted "
+                               "to the T1; the same inputs give the same transforms on every run.")
+MAX_ROTATION_OPTION = typer.Option(None, metavar="DEG", help="With --register: refuse a fit that "
+                                   f"turns by more (default {MAX_ROTATION_DEG:g}; at most 180).")
+MAX_SHIFT_OPTION = typer.Option(None, metavar="MM", help="With --register: refuse a fit that shifts "
+                                f"the brain's centre by more (default {MAX_SHIFT_MM:g}; at most "
+                                f"{MAX_SHIFT_LIMIT_MM:g}).")
+PROGRESS_OPTION = typer.Option(True, "--progress/--no-progress")
+VERBOSE_OPTION = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine.")
+
+
+def register_bounds(max_rotation: Optional[float], max_shift: Optional[float], register: bool):
+    """The registration's config with the bounds given (None: the defaults); refused without --register."""
+    given = [(o, v) for o, v in (("--max-rotation", max_rotation), ("--max-shift", max_shift)) if v is not None]
+    if not given:
+        return True
+    if not register:
+        raise UserError(f"{given[0][0]} bounds the fit of --register; add --register")
+    for option, value, top in (("--max-rotation", max_rotation, 180.0),
+                               ("--max-shift", max_shift, MAX_SHIFT_LIMIT_MM)):
+        if value is not None and not 0 < value <= top:
+            raise UserError(f"{option} must be above 0 and at most {top:g}, got {value:g}")
+    from tfsdeploy.volumes import RegisterConfig
+
+    return RegisterConfig(max_rotation_deg=MAX_ROTATION_DEG if max_rotation is None else max_rotation,
+                          max_shift_mm=MAX_SHIFT_MM if max_shift is None else max_shift)
 
 
 # --------------------------------------------------------------------------- output

@@ -8,9 +8,13 @@ from typing import Optional
 
 import typer
 
-from tfsdeploy.cli.common import ENGINE_HELP, engine_config, long_running, notice, progress_bar, verbose_log
-from tfsdeploy.config import (BACKPROJECT_MAX, MAX_ROTATION_DEG, MAX_SHIFT_LIMIT_MM, MAX_SHIFT_MM, EngineConfig,
-                              SampleConfig)
+from tfsdeploy.cli.common import (BACKPROJECT_OPTION, BATCH_SIZE_OPTION, COMPILE_OPTION, CUDA_GRAPH_OPTION,
+                                  DEVICE_OPTION, ENGINE_OPTION, ENSEMBLE_OPTION, EXPORT_DIR_OPTION, GRID_OPTION,
+                                  MAX_ROTATION_OPTION, MAX_SHIFT_OPTION, MODEL_OPTION, PRECISION_OPTION,
+                                  PROGRESS_OPTION, REGISTER_OPTION, SAMPLER_OPTION, SCALE_OPTION, SEED_OPTION,
+                                  SIZE_OPTION, SPACING_OPTION, STEPS_OPTION, THREADS_OPTION, VERBOSE_OPTION,
+                                  engine_config, long_running, notice, progress_bar, register_bounds, verbose_log)
+from tfsdeploy.config import EngineConfig, SampleConfig
 from tfsdeploy.errors import UserError
 
 
@@ -19,60 +23,40 @@ def fuse(
                               "(.nii, .nii.gz), a DICOM series (its folder) or a folder of slices."),
     t2: Path = typer.Argument(..., help="MR-T2 (or PD / Gad / CT), of the same kind (volumes: NIfTI and DICOM mix)."),
     func: Path = typer.Argument(..., help="SPECT or PET, of the same kind; grey images get the built-in colour map."),
-    scale: int = typer.Option(4, help="Super-resolution factor: 2, 4 or 8."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run folder or bundle "
-                                         "(default: the packaged model, or $TFSDEPLOY_MODEL)."),
+    scale: int = SCALE_OPTION,
+    model: Optional[Path] = MODEL_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output: a PNG for images (default fused.png), "
                                        "a .nii/.nii.gz for volumes (default fused.nii.gz), a folder for folders "
                                        "(default fused/) and for --format dicom (default fused_dicom/); scans "
                                        "also get OUT_montage.png."),
-    sampler: str = typer.Option("ddim", help="ddim (deterministic) or ddpm (the paper's ancestral sampler)."),
-    steps: int = typer.Option(0, min=0, help="Denoiser calls; 0 = for DDIM the bundle's recommendation (see "
-                              "MODEL_CARD.md for the packaged model) or 10, for DDPM all T."),
-    backproject: Optional[float] = typer.Option(None, min=0, max=BACKPROJECT_MAX,
-                                                help="Sharpen the upsampled inputs by back-projection of this "
-                                                "strength before the model sees them (0 = plain bicubic; "
-                                                "default: the bundle's recommendation for the scale). It assumes "
-                                                "the inputs were shrunk bicubically; noisy inputs lose by it."),
-    ensemble: bool = typer.Option(False, "--ensemble", help="Average the fused images of the inputs' 8 flips and "
-                                  "quarter turns: 8 network calls per step instead of 1 (cheap on a GPU, slow on "
-                                  "a CPU); see MODEL_CARD.md for what it gains."),
-    spacing: str = typer.Option("linear", help="Step spacing: linear, quadratic or trailing."),
-    seed: int = typer.Option(0, min=0, max=2**63 - 1,
-                             help="Noise seed; the same seed gives the same image (every slice of a scan "
-                             "uses it)."),
-    size: int = typer.Option(0, min=0, help="Output side in pixels (0 = the model's training size)."),
-    engine: str = typer.Option("auto", help=ENGINE_HELP),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
-    precision: str = typer.Option("auto", help="torch engine: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
-    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph",
-                                              help="Replay denoiser calls from CUDA graphs (default: on for torch "
-                                              "on CUDA, off for TensorRT)."),
-    compile: bool = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
-                                 "seconds once per process; worth it for long scans on a GPU)."),
-    batch_size: int = typer.Option(0, min=0, max=4096,
-                                   help="Scans: slices per batch (0 = as many as half the free memory holds)."),
-    export_dir: Optional[Path] = typer.Option(None, help="Where exported engines live (default: beside the model)."),
+    sampler: str = SAMPLER_OPTION,
+    steps: int = STEPS_OPTION,
+    backproject: Optional[float] = BACKPROJECT_OPTION,
+    ensemble: bool = ENSEMBLE_OPTION,
+    spacing: str = SPACING_OPTION,
+    seed: int = SEED_OPTION,
+    size: int = SIZE_OPTION,
+    engine: str = ENGINE_OPTION,
+    device: str = DEVICE_OPTION,
+    precision: str = PRECISION_OPTION,
+    cuda_graph: Optional[bool] = CUDA_GRAPH_OPTION,
+    compile: bool = COMPILE_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    export_dir: Optional[Path] = EXPORT_DIR_OPTION,
     method: str = typer.Option("diffusion", help="diffusion (the model), or an upsample-then-fuse baseline: "
                                "classical, laplacian, guided."),
-    threads: int = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default)."),
+    threads: int = THREADS_OPTION,
     adapt: int = typer.Option(0, min=0, max=10_000, help="Test-time adaptation: first fine-tune a copy of the model "
                               "for N steps on pairs made from the input itself (degraded once more by x2), then "
                               "fuse with it; torch engine; 0 = off. The README says what it gains, at which "
                               "scale and step count."),
-    grid: str = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "
-                             "their affines) and the output lies on: t1, t2 or func."),
+    grid: str = GRID_OPTION,
     series: list[str] = typer.Option([], "--series", metavar="UID",
                                      help="Volumes: the SeriesInstanceUID to read from a DICOM folder holding "
                                      "several series (repeat it for several folders)."),
-    register: bool = typer.Option(False, "--register", help="Volumes: rigidly register the other two volumes first "
-                                  "(6 DOF, mutual information; needs pip install 'tfsdeploy\\[scans]'). Each is fitted "
-                                  "to the T1; the same inputs give the same transforms on every run."),
-    max_rotation: Optional[float] = typer.Option(None, metavar="DEG", help="With --register: refuse a fit that "
-                                                 f"turns by more (default {MAX_ROTATION_DEG:g}; at most 180)."),
-    max_shift: Optional[float] = typer.Option(None, metavar="MM", help="With --register: refuse a fit that shifts "
-                                              f"the brain's centre by more (default {MAX_SHIFT_MM:g}; at most "
-                                              f"{MAX_SHIFT_LIMIT_MM:g})."),
+    register: bool = REGISTER_OPTION,
+    max_rotation: Optional[float] = MAX_ROTATION_OPTION,
+    max_shift: Optional[float] = MAX_SHIFT_OPTION,
     save_transforms: Optional[Path] = typer.Option(None, help="With --register: write the transforms into this "
                                                    "folder as ITK .tfm files (t2_to_t1.tfm, func_to_t1.tfm, named "
                                                    "after the --grid volume), once the fuse succeeds."),
@@ -90,8 +74,8 @@ def fuse(
     calling_ae: Optional[str] = typer.Option(None, help="With --send: this end's AE title (default TFSDEPLOY)."),
     stow: Optional[str] = typer.Option(None, "--stow", metavar="URL", help="--format dicom: store the written "
                                        "series by DICOMweb STOW-RS at this root (e.g. http://pacs:8042/dicom-web)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say why `auto` skipped an engine."),
+    progress: bool = PROGRESS_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ) -> None:
     """Fuse three registered low-resolution images (or volumes, or folders of slices) into one
     high-resolution colour image (or volume, or folder). Volumes may be NIfTI files or DICOM series
@@ -105,7 +89,7 @@ def fuse(
         raise UserError(f"--grid must be one of {', '.join(MODALITIES)}, got {grid!r}")
     if save_transforms is not None and not register:
         raise UserError("--save-transforms writes the transforms of --register; add --register")
-    bounds = _register_bounds(max_rotation, max_shift, register)
+    bounds = register_bounds(max_rotation, max_shift, register)
     for given in (t1, t2, func):  # the inputs first: a missing one is not an output problem
         if not given.exists():
             raise UserError(f"{given}: no such file or folder")
@@ -129,22 +113,6 @@ def fuse(
         _fuse_scan(kind, job)
     else:
         _fuse_images(job)
-
-
-def _register_bounds(max_rotation: Optional[float], max_shift: Optional[float], register: bool):
-    """The registration's config with the bounds given (None: the defaults); refused without --register."""
-    given = [(o, v) for o, v in (("--max-rotation", max_rotation), ("--max-shift", max_shift)) if v is not None]
-    if not given:
-        return True
-    if not register:
-        raise UserError(f"{given[0][0]} bounds the fit of --register; add --register")
-    for option, value, top in (("--max-rotation", max_rotation, 180.0), ("--max-shift", max_shift, MAX_SHIFT_LIMIT_MM)):
-        if value is not None and not 0 < value <= top:
-            raise UserError(f"{option} must be above 0 and at most {top:g}, got {value:g}")
-    from tfsdeploy.volumes import RegisterConfig
-
-    return RegisterConfig(max_rotation_deg=MAX_ROTATION_DEG if max_rotation is None else max_rotation,
-                          max_shift_mm=MAX_SHIFT_MM if max_shift is None else max_shift)
 
 
 @dataclasses.dataclass(frozen=True)

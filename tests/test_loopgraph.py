@@ -9,31 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import RecordingGraphs
 from engines.torch_engine import TorchDenoiser
 from tfsdeploy.checkpoint import build_from_checkpoint, load_checkpoint
 from tfsdeploy.config import DiffusionConfig, SampleConfig
-from tfsdeploy.loopgraph import recording
 from tfsdeploy.pipeline import FusionPipeline
-
-
-class RecordingGraphs:
-    """Captures by running the function once (as the warm-up would) and replays by running it again."""
-
-    def __init__(self, fail: bool = False):
-        self.captures, self.replays, self.fail = 0, 0, fail
-
-    def capture(self, fn, device):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.captures += 1
-        fn()
-
-        def replay():  # a real replay runs the recorded kernels, never the engine's Python again
-            self.replays += 1
-            with recording():
-                return fn()
-
-        return replay
 
 
 def recordable(ckpt):

@@ -176,27 +176,26 @@ class CudaGraphs:
                 try:
                     out = fn()
                 except BaseException:
-                    ended = True  # end it (it fails too) so the stream leaves capture mode
-                    with contextlib.suppress(Exception):
+                    with contextlib.suppress(Exception):  # takes the stream out of capture mode
                         graph.capture_end()
+                        ended = True
                     raise
-                ended = True
                 graph.capture_end()
+                ended = True
         except BaseException as e:
-            self._abandon(graph, pool, device, begun, ended)
+            self._abandon(graph, pool, device, begun and not ended)
             if isinstance(e, RuntimeError) or not isinstance(e, Exception):
                 raise
             raise RuntimeError(f"{type(e).__name__}: {e}") from e
         cuda.current_stream(device).wait_stream(stream)
         return _CudaReplay(graph, out)
 
-    def _abandon(self, graph: Any, pool: Any, device: torch.device, begun: bool, ended: bool) -> None:
-        """After a failed capture: the allocator stops routing to the pool and releases it, and the
-        half-made graph is dropped. Each step is tried on its own; none may hide the first error."""
-        steps = [] if not begun else [lambda: None if ended else graph.capture_end(),
-                                      lambda: self.cuda.end_pool(device, pool),
-                                      lambda: self.cuda.release_pool(device, pool)]
-        for step in [*steps, graph.reset]:
+    def _abandon(self, graph: Any, pool: Any, device: torch.device, pool_held: bool) -> None:
+        """After a failed capture: when its end failed too, the allocator stops routing to the pool
+        and releases it (torch's graph does so only after a good end); the graph is dropped. Each
+        step is tried on its own; none may hide the first error."""
+        steps = [lambda: self.cuda.end_pool(device, pool), lambda: self.cuda.release_pool(device, pool)]
+        for step in [*(steps if pool_held else []), graph.reset]:
             with contextlib.suppress(Exception):
                 step()
 
@@ -229,6 +228,8 @@ class CaptureRules(TorchDispatchMode):
             raise CaptureRuleError(f"{func}: its output shape depends on the data")
         if torch.Tag.nondeterministic_seeded in tags:
             raise CaptureRuleError(f"{func}: draws random numbers inside the recorded region")
+        if kwargs.get("device") is not None and torch.device(kwargs["device"]) != self.device:
+            raise CaptureRuleError(f"{func}: makes a tensor on {kwargs['device']} (a copy between host and device)")
         for t in tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and t.device != self.device and not (t.device.type == "cpu" and t.dim() == 0):
                 raise CaptureRuleError(f"{func}: reads a tensor on {t.device} (a copy between host and device)")

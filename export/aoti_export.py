@@ -207,4 +207,5 @@ def _build(model, ck, spec: IOSpec, precision: str, device: str, identity: dict[
     return report
 
 
-__all__ = ["export_aoti", "failure_marker", "build_lock", "package_key", "package_path", "package_precision", "estimated_build_s"]
+__all__ = ["export_aoti", "failure_marker", "build_lock", "package_key", "package_path", "package_precision",
+           "estimated_build_s"]

@@ -231,7 +231,8 @@ class CaptureRules(TorchDispatchMode):
         if kwargs.get("device") is not None and torch.device(kwargs["device"]) != self.device:
             raise CaptureRuleError(f"{func}: makes a tensor on {kwargs['device']} (a copy between host and device)")
         for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t.device != self.device and not (t.device.type == "cpu" and t.dim() == 0):
+            host_scalar = isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() == 0
+            if isinstance(t, torch.Tensor) and t.device != self.device and not host_scalar:
                 raise CaptureRuleError(f"{func}: reads a tensor on {t.device} (a copy between host and device)")
         out = func(*args, **kwargs)
         for t in tree_leaves(out):

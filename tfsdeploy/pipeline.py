@@ -210,7 +210,8 @@ class FusionPipeline:
         denoiser, configs = load_denoiser(member, engine, log, notice)
         whole_loop = engine.whole_loop and engine.cuda_graph is not False
         fallback = None
-        if engine.engine == "auto" and getattr(denoiser, "name", "torch") != "torch" and artifact_engine(member) is None:
+        compiled = getattr(denoiser, "name", "torch") != "torch"
+        if engine.engine == "auto" and compiled and artifact_engine(member) is None:
             def fallback() -> Denoiser:  # the engine `auto` takes when no compiled one is there
                 return torch_denoiser(member, denoiser.device, engine)[0]
         return cls(denoiser, configs, scale, sample, member, whole_loop=whole_loop, notice=notice,

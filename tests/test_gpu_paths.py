@@ -487,3 +487,38 @@ def test_the_parity_gate_calls_at_more_than_one_batch(ckpt):
             return torch.full_like(x, float("nan"))
 
     assert math.isnan(call_parity(reference, Overflows(), EXPORT_SPEC))
+
+
+# ------------------------------------------------------------------ the same, on a real GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_a_gpu_a_capture_that_syncs_leaves_the_default_stream_and_the_next_capture_works():
+    x = torch.ones(4, device="cuda")
+    default = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError):
+        CudaGraphs(warmups=0).capture(lambda: x * float(x.sum().item()), x.device)  # a host sync inside
+    assert torch.cuda.current_stream() == default
+    torch.cuda.empty_cache()  # the allocator holds no capture
+    replay = CudaGraphs().capture(lambda: x * 2, x.device)
+    x.fill_(3)
+    assert torch.equal(replay(), torch.full((4,), 6.0, device="cuda"))
+    replay.release()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_a_gpu_the_whole_fuse_graph_matches_eager_and_stays_bounded(ckpt):
+    sample = SampleConfig(steps=3, seed=1)
+    configs = load_checkpoint(ckpt).configs
+    engine = TorchDenoiser(build_from_checkpoint(ckpt)[0], "cuda", torch.float16, cuda_graph=True)
+    pipe = FusionPipeline(engine, configs, 4, sample)
+    eager = FusionPipeline(TorchDenoiser(build_from_checkpoint(ckpt)[0], "cuda", torch.float16), configs, 4, sample,
+                           whole_loop=False)
+    for size in (32, 40, 48, 56, 64, 32):
+        cond = torch.rand(2, 5, size, size, generator=torch.Generator().manual_seed(size))
+        assert float((pipe(cond) - eager(cond)).abs().max()) < 2e-3
+    assert pipe.loop is not None and len(pipe.loop.graphs) == MAX_GRAPHS

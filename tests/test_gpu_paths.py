@@ -150,12 +150,12 @@ def test_a_good_capture_keeps_its_pool_until_the_cache_releases_it(ckpt):
 def test_whole_fuse_graphs_are_bounded_and_evicted_ones_released(ckpt):
     graphs = RecordingGraphs()
     pipe = FusionPipeline(recordable(ckpt), load_checkpoint(ckpt).configs, 4, SampleConfig(steps=1), graphs=graphs)
-    sizes = [32, 36, 40, 44, 48, 52]
+    sizes = [16, 20, 24, 28, 32, 36]
     for size in sizes:
         pipe(torch.rand(1, 5, size, size))
     assert len(pipe.loop.graphs) == MAX_GRAPHS and graphs.released == len(sizes) - MAX_GRAPHS
-    pipe(torch.rand(1, 5, 52, 52))  # the most recent is kept
-    pipe(torch.rand(1, 5, 32, 32))  # the oldest was dropped: recorded again
+    pipe(torch.rand(1, 5, 36, 36))  # the most recent is kept
+    pipe(torch.rand(1, 5, 16, 16))  # the oldest was dropped: recorded again
     assert graphs.captures == len(sizes) + 1
 
 

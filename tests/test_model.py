@@ -200,12 +200,12 @@ def test_fp16_attention_with_activations_of_300_stays_finite_and_close_to_fp32()
         attn.qkv.weight.normal_(0, 1 / math.sqrt(c))
         attn.qkv.weight[:2 * c] *= 375  # q and k: mean |.| about 300 on normalised inputs
     x = torch.randn(2, c, 8, 8)
-    with torch.no_grad():
-        q = attn.qkv(attn.norm(x))[:, :2 * c]
-    assert 250 < float(q.abs().mean()) < 350
-    reference = attn(x)
     half = SelfAttention(c, 32)
     half.load_state_dict(attn.state_dict())
-    out = half.half()(x.half()).float()
+    with torch.no_grad():
+        q = attn.qkv(attn.norm(x))[:, :2 * c]
+        reference = attn(x)
+        out = half.half()(x.half()).float()
+    assert 250 < float(q.abs().mean()) < 350
     assert torch.isfinite(out).all()
     assert float((out - reference).norm() / reference.norm()) < 1e-2

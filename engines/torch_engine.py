@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from tfsdeploy.loopgraph import is_recording
+from tfsdeploy.loopgraph import CudaGraphs, GraphBackend, GraphCache, is_recording
 from tfsdeploy.model import TFSDiffUNet, set_norm_upcast
 from tfsdeploy.paths import cache_dir
 
@@ -49,7 +49,8 @@ class TorchDenoiser:
         mode = "reduce-overhead" if compile and self.device.type == "cuda" else None
         self._run = torch.compile(self.model, mode=mode) if compile else self.model  # compiles on the first call
         self.cuda_graph = cuda_graph and self.device.type == "cuda" and not compile
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.graphs = GraphCache()  # per-call graphs by input shape, the few most recent
+        self.backend: GraphBackend = CudaGraphs(warmups=2)
         self.graph_error = ""  # why capture failed, when it did (describe() then no longer says CUDA graph)
         # A whole-fuse CUDA graph (tfsdeploy.loopgraph) may record this engine's calls: plain CUDA
         # kernels on the current stream. torch.compile's reduce-overhead mode keeps graphs of its own.
@@ -79,33 +80,19 @@ class TorchDenoiser:
 
     def _replay(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
         key = (tuple(x_t.shape), tuple(cond.shape))
-        if key not in self._graphs:
+        if key not in self.graphs:
+            static = [t.detach().to(self.device, torch.float32).clone() for t in (x_t, cond, noise_level)]
             try:
-                self._graphs[key] = self._capture(x_t, cond, noise_level)
+                self.graphs.put(key, static, self.backend.capture(lambda: self._forward(*static), self.device))
             except RuntimeError as e:  # a driver or op that cannot be captured: stay correct, run eagerly
                 self.cuda_graph, self.graph_error = False, f"{type(e).__name__}: {e}"
+                self.graphs.clear()
                 with torch.inference_mode():
                     return self._forward(x_t, cond, noise_level)
-        graph, static, out = self._graphs[key]
+        static, replay = self.graphs.get(key)
         for buf, new in zip(static, (x_t, cond, noise_level)):
             buf.copy_(new, non_blocking=True)
-        graph.replay()
-        return out.clone()  # the next replay overwrites `out`
-
-    def _capture(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor):
-        """Record one forward pass at this shape into a CUDA graph (warmed up on a side stream first,
-        so that cuDNN's algorithm search and the allocator's first requests stay out of the graph)."""
-        static = [t.detach().to(self.device, torch.float32).clone() for t in (x_t, cond, noise_level)]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(*static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._forward(*static)
-        return graph, static, out
+        return replay().clone()  # the next replay overwrites its output
 
 
 def use_compile_cache() -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tfsdeploy.config import MAX_BATCH
 from tfsdeploy.errors import UserError
 from tfsdeploy.inputs import Triplet
 
@@ -17,12 +18,21 @@ class ExportConfig:
     fp16: bool = True  # the fp16 ONNX (fp32 islands and I/O)
     trt: bool = False  # a TensorRT FP16 engine (needs TensorRT and a GPU)
     aoti: bool = False  # an AOTInductor package for this machine
-    max_batch: int = 4
+    max_batch: int = 0  # 0 = the scan cap of the device the artifacts are for (config.MAX_BATCH)
     min_size: int = 0  # 0 = 64, rounded to the model's multiple
     max_size: int = 0  # 0 = 512
     opset: int = 18
     parity_steps: int = 10  # DDIM steps of the fused-image parity check
     workspace_gib: float = 8.0  # TensorRT builder workspace
+
+
+def default_max_batch(cfg: ExportConfig) -> int:
+    """The largest batch artifacts accept when not told: a GPU's scan batch when any of them runs
+    on a GPU (a TensorRT engine, which builds from the ONNX, or a CUDA package), else a CPU's."""
+    import torch
+
+    gpu = cfg.trt or (cfg.aoti and torch.cuda.is_available())
+    return MAX_BATCH["cuda" if gpu else "cpu"]
 
 
 def export_checkpoint(model: Path, cfg: ExportConfig, out: Path | None = None,
@@ -39,7 +49,8 @@ def export_checkpoint(model: Path, cfg: ExportConfig, out: Path | None = None,
     from tfsdeploy.fileio import check_folder_target
 
     net, _ = build_from_checkpoint(model)
-    spec = default_spec(net, max_batch=cfg.max_batch, min_size=cfg.min_size, max_size=cfg.max_size)
+    spec = default_spec(net, max_batch=cfg.max_batch or default_max_batch(cfg), min_size=cfg.min_size,
+                        max_size=cfg.max_size)
     out = out or default_export_dir(model)
     check_folder_target(out)
     trt_mod, trt_reason = tensorrt_status() if cfg.trt else (None, "")

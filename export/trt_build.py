@@ -161,8 +161,9 @@ def _engine_parity(path: Path, meta: dict[str, Any], ckpt: str | Path, spec: IOS
 
 
 def _pin_fp32_islands(trt, network, config) -> None:
-    """TensorRT 10 weak typing: keep normalisation, softmax and the sinusoids in fp32."""
-    keep = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    """TensorRT 10 weak typing: keep normalisation, the attention's logits (every matrix product:
+    the attention's two and the small embedding layers), softmax and the sinusoids in fp32."""
+    keep = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.MATRIX_MULTIPLY}
     trig = {getattr(trt.UnaryOperation, n) for n in ("SIN", "COS") if hasattr(trt.UnaryOperation, n)}
     for i in range(network.num_layers):
         layer = network.get_layer(i)

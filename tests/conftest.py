@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -152,3 +153,43 @@ def exported(ckpt):
     from export.onnx_export import export_onnx
 
     return {p: export_onnx(ckpt, p, spec=EXPORT_SPEC, parity_steps=3, log=lambda s: None) for p in ("fp32", "fp16")}
+
+
+class RecordingGraphs:
+    """A stand-in for CUDA graphs: captures by running the function once (as the warm-up would),
+    with `capturing` set while it runs, and replays by running it again. With `rules`, both run
+    under tfsdeploy.loopgraph.CaptureRules for that device."""
+
+    def __init__(self, fail: bool = False, rules: str | None = None):
+        self.captures, self.replays, self.released, self.fail, self.rules = 0, 0, 0, fail, rules
+        self.capturing = False
+
+    def _run(self, fn):
+        from tfsdeploy.loopgraph import CaptureRules
+
+        with CaptureRules(self.rules) if self.rules else contextlib.nullcontext():
+            return fn()
+
+    def capture(self, fn, device):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.capturing = True
+        try:
+            self._run(fn)
+        finally:
+            self.capturing = False
+        self.captures += 1
+        graphs = self
+
+        class Replay:
+            def __call__(self):  # a real replay runs the recorded kernels, never the engine's Python again
+                from tfsdeploy.loopgraph import recording
+
+                graphs.replays += 1
+                with recording():
+                    return graphs._run(fn)
+
+            def release(self):
+                graphs.released += 1
+
+        return Replay()

@@ -152,9 +152,11 @@ def test_a_compile_failure_is_one_line_and_leaves_nothing(ckpt, tmp_path, monkey
         raise RuntimeError("C++ compile failed\nlong compiler output")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", boom)
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(UserError, match=r"^AOTInductor compile failed: C\+\+ compile failed$"):
-        export_aoti(ckpt, tmp_path, "cpu", EXPORT_SPEC, log=lambda s: None)
-    assert list(tmp_path.iterdir()) == []
+        export_aoti(ckpt, out, "cpu", EXPORT_SPEC, log=lambda s: None)
+    assert list(out.iterdir()) == []
 
 
 def test_the_aoti_engine_runs_a_fuse_through_the_pipeline(package, ckpt):
@@ -249,3 +251,226 @@ def test_a_failed_first_use_build_falls_back_to_torch_and_says_so(fake_engines, 
     d, _ = pipeline.load_denoiser(ckpt, EngineConfig(build_missing=True), notice=notices.append)
     assert d.name == "torch" and notices == ["warning: AOTInductor compile failed: out of memory; running the "
                                              "torch engine instead"]
+
+
+# ------------------------------------------------------------------ first-use builds and what they leave
+
+
+class StandInCompiler:
+    """torch.export and the AOTInductor compiler stood in for (a package file that is only bytes),
+    and a loader whose runner is the tiny model itself, extracting into the temporary folder the way
+    torch's C++ loader does (mkdtemp under $TMPDIR): the export machinery runs whole in seconds."""
+
+    def __init__(self, ckpt, monkeypatch, fail=None, delay=0.0):
+        import os
+        import tempfile as tf
+        import time
+
+        self.compiles, self.extracted, self.inductor_dirs = 0, [], []
+        model = build_from_checkpoint(ckpt)[0].eval()
+
+        def compile_(program, package_path):
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            self.inductor_dirs.append(cache_dir())
+            self.compiles += 1
+            time.sleep(delay)
+            if fail:
+                raise RuntimeError(fail)
+            with open(package_path, "wb") as f:
+                f.write(b"package " + str(self.compiles).encode())
+
+        def load(path, run_single_threaded=False, device_index=-1):
+            folder = tf.mkdtemp(prefix="aotinductor_", dir=os.environ.get("TMPDIR", "/tmp"))
+            with open(os.path.join(folder, "model.so"), "wb") as f:
+                f.write(b"\0" * 1024)
+            self.extracted.append(folder)
+            return lambda x, c, n: model(x, c, n)
+
+        monkeypatch.setattr(torch.export, "export", lambda *a, **k: "program")
+        monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_)
+        monkeypatch.setattr(torch._inductor, "aoti_load_package", load)
+
+
+def _export(ckpt, out, **kw):
+    from export.aoti_export import export_aoti
+
+    return export_aoti(ckpt, out, "cpu", EXPORT_SPEC, parity_steps=2, log=lambda s: None, **kw)
+
+
+def test_a_package_loads_into_the_tfsdeploy_cache_and_leaves_nothing_when_released(ckpt, tmp_path, monkeypatch):
+    import gc
+    import os
+
+    from tfsdeploy.paths import cache_dir
+
+    compiler = StandInCompiler(ckpt, monkeypatch)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "system-tmp"))
+    (tmp_path / "system-tmp").mkdir()
+    path, _ = _export(ckpt, tmp_path / "out")
+    engine = AotiDenoiser(path)
+    folder = compiler.extracted[-1]
+    assert folder.startswith(str(cache_dir() / "aoti-load")) and os.path.isdir(folder)
+    assert os.environ["TMPDIR"] == str(tmp_path / "system-tmp")  # put back after the load
+    del engine
+    gc.collect()
+    assert not os.path.exists(folder) and list((tmp_path / "system-tmp").glob("aotinductor*")) == []
+    assert list((cache_dir() / "aoti-load").iterdir()) == []
+
+
+def test_the_extraction_of_a_process_killed_outright_is_removed_by_the_next_load(ckpt, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from tfsdeploy.paths import cache_dir
+
+    StandInCompiler(ckpt, monkeypatch)
+    path, _ = _export(ckpt, tmp_path / "out")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = cache_dir() / "aoti-load" / f".run.{dead}.abcd1234.tmp"
+    (stale / "aotinductor_x").mkdir(parents=True)
+    engine = AotiDenoiser(path)
+    assert not stale.exists() and engine is not None
+
+
+def test_export_keeps_inductors_files_in_the_tfsdeploy_cache(ckpt, tmp_path, monkeypatch):
+    from tfsdeploy.paths import cache_dir
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    compiler = StandInCompiler(ckpt, monkeypatch)
+    _export(ckpt, tmp_path / "out")
+    assert compiler.inductor_dirs and compiler.inductor_dirs[0].startswith(str(cache_dir()))
+
+
+def test_the_staging_folder_of_an_export_killed_outright_is_removed_by_the_next(ckpt, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from export.aoti_export import package_key, package_path
+    from tfsdeploy.artifacts import checkpoint_fingerprint
+
+    StandInCompiler(ckpt, monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    key = package_key(checkpoint_fingerprint(ckpt)["sha256"], device_identity("cpu"), "fp32", EXPORT_SPEC)
+    target = package_path(out, key, "fp32")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = out / f".{target.name}.{dead}.x1y2z3.tmp"
+    stale.mkdir()
+    (stale / target.name).write_bytes(b"\0" * 4096)  # the full package it was writing
+    path, _ = _export(ckpt, out)
+    assert path == target and sorted(p.name for p in out.iterdir()) == sorted([target.name, target.name + ".json"])
+
+
+def test_two_builds_of_one_package_at_once_compile_it_once(ckpt, tmp_path, monkeypatch):
+    import threading
+
+    compiler = StandInCompiler(ckpt, monkeypatch, delay=1.0)
+    out, results, errors = tmp_path / "out", [], []
+
+    def build():
+        try:
+            results.append(_export(ckpt, out))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and compiler.compiles == 1
+    assert results[0] == results[1]
+    assert read_sidecar(results[0][0])["key"]  # the sidecar matches the file (its sha256 is checked)
+
+
+def test_a_failed_first_use_build_is_remembered_and_not_tried_by_every_job(ckpt, tmp_path, monkeypatch):
+    from export.aoti_export import failure_marker
+
+    compiler = StandInCompiler(ckpt, monkeypatch, fail="out of memory")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="AOTInductor compile failed: out of memory"):
+        _export(ckpt, out, remember_failure=True)
+    markers = list(out.glob("*.failed"))
+    assert compiler.compiles == 1 and len(markers) == 1
+    with pytest.raises(UserError, match=r"failed before \(AOTInductor compile failed: out of memory\).*export --aoti"):
+        _export(ckpt, out, remember_failure=True)
+    assert compiler.compiles == 1  # not compiled again
+    compiler_ok = StandInCompiler(ckpt, monkeypatch)  # `export --aoti` tries again, and clears the marker
+    path, _ = _export(ckpt, out)
+    assert compiler_ok.compiles == 1 and not failure_marker(path).exists()
+
+
+def _read_only(monkeypatch, root):
+    """A stand-in for a read-only folder that holds even for root: creating anything under `root`
+    fails with EACCES, as on a read-only mount or a folder of another user."""
+    import builtins
+    import errno
+    import io
+    import os
+
+    real_mkdir, real_open = os.mkdir, os.open
+    root = str(root)
+
+    def refuse(path):
+        if os.path.abspath(os.fspath(path)).startswith(root):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+    def mkdir(path, *a, **k):
+        refuse(path)
+        return real_mkdir(path, *a, **k)
+
+    def open_(path, flags, *a, **k):
+        if flags & os.O_CREAT:
+            refuse(path)
+        return real_open(path, flags, *a, **k)
+
+    def builtin_open(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax+"):
+            refuse(file)
+        return real_builtin_open(file, mode, *a, **k)
+
+    real_builtin_open = builtins.open
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    monkeypatch.setattr(io, "open", builtin_open)
+
+
+def test_a_read_only_cache_is_one_line_not_a_traceback(ckpt, tmp_path, monkeypatch):
+    StandInCompiler(ckpt, monkeypatch)
+    out = tmp_path / "compiled"
+    out.mkdir()
+    _read_only(monkeypatch, out)
+    with pytest.raises(UserError, match=r"cannot write here \(Permission denied\)"):
+        _export(ckpt, out, remember_failure=True)
+    assert list(out.iterdir()) == []
+
+
+def test_a_first_use_build_that_cannot_write_falls_back_to_torch_with_a_notice(fake_engines, ckpt, monkeypatch):
+    import tfsdeploy.pipeline as pipeline
+
+    def refused(ckpt_, notice):
+        raise PermissionError(13, "Permission denied", "/cache/compiled")
+
+    monkeypatch.setattr(pipeline, "build_package", refused)
+    fake_engines.update(device="cuda", available=set())
+    notices = []
+    d, _ = pipeline.load_denoiser(ckpt, EngineConfig(build_missing=True), notice=notices.append)
+    assert d.name == "torch" and len(notices) == 1 and notices[0].startswith(
+        "warning: building the AOTInductor package failed (PermissionError:") and notices[0].endswith(
+        "running the torch engine instead")
+
+
+def test_loading_the_real_package_leaves_nothing_in_the_temporary_folder(package, tmp_path, monkeypatch):
+    import gc
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    engine = AotiDenoiser(package[0])
+    assert engine.single_threaded and engine(*inputs(1, 64)).shape == (1, 3, 64, 64)
+    del engine
+    gc.collect()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("aotinductor")] == []

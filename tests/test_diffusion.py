@@ -162,3 +162,56 @@ def test_fused_target_is_the_image_and_takes_no_residual_scale():
     torch.testing.assert_close(fused.encode(gt, base), gt * 2 - 1)
     with pytest.raises(UserError):
         DiffusionConfig(target="fused", residual_scale=2.0)
+
+
+# ------------------------------------------------------------------ the initial noise of a deterministic fuse
+
+
+def _diffusion():
+    return Diffusion(NoiseSchedule(ScheduleConfig(num_steps=50)))
+
+
+def test_fuse_noise_draws_each_seed_once_and_keeps_it_on_the_device(monkeypatch):
+    from tfsdeploy.config import SampleConfig
+
+    d = _diffusion()
+    drawn = []
+    real = Diffusion.initial_noise
+
+    def counting(gens, shape):
+        drawn.append(len(gens))
+        return real(gens, shape)
+
+    monkeypatch.setattr(Diffusion, "initial_noise", staticmethod(counting))
+    cond = torch.rand(4, 5, 16, 16)
+    a = d.fuse_noise(cond, SampleConfig(seed=3), [7, 7, 8, 7], device="meta")
+    assert a.shape == (4, 3, 16, 16) and a.device.type == "meta"
+    b = d.fuse_noise(cond, SampleConfig(seed=3), None)  # all slices from the sampler's seed
+    c = d.fuse_noise(cond, SampleConfig(seed=3), [8, 7, 7, 8])
+    d.fuse_noise(cond, SampleConfig(seed=3), [8, 7, 7, 8])  # seen before: nothing drawn
+    assert sum(drawn) == 5  # (7, 8) on meta, 3 on the CPU, (8, 7) on the CPU: once each
+    assert torch.equal(b[0], b[3]) and torch.equal(c[0], c[3]) and torch.equal(c[1], c[2])
+
+
+def test_fuse_noise_is_each_seeds_own_draw_so_a_slice_is_the_same_alone_or_in_a_batch():
+    from tfsdeploy.config import SampleConfig
+
+    d = _diffusion()
+    cond = torch.rand(3, 5, 16, 16)
+    batch = d.fuse_noise(cond, SampleConfig(), [5, 6, 9])
+    alone = _diffusion().fuse_noise(cond[1:2], SampleConfig(), [6])
+    assert torch.equal(batch[1:2], alone)
+    assert torch.equal(alone[0], Diffusion.initial_noise([torch.Generator().manual_seed(6)], (1, 3, 16, 16))[0])
+    with pytest.raises(UserError, match="2 seeds for a batch of 3"):
+        d.fuse_noise(cond, SampleConfig(), [1, 2])
+
+
+def test_the_noise_kept_on_the_device_is_bounded(monkeypatch):
+    import tfsdeploy.diffusion as diffusion
+    from tfsdeploy.config import SampleConfig
+
+    monkeypatch.setattr(diffusion, "NOISE_CACHE_BYTES", 3 * 3 * 16 * 16 * 4)  # three slices' worth
+    d = _diffusion()
+    for seed in range(10):
+        d.fuse_noise(torch.rand(1, 5, 16, 16), SampleConfig(), [seed])
+    assert len(d._noise) == 3 and [k[0] for k in d._noise] == [7, 8, 9]

@@ -9,31 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import RecordingGraphs
 from engines.torch_engine import TorchDenoiser
 from tfsdeploy.checkpoint import build_from_checkpoint, load_checkpoint
 from tfsdeploy.config import DiffusionConfig, SampleConfig
-from tfsdeploy.loopgraph import recording
 from tfsdeploy.pipeline import FusionPipeline
-
-
-class RecordingGraphs:
-    """Captures by running the function once (as the warm-up would) and replays by running it again."""
-
-    def __init__(self, fail: bool = False):
-        self.captures, self.replays, self.fail = 0, 0, fail
-
-    def capture(self, fn, device):
-        if self.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
-        self.captures += 1
-        fn()
-
-        def replay():  # a real replay runs the recorded kernels, never the engine's Python again
-            self.replays += 1
-            with recording():
-                return fn()
-
-        return replay
 
 
 def recordable(ckpt):
@@ -107,10 +87,11 @@ def test_while_recording_the_engine_makes_no_per_call_graph_of_its_own(ckpt, mon
     engine = recordable(ckpt)
     engine.cuda_graph = True  # as on CUDA: outside a recording, each new shape would be captured
 
-    def no_capture(*a):
-        raise AssertionError("a per-call graph was captured while the whole fuse was recorded")
+    class NoCapture:
+        def capture(self, *a):
+            raise AssertionError("a per-call graph was captured while the whole fuse was recorded")
 
-    monkeypatch.setattr(engine, "_capture", no_capture)
+    engine.backend = NoCapture()
     graphs = RecordingGraphs()
     pipe = FusionPipeline(engine, load_checkpoint(ckpt).configs, 4, SampleConfig(steps=2), graphs=graphs)
     pipe(torch.rand(1, 5, 32, 32))

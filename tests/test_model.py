@@ -187,3 +187,25 @@ def test_paper_preset_trains_one_step_and_denoises_at_256():
     with torch.no_grad():
         eps = m(torch.randn(1, 3, 256, 256), cond, torch.tensor([0.5]))
     assert eps.shape == (1, 3, 256, 256) and torch.isfinite(eps).all()
+
+
+def test_fp16_attention_with_activations_of_300_stays_finite_and_close_to_fp32():
+    """At c = 512, q and k of about 300 make q.k overflow fp16 (65504): the logits must not."""
+    import math
+
+    torch.manual_seed(0)
+    c = 512
+    attn = SelfAttention(c, 32)
+    with torch.no_grad():
+        attn.qkv.weight.normal_(0, 1 / math.sqrt(c))
+        attn.qkv.weight[:2 * c] *= 375  # q and k: mean |.| about 300 on normalised inputs
+    x = torch.randn(2, c, 8, 8)
+    half = SelfAttention(c, 32)
+    half.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        q = attn.qkv(attn.norm(x))[:, :2 * c]
+        reference = attn(x)
+        out = half.half()(x.half()).float()
+    assert 250 < float(q.abs().mean()) < 350
+    assert torch.isfinite(out).all()
+    assert float((out - reference).norm() / reference.norm()) < 1e-2

@@ -48,6 +48,7 @@ ACCEPTED = {
     ("evaluate", "limit", "zero"): "0 = every image",
     ("export", "min_size", "zero"): "0 = 64",
     ("export", "max_size", "zero"): "0 = 512",
+    ("export", "max_batch", "zero"): "0 = a GPU's scan batch when building for a GPU, else 4",
     ("bench", "warmup", "zero"): "no untimed calls",
     ("bench", "cold_runs", "zero"): "0 = no one-shot processes",
     ("bench", "ddpm_full", "zero"): "0 = all T",

@@ -15,6 +15,7 @@ DiffusionConfig says; this module is the only place that converts between them.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
@@ -48,6 +49,9 @@ class Denoiser(Protocol):
     def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor: ...
 
 SAMPLERS = ("ddpm", "ddim")
+# Initial noise kept on the device per (seed, shape), at most this much (a batch of 64 slices at
+# 512 x 512 with distinct seeds is 192 MiB; a scan, one seed for every slice, needs one draw).
+NOISE_CACHE_BYTES = 256 * 2**20
 SPACINGS = ("linear", "quadratic", "trailing")
 
 
@@ -104,6 +108,7 @@ class Diffusion:
     def __init__(self, schedule: NoiseSchedule, cfg: DiffusionConfig = DiffusionConfig()):
         self.schedule = schedule
         self.cfg = cfg
+        self._noise: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # fuse_noise's draws, kept on the device
 
     @classmethod
     def from_configs(cls, configs: Any) -> "Diffusion":
@@ -260,10 +265,15 @@ class Diffusion:
 
     def generators(self, seed: int | Sequence[int], batch: int) -> list[torch.Generator]:
         """One CPU generator per slice: `seed` for every slice, or one seed each."""
+        return [torch.Generator().manual_seed(s) for s in self.seeds(seed, batch)]
+
+    @staticmethod
+    def seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+        """Each slice's seed: `seed` for every slice, or one seed each."""
         seeds = [int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != batch:
             raise UserError(f"{len(seeds)} seeds for a batch of {batch}")
-        return [torch.Generator().manual_seed(s) for s in seeds]
+        return seeds
 
     @staticmethod
     def initial_noise(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
@@ -312,8 +322,8 @@ class Diffusion:
         sampler state are made there. `seeds` (one per slice) replaces `sample.seed`."""
         cond01 = cond01.to(model.device)
         if self.deterministic(sample):  # the path a whole-fuse CUDA graph records, run eagerly
-            x_T = self.fuse_noise(cond01, sample, seeds)
-            return self.fuse_from_noise(model, cond01, x_T.to(model.device), sample, progress)
+            x_T = self.fuse_noise(cond01, sample, seeds, model.device)
+            return self.fuse_from_noise(model, cond01, x_T, sample, progress)
         base01 = fuse_condition(cond01)
         x0 = self.sample(model, cond01 * 2 - 1, (cond01.shape[0], 3, *cond01.shape[-2:]),
                          sampler=sample.sampler, steps=sample.steps or None, spacing=sample.spacing,
@@ -321,11 +331,33 @@ class Diffusion:
                          progress=progress)
         return self.decode(x0, base01)
 
-    def fuse_noise(self, cond01: torch.Tensor, sample: SampleConfig, seeds: Sequence[int] | None = None) -> torch.Tensor:
-        """The initial noise x_T [B,3,H,W] of a deterministic fuse of `cond01`, on the CPU: slice i from
-        seeds[i] (or `sample.seed`), so a slice comes out the same alone or in a batch."""
+    def fuse_noise(self, cond01: torch.Tensor, sample: SampleConfig, seeds: Sequence[int] | None = None,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+        """The initial noise x_T [B,3,H,W] of a deterministic fuse of `cond01`, on `device` (default:
+        the condition's): slice i is the standard noise of seeds[i] (or `sample.seed`), drawn once
+        per seed, shape and device from that seed's own CPU generator (the same draw as
+        `initial_noise`) and kept on the device (the NOISE_CACHE_BYTES most recent). Slices with the
+        same seed share it, a slice comes out the same alone or in a batch, and a fuse whose seeds
+        were seen before draws nothing and copies nothing from the host."""
         b, _, h, w = cond01.shape
-        return self.initial_noise(self.generators(sample.seed if seeds is None else seeds, b), (b, 3, h, w))
+        device = torch.device(device) if device is not None else cond01.device
+        seeds = self.seeds(sample.seed if seeds is None else seeds, b)
+        slices = {s: self._seed_noise(s, (3, h, w), device) for s in dict.fromkeys(seeds)}
+        if len(slices) == 1:
+            return slices[seeds[0]].expand(b, 3, h, w)
+        return torch.stack([slices[s] for s in seeds])
+
+    def _seed_noise(self, seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        cache = self._noise
+        key = (seed, shape, device)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        noise = self.initial_noise([torch.Generator().manual_seed(seed)], (1, *shape))[0].to(device)
+        cache[key] = noise
+        while len(cache) > 1 and sum(t.numel() * t.element_size() for t in cache.values()) > NOISE_CACHE_BYTES:
+            cache.popitem(last=False)
+        return noise
 
     def deterministic(self, sample: SampleConfig) -> bool:
         """Whether a fuse is a fixed function of the condition and the initial noise (DDIM, or the

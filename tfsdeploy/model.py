@@ -7,7 +7,7 @@ as the checkpoint's DiffusionConfig says (eps for the paper's setting). Training
 directly; for sampling an engine (engines/torch_engine.py) wraps it in the Denoiser protocol of
 tfsdeploy/diffusion.py, which adds the device, the dtype and describe().
 
-Precision: GroupNorm, the attention softmax and the noise-level sinusoids run in fp32 by default.
+Precision: GroupNorm, the attention's logits and softmax and the noise-level sinusoids run in fp32 by default.
 Each casts its input up and its output back, so the casts survive autocast, `.half()` and export.
 The CUDA eager engine turns the GroupNorm casts off (`set_norm_upcast(model, False)`): CUDA's
 group_norm already accumulates its statistics in fp32, and the casts around ~100 norms cost more
@@ -100,7 +100,10 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Single-head spatial self-attention with a residual connection; softmax in fp32."""
+    """Single-head spatial self-attention with a residual connection; the logits and the softmax in
+    fp32. In fp16, q.k over c = 512 channels overflows (65504) once q and k reach a few tens, and
+    the softmax then gives NaN: q is scaled by 1/sqrt(c) before the product, and the product that
+    needs the range is a small fp32 island (exported graphs keep it: Cast, Mul, MatMul, Softmax)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -111,8 +114,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
-        scores = torch.einsum("bci,bcj->bij", q, k) / math.sqrt(c)
-        attn = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        scores = torch.einsum("bci,bcj->bij", q.float() * (1 / math.sqrt(c)), k.float())
+        attn = torch.softmax(scores, dim=-1).to(v.dtype)
         y = torch.einsum("bij,bcj->bci", attn, v).reshape(b, c, h, w)
         return x + self.out(y)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint
-from tfsdeploy.config import AUTO_ORDER, ENGINES, EngineConfig, SampleConfig, artifact_engine
+from tfsdeploy.config import AUTO_ORDER, ENGINES, MAX_BATCH, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
 from tfsdeploy.ensemble import fuse_views
 from tfsdeploy.errors import UserError
@@ -37,9 +37,6 @@ from tfsdeploy.model import activation_bytes
 from tfsdeploy.modelref import ModelRef, resolve_model
 
 Progress = Callable[[int, int], None]
-# Batch caps for scans: a GPU keeps gaining throughput up to large batches; a CPU gains nothing
-# from batching and only spends memory.
-MAX_BATCH = {"cuda": 64, "cpu": 4}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +94,9 @@ def load_denoiser(ckpt: str | Path, cfg: EngineConfig = EngineConfig(),
             return build_package(ckpt, notice)
         except UserError as e:
             notice(f"warning: {e}; running the torch engine instead")
+        except (OSError, RuntimeError) as e:  # the cache folder, the compiler or the GPU refused
+            notice(f"warning: building the AOTInductor package failed ({type(e).__name__}: "
+                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); running the torch engine instead")
     return torch_denoiser(ckpt, device, cfg)
 
 
@@ -112,7 +112,7 @@ def build_package(ckpt: str | Path, notice: Callable[[str], None]) -> tuple[Deno
     spec = default_spec(model, max_batch=MAX_BATCH["cuda"])
     del model
     out = compiled_cache_dir(checkpoint_fingerprint(ckpt)["sha256"])
-    path, _ = export_aoti(ckpt, out, "cuda", spec, log=notice)
+    path, _ = export_aoti(ckpt, out, "cuda", spec, log=notice, remember_failure=True)
     return AotiDenoiser(path), ck.configs
 
 
@@ -134,12 +134,15 @@ class FusionPipeline:
 
     def __init__(self, denoiser: Denoiser, configs: Configs, scale: int, sample: SampleConfig,
                  source: str | Path = "", whole_loop: bool = True, notice: Callable[[str], None] = lambda s: None,
-                 graphs: GraphBackend | None = None):
+                 graphs: GraphBackend | None = None, fallback: Callable[[], Denoiser] | None = None):
         """`whole_loop`: record a whole DDIM fuse into one CUDA graph when the engine can be recorded
-        (`graphs` replaces the CUDA backend in tests). `notice` hears a capture that failed."""
+        (`graphs` replaces the CUDA backend in tests). `notice` hears a capture that failed.
+        `fallback` makes the torch engine for a compiled engine that `auto` chose: the pipeline
+        switches to it, once and saying why, when the compiled engine cannot take a request (a size
+        or batch outside its range) or cannot be recorded and has no graphs of its own (an
+        AOTInductor package), rather than refusing or running with a host sync per call."""
         check_scale(scale)
         check_fusable(configs.model, source or "model")
-        self.denoiser = denoiser
         self.configs = configs
         self.diffusion = Diffusion.from_configs(configs)
         if sample.steps > self.diffusion.schedule.num_steps:
@@ -148,8 +151,46 @@ class FusionPipeline:
         self.sample = sample
         self.source = Path(source) if source else None
         self.notice = notice
-        recordable = whole_loop and denoiser.capturable and (graphs is not None or denoiser.device.type == "cuda")
-        self.loop = WholeFuseGraphs(self.diffusion, denoiser, graphs) if recordable else None
+        self.whole_loop = whole_loop
+        self.fallback = fallback
+        self._graphs = graphs
+        self._use(denoiser)
+        if whole_loop and self.loop is None and self._unrecordable_package():
+            self._fall_back("this AOTInductor package cannot be recorded into a CUDA graph (this torch has no "
+                            "single-threaded package runner)")
+
+    def _use(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        recordable = self.whole_loop and denoiser.capturable and (self._graphs is not None or
+                                                                  denoiser.device.type == "cuda")
+        self.loop = WholeFuseGraphs(self.diffusion, denoiser, self._graphs) if recordable else None
+
+    def _unrecordable_package(self) -> bool:
+        """An AOTInductor package on CUDA that a whole-fuse graph cannot record: it has no graphs of
+        its own, so it would run with a host sync at every call."""
+        return getattr(self.denoiser, "name", "") == "aoti" and self.denoiser.device.type == "cuda" and not self.loop
+
+    def _fall_back(self, why: str) -> bool:
+        """Switch to the torch engine, saying why; False when there is none to switch to."""
+        if self.fallback is None:
+            return False
+        make, self.fallback = self.fallback, None
+        if self.loop is not None:
+            self.loop.release()
+        self.notice(f"warning: {why}; running the torch engine instead")
+        self._use(make())
+        return True
+
+    def _check_range(self, batch: int, height: int, width: int) -> None:
+        """Refuse, or hand to the torch engine, a request outside a compiled engine's range."""
+        spec = getattr(self.denoiser, "spec", None)
+        if spec is None:
+            return
+        try:
+            spec.check(batch, height, width)
+        except UserError as e:
+            if not self._fall_back(f"{e} of engine {self.denoiser.describe()}"):
+                raise
 
     @classmethod
     def load(cls, model: str | Path | ModelRef | None, scale: int, sample: SampleConfig = SampleConfig(),
@@ -168,7 +209,13 @@ class FusionPipeline:
             torch.set_num_threads(engine.threads)
         denoiser, configs = load_denoiser(member, engine, log, notice)
         whole_loop = engine.whole_loop and engine.cuda_graph is not False
-        return cls(denoiser, configs, scale, sample, member, whole_loop=whole_loop, notice=notice)
+        fallback = None
+        compiled = getattr(denoiser, "name", "torch") != "torch"
+        if engine.engine == "auto" and compiled and artifact_engine(member) is None:
+            def fallback() -> Denoiser:  # the engine `auto` takes when no compiled one is there
+                return torch_denoiser(member, denoiser.device, engine)[0]
+        return cls(denoiser, configs, scale, sample, member, whole_loop=whole_loop, notice=notice,
+                   fallback=fallback)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -256,6 +303,7 @@ class FusionPipeline:
         h, w = cond01.shape[-2:]
         if h % self.size_multiple or w % self.size_multiple:
             raise UserError(f"image size {h}x{w} is not a multiple of {self.size_multiple} for this model")
+        self._check_range(cond01.shape[0], h, w)
         if self.loop is not None and self.loop.supports(self.sample):
             try:
                 fused = self.loop.fuse(cond01, self.sample, seeds)
@@ -263,9 +311,14 @@ class FusionPipeline:
                     progress(self.steps, self.steps)
                 return fused
             except RuntimeError as e:  # a driver or an op that cannot be recorded: stay correct
+                self.loop.release()
                 self.loop = None
-                self.notice(f"warning: recording the whole fuse as one CUDA graph failed ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); replaying per call")
+                why = (f"recording the whole fuse as one CUDA graph failed ({type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+                # a package has no graphs of its own: the torch engine's are faster than its calls
+                if getattr(self.denoiser, "name", "") == "aoti" and self._fall_back(why):
+                    return self._fuse(cond01, seeds, progress)
+                self.notice(f"warning: {why}; replaying per call")
         return self.diffusion.fuse(self.denoiser, cond01, self.sample, seeds, progress)
 
     def fuse_triplet(self, trip: Triplet, size: int = 0, progress: Progress | None = None) -> torch.Tensor:
@@ -294,9 +347,7 @@ class FusionPipeline:
         batch = batch_size or self.max_batch(size)
         out: np.ndarray | None = None
         n = len(scan)
-        spec = getattr(self.denoiser, "spec", None)  # a compiled engine's I/O range: refuse before any work
-        if spec is not None:
-            spec.check(min(batch, n), size, size)
+        self._check_range(min(batch, n), size, size)  # before any work
         for start in range(0, n, batch):
             conds, box = [], None
             for i in range(start, min(start + batch, n)):

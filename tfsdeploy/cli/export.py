@@ -20,7 +20,8 @@ def export(
     aoti: bool = typer.Option(False, "--aoti", help="Also build an AOTInductor package for this machine: fp16 on "
                               "a GPU, fp32 on a CPU (minutes on a CPU; `--no-onnx --no-fp16 --aoti` builds only it)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: CKPT/export)."),
-    max_batch: int = typer.Option(4, min=1, max=1024, help="Largest batch the artifacts accept."),
+    max_batch: int = typer.Option(0, min=0, max=1024, help="Largest batch the artifacts accept (0 = 64 when a "
+                                  "TensorRT engine or a GPU package is built, else 4)."),
     min_size: int = typer.Option(0, min=0, max=8192,
                                  help="Smallest image side (0 = 64, rounded to the model's multiple)."),
     max_size: int = typer.Option(0, min=0, max=8192, help="Largest image side (0 = 512)."),

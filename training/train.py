@@ -222,7 +222,8 @@ class Trainer:
             raise UserError(f"{root}: the training split is empty")
         fine_tune = init_from is not None or bool(has_checkpoint(self.run_dir)
                                                   and read_meta(self.run_dir)[1].get("init"))
-        if fine_tune and not (root / "train").is_dir():  # one folder: its validation split is itself
+        if fine_tune and not ((root / "train").is_dir() and (root / "val").is_dir()):
+            # one folder (its validation split is itself), or a split one without a validation split
             self.train_set, self.val_set = held_out(self.train_set, root)
         # Batches are cut, degraded and fused where the model runs: on a GPU that keeps it fed.
         self.train_hr = stack_samples(self.train_set, self.device)
@@ -546,9 +547,9 @@ class Trainer:
 
 
 def held_out(samples: list[Sample], where: str | Path) -> tuple[list[Sample], list[Sample]]:
-    """A fine-tune's one folder -> (training, held-out): the last HOLDOUT_SHARE of the triplets by
-    name (at least one) are held out, which keeps them apart from the training slices when the
-    names run along a scan or by patient."""
+    """A fine-tune's triplets, when its data has no validation split -> (training, held-out): the
+    last HOLDOUT_SHARE of them by name (at least one) are held out, which keeps them apart from the
+    training slices when the names run along a scan or by patient."""
     if len(samples) < 2:
         raise UserError(f"{where}: a fine-tune needs at least 2 triplets (one is held out to choose how "
                         f"much of the fine-tune to keep); found {len(samples)}")

@@ -381,9 +381,10 @@ class Trainer:
     @torch.no_grad()
     def choose_blend(self) -> dict[str, Any] | None:
         """Score the blends (1 - A) * start + A * fine-tuned (BLEND_GRID) of a fine-tune on its
-        held-out slices, as the member runs (its back-projection and DDIM step count), and pick the
-        A of the highest mean PSNR, the smaller A on a tie: A = 0 is the model the fine-tune started
-        from, so the choice is never below it there. `bundle` stores the choice. None (and a line
+        held-out slices, as the member runs (its back-projection and DDIM step count), and pick, among
+        the A whose mean SSIM is not below the start's, the one of the highest mean PSNR, the smaller
+        A on a tie: A = 0 is the model the fine-tune started from, so the choice is never below it
+        there on either. `bundle` stores the choice. None (and a line
         saying so) when there is no held-out slice."""
         from types import SimpleNamespace
 
@@ -409,12 +410,14 @@ class Trainer:
             fused = [self.diffusion.fuse(TorchDenoiser(net, self.device), b.cond01, sample) for b in batches]
             scores[f"{alpha:g}"] = {"psnr": float(torch.cat([psnr(f, b.gt01) for f, b in zip(fused, batches)]).mean()),
                                     "ssim": float(torch.cat([ssim(f, b.gt01) for f, b in zip(fused, batches)]).mean())}
-        best = max(BLEND_GRID, key=lambda a: (round(scores[f"{a:g}"]["psnr"], 6), -a))
+        start = scores["0"]
+        fair = [a for a in BLEND_GRID if scores[f"{a:g}"]["ssim"] >= start["ssim"]]  # A = 0 always is
+        best = max(fair, key=lambda a: (round(scores[f"{a:g}"]["psnr"], 6), -a))
         baseline = {"psnr": float(torch.cat([psnr(b.base01, b.gt01) for b in batches]).mean()),
                     "ssim": float(torch.cat([ssim(b.base01, b.gt01) for b in batches]).mean())}
         choice = {"alpha": best, "slices": int(n), "scales": list(self.cfg.data.scales), "ddim_steps": steps,
                   "baseline": baseline, "scores": scores}
-        start, pick = scores["0"], scores[f"{best:g}"]
+        pick = scores[f"{best:g}"]
         self.log(f"held-out: {n} slice(s), x{'/x'.join(map(str, self.cfg.data.scales))}, PSNR / SSIM: baseline "
                  f"{baseline['psnr']:.2f} dB / {baseline['ssim']:.4f}, the starting model {start['psnr']:.2f} / "
                  f"{start['ssim']:.4f}, " + ", ".join(f"A {a} {v['psnr']:.2f}" for a, v in scores.items() if a != "0"))

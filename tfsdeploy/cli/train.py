@@ -72,8 +72,9 @@ def train(
                   "scale_balance": scale_balance},
     }
     init_from, shipped = init_checkpoint(init, parse_scales(scales)) if init is not None else (None, None)
-    if shipped:  # a fine-tune trains on the inputs the member it starts from is fed
+    if shipped:  # a fine-tune trains on the inputs the member it starts from is fed, and validates as it runs
         overrides["data"]["backproject"] = shipped["backproject"]
+        overrides["train"]["val_steps"] = shipped.get("ddim_steps")
     if init_from is not None and has_checkpoint(out):
         if not started_from(out, init_from):
             raise UserError(f"{out} already holds a run that did not start from {init}; --init starts a new "

@@ -405,6 +405,23 @@ def test_a_fine_tune_that_ruins_the_model_ships_the_model_it_started_from(tmp_pa
         assert torch.equal(stored[k], v), k
 
 
+def test_a_fine_tune_holds_out_from_a_split_without_val_and_uses_a_val_split_as_it_is(tmp_path, synth_dataset):
+    from conftest import write_folder
+
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=1), data_root=synth_dataset, **QUIET)
+    split = tmp_path / "split"
+    write_folder(split / "train", [f"t{i}" for i in range(10)], seed=4)
+    write_folder(split / "test", ["x"], seed=5)
+    t = Trainer(tmp_path / "ft", tiny_configs(), split, log=lambda s: None, init_from=src)
+    assert [s.name for s in t.train_set] == [f"t{i}" for i in range(8)]
+    assert [s.name for s in t.val_set] == ["t8", "t9"]
+    t = Trainer(tmp_path / "ft2", tiny_configs(), synth_dataset, log=lambda s: None, init_from=src)
+    assert len(t.train_set) == 6 and [s.name for s in t.val_set] == ["v00", "v01"]
+    t = Trainer(tmp_path / "scratch", tiny_configs(), split, log=lambda s: None)  # not a fine-tune: as before
+    assert len(t.train_set) == 10
+
+
 def test_a_one_triplet_folder_cannot_be_fine_tuned_on(tmp_path, synth_dataset):
     from conftest import write_folder
 

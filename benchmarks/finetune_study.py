@@ -13,7 +13,9 @@ long does it take on this CPU?
    slice of a central z-range, at least --gap slices away from any training slice.
 2. Fine-tunes through the CLI, `tfsdeploy train --init default --data WORK/icbm --scales 4 --out
    WORK/run --threads 1 --steps N`, for each N of --steps in turn (later N resume the run),
-   copying each checkpoint aside; seconds per step from log.jsonl (img/s) and wall time.
+   copying each checkpoint aside; seconds per step from log.jsonl (img/s) and wall time. The split
+   has no val/, so the fine-tune holds the last fifth of the training slices out to choose its blend
+   (training.train.held_out); this study scores the checkpoints themselves (the fine-tune alone).
 3. Scores, at x4 with DDIM-2 (the bundle's recommendation), on the ICBM test split and on the SPM
    test split (bicubic degradation, as in training): the baseline (bicubic up, classical fusion),
    the packaged model and each checkpoint; PSNR / SSIM against the ground truth.

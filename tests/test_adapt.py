@@ -46,6 +46,29 @@ def test_internal_pairs_degrade_the_input_once_more_and_target_its_own_fusion(tr
     torch.testing.assert_close(pairs.gt01[5:6], dihedral(pairs.gt01[0:1], 5), atol=1e-5, rtol=0)
 
 
+def test_internal_pairs_are_back_projected_as_the_members_inputs_are(trip, tiny_run, monkeypatch):
+    """A member fed back-projected inputs adapts on pairs back-projected at its strength: the pair's
+    condition is the degraded sources upsampled as `make_condition` upsamples them for that member."""
+    import tfsdeploy.tools.adapt as adapt_mod
+    from tfsdeploy.imaging import resize
+    from tfsdeploy.inputs import upsample
+
+    lr = lr_sources(trip, 4, 64)
+    pairs = internal_pairs(lr, 2, 0.75)
+    want = upsample(resize(lr, (8, 8)), 16, 0.75)
+    torch.testing.assert_close(pairs.cond01[0:1], want, atol=1e-6, rtol=0)
+    assert not torch.allclose(pairs.cond01[0:1], degrade(lr, 2), atol=1e-3)
+    torch.testing.assert_close(pairs.base01, fuse_condition(pairs.cond01))
+    torch.testing.assert_close(pairs.gt01, internal_pairs(lr, 2).gt01)  # the target does not change
+    # adapt() makes them at the pipeline's strength (the bundle's, or --backproject)
+    seen = []
+    real = adapt_mod.internal_pairs
+    monkeypatch.setattr(adapt_mod, "internal_pairs", lambda lr01, extra, bp=0.0: seen.append(bp) or real(lr01, extra, bp))
+    pipe = FusionPipeline.load(tiny_run, 4, SampleConfig(steps=2, backproject=1.5), EngineConfig(engine="torch"))
+    adapt(pipe, trip, 64, AdaptConfig(steps=1))
+    assert seen == [1.5]
+
+
 def test_adaptation_is_deterministic_changes_only_a_copy_and_zero_steps_is_a_no_op(tiny_run, trip):
     pipe = pipeline(tiny_run)
     before = {k: v.clone() for k, v in pipe.denoiser.model.state_dict().items()}

@@ -245,7 +245,7 @@ def test_blend_stores_the_weighted_mean_of_a_fine_tune_and_its_start(tmp_path, s
     assert res.exit_code == 0, res.output  # one A: the fine-tuned members only
     assert "blend" not in resolve_model(tmp_path / "b2").manifest["models"]["2"]
     assert resolve_model(tmp_path / "b2").manifest["models"]["4"]["blend"] == 0.25
-    assert "strictly between 0 and 1" in error("--x4", tmp_path / "ft", "--blend", "1.5")
+    assert "must lie in (0, 1]" in error("--x4", tmp_path / "ft", "--blend", "1.5")
     assert "no --x8 model" in error("--x4", tmp_path / "ft", "--blend", "8:0.3")
     assert "SCALE:A" in error("--x4", tmp_path / "ft", "--blend", "x")
     w = load_file(str(start / "model.safetensors"))  # the start changes after the fine-tune

@@ -121,19 +121,41 @@ def test_make_batch_from_a_stack_matches_the_list_and_the_per_sample_recipe(synt
         assert torch.equal(c.gt01[i], hr[0, 5:])
 
 
-@pytest.mark.parametrize("scales,crop", [([2], 64), ([4], 32), ([8], 64), ([2, 4, 8], 100), ([8], 200)])
-def test_a_crop_made_in_a_window_equals_the_crop_of_the_whole_image(scales, crop, monkeypatch):
+def test_a_back_projected_batch_is_what_fuse_feeds_a_member_with_that_strength(synth_dataset):
+    """make_batch(backproject=S) makes the condition as `make_condition` does for a member of
+    strength S (bicubic down, bicubic up, S of back-projection), and the baseline from it; the
+    batch draws the same scales, so S = 0 is the paper's degradation."""
+    from tfsdeploy.fusion import fuse_condition
+    from tfsdeploy.imaging import degrade
+    from tfsdeploy.inputs import as_triplet, make_condition
+
+    samples = open_split(synth_dataset, "train", 64).load()
+    plain = make_batch(samples, [0, 3], [2, 4], 0, np.random.default_rng(5))
+    bp = make_batch(samples, [0, 3], [2, 4], 0, np.random.default_rng(5), backproject=1.5)
+    assert bp.scales == plain.scales
+    for i, n in enumerate([0, 3]):
+        hr = samples[n].hr.float() / 255
+        want, _ = make_condition(as_triplet(hr[0:1], hr[1:2], hr[2:5]), bp.scales[i], 64, 1.5)
+        torch.testing.assert_close(bp.cond01[i], want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(bp.base01[i], fuse_condition(want)[0], atol=1e-6, rtol=0)
+        assert torch.equal(bp.gt01[i], plain.gt01[i])
+        assert not torch.allclose(bp.cond01[i], degrade(hr[None, :5], bp.scales[i])[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("scales,crop,bp", [([2], 64, 0), ([4], 32, 0), ([8], 64, 0), ([2, 4, 8], 100, 0), ([8], 200, 0),
+                                             ([4], 32, 0.75), ([8], 64, 1.5), ([2, 4, 8], 64, 2)])
+def test_a_crop_made_in_a_window_equals_the_crop_of_the_whole_image(scales, crop, bp, monkeypatch):
     """make_batch degrades and fuses a crop inside windows around it; the margins cover the
-    degradation's and the fusion's reach, so the pixels equal those of processing the whole image
-    (crops at the borders included)."""
+    degradation's, the back-projection's and the fusion's reach, so the pixels equal those of
+    processing the whole image (crops at the borders included)."""
     import tfsdeploy.data.batches as batches
 
     hr = (torch.rand(12, 8, 256, 256, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    windowed = [make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment) for s in range(3)]
+    windowed = [make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment, bp) for s in range(3)]
     monkeypatch.setattr(batches, "DEGRADE_MARGIN", 10**6)
     monkeypatch.setattr(batches, "FUSE_MARGIN", 10**6)
     for s, w in enumerate(windowed):
-        whole = make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment)
+        whole = make_batch(hr, range(12), scales, crop, np.random.default_rng(s), augment, bp)
         assert w.scales == whole.scales and w.cond01.shape == (12, 5, crop, crop)
         for a, b in ((w.cond01, whole.cond01), (w.base01, whole.base01), (w.gt01, whole.gt01)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -21,11 +22,18 @@ def weights(run):
     return load_checkpoint(run, training=True)
 
 
-def test_resume_continues_exactly(tmp_path, synth_dataset):
+@pytest.mark.parametrize("objective", ["diffusion", "regression"])
+def test_resume_continues_exactly(tmp_path, synth_dataset, objective):
+    """4 steps straight and 2 + resume + 2 end with the same EMA, online weights and Adam state, bit
+    for bit, for both objectives (a long CPU run goes on over several sessions this way)."""
+    def configs(steps):
+        cfg = tiny_configs(steps=steps, ckpt_every=0)
+        return dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, objective=objective))
+
     straight = tmp_path / "straight"
-    train(straight, tiny_configs(steps=4, ckpt_every=0), data_root=synth_dataset, **QUIET)
+    train(straight, configs(4), data_root=synth_dataset, **QUIET)
     split = tmp_path / "split"
-    train(split, tiny_configs(steps=2, ckpt_every=0), data_root=synth_dataset, **QUIET)
+    train(split, configs(2), data_root=synth_dataset, **QUIET)
     assert load_checkpoint(split).step == 2
     cfg = resolve_configs(split, PRESETS["tiny"], {"train": {"steps": 4}})
     assert cfg.train.steps == 4 and cfg.model.image_size == 64  # the checkpoint's own configs
@@ -292,9 +300,9 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
     cfg = dataclasses.replace(tiny_configs(steps=2), diffusion=dataclasses.replace(
         tiny_configs().diffusion, residual_scale=3.0))
     train(src, cfg, data_root=synth_dataset, **QUIET)
-    packaged = make_bundle({4: src, 8: src}, tmp_path / "bundle")
+    packaged = make_bundle({4: src, 8: src}, tmp_path / "bundle", ddim_steps={4: 1}, backproject={4: 0.75})
     monkeypatch.setenv("TFSDEPLOY_MODEL", str(packaged))  # what `--init default` resolves to
-    mine = write_folder(tmp_path / "mine", ["a", "b", "c"], gt=False)  # full-resolution triplets, no gt
+    mine = write_folder(tmp_path / "mine", ["a", "b", "c", "d", "e"], gt=False)  # full resolution, no gt
     cli = CliRunner()
     base = ["train", "--out", str(tmp_path / "ft"), "--data", str(mine), "--steps", "3", "--batch-size", "2",
             "--crop", "32", "--val-every", "0", "--no-progress"]
@@ -314,9 +322,22 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
     assert ck.configs.data.scales == (4,) and ck.configs.data.root == str(mine)
     assert ck.meta["init"]["path"].endswith("x4.safetensors")
     assert any(not torch.equal(v, load_checkpoint(src).weights[k]) for k, v in ck.weights.items())
+    # It trained on the inputs the member is fed, and kept what the member was shipped with.
+    assert ck.configs.data.backproject == 0.75 and ck.meta["init"]["ddim_steps"] == 1
+    assert ck.configs.train.val_steps == 1  # validated with the member's sampler
+    assert "back-projected at strength 0.75" in res.output
+    # It held the last of the five triplets out and chose its blend there, the start's score beside it.
+    choice = ck.meta["blend_choice"]
+    assert choice["slices"] == 1 and choice["ddim_steps"] == 1 and choice["alpha"] in (0, 0.25, 0.5, 0.75, 1)
+    assert set(choice["scores"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    fair = [v for v in choice["scores"].values() if v["ssim"] >= choice["scores"]["0"]["ssim"]]
+    assert choice["scores"][f"{choice['alpha']:g}"]["psnr"] == max(v["psnr"] for v in fair)
+    assert "held-out: 1 slice(s)" in res.output and "the starting model" in res.output
     res = cli.invoke(app, ["bundle", str(tmp_path / "mybundle"), "--x4", str(tmp_path / "ft")])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "mybundle" / "bundle.json").read_text())["models"]["4"]
+    entry = json.loads((tmp_path / "mybundle" / "bundle.json").read_text())["models"]["4"]
+    assert entry["backproject"] == 0.75 and entry["ddim_steps"] == 1
+    assert entry.get("blend", 1) == choice["alpha"]
     d = synth_dataset / "test"
     res = cli.invoke(app, ["fuse", *(str(d / m / "e00.png") for m in ("t1", "t2", "func")), "--model",
                            str(tmp_path / "mybundle"), "--steps", "2", "--out", str(tmp_path / "o.png"),
@@ -330,6 +351,87 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
     assert load_checkpoint(tmp_path / "ft").step == 5
     res = cli.invoke(app, base[:6] + ["6", *base[7:]] + ["--init", str(src)])
     assert res.exit_code == 2 and "did not start from" in res.stderr
+
+
+def test_a_fine_tune_that_ruins_the_model_ships_the_model_it_started_from(tmp_path, synth_dataset):
+    """A fine-tune scores its blends on the triplets it held out (never trained on); when the
+    fine-tune only does harm there, it chooses A = 0 and `bundle` stores the starting weights
+    exactly. The starting model's score is the PSNR of fusing the held-out slice as `fuse` would."""
+    from conftest import write_folder
+    from engines.torch_engine import TorchDenoiser
+    from tfsdeploy.bundle import make_bundle
+    from tfsdeploy.checkpoint import build_from_checkpoint
+    from tfsdeploy.data import open_split
+    from tfsdeploy.diffusion import Diffusion
+    from tfsdeploy.config import SampleConfig
+    from tfsdeploy.inputs import as_triplet, make_condition
+    from tfsdeploy.metrics import psnr
+    from training.train import held_out
+
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=2), data_root=synth_dataset, **QUIET)
+    mine = write_folder(tmp_path / "mine", [f"n{i}" for i in range(5)], seed=9, gt=False)
+    ruin = resolve_configs(tmp_path / "ft", PRESETS["tiny"],
+                           {"train": {"steps": 3, "lr": 0.5, "val_every": 0, "batch_size": 2},
+                            "data": {"root": str(mine), "crop": 32, "backproject": 1.0}}, init=src)
+    msgs = []
+    train(tmp_path / "ft", ruin, data_root=mine, log=msgs.append, show_progress=False, init_from=src,
+          shipped={"backproject": 1.0, "ddim_steps": 2})
+    choice = load_checkpoint(tmp_path / "ft").meta["blend_choice"]
+    assert choice["alpha"] == 0, choice
+    assert choice["scores"]["1"]["psnr"] < choice["scores"]["0"]["psnr"] - 1
+    assert any("chose A = 0" in m for m in msgs)
+
+    # the starting model's score, fused independently from the held-out triplet's files
+    samples = open_split(mine, "train", 64).load()
+    train_part, held = held_out(samples, mine)
+    assert [s.name for s in held] == ["n4"] and len(train_part) == 4
+    hr = held[0].hr.float() / 255
+    model, ckpt = build_from_checkpoint(src, "cpu")
+    configs = ckpt.configs
+    scores = []
+    for scale in (2, 4, 8):  # the fine-tune's scales: each is scored
+        cond, _ = make_condition(as_triplet(hr[0:1], hr[1:2], hr[2:5]), scale, 64, 1.0)
+        fused = Diffusion.from_configs(configs).fuse(TorchDenoiser(model, torch.device("cpu")), cond,
+                                                     SampleConfig(steps=2))
+        scores.append(float(psnr(fused, hr[None, 5:]).mean()))
+    assert abs(np.mean(scores) - choice["scores"]["0"]["psnr"]) < 1e-3
+
+    out = make_bundle({4: tmp_path / "ft"}, tmp_path / "b", fp16=False)
+    entry = json.loads((out / "bundle.json").read_text())["models"]["4"]
+    assert entry["blend"] == 0 and entry["backproject"] == 1.0 and entry["ddim_steps"] == 2
+    stored, start = load_checkpoint(out / "x4.safetensors").weights, load_checkpoint(src).weights
+    for k, v in start.items():
+        assert torch.equal(stored[k], v), k
+
+
+def test_a_fine_tune_holds_out_from_a_split_without_val_and_uses_a_val_split_as_it_is(tmp_path, synth_dataset):
+    from conftest import write_folder
+
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=1), data_root=synth_dataset, **QUIET)
+    split = tmp_path / "split"
+    write_folder(split / "train", [f"t{i}" for i in range(10)], seed=4)
+    write_folder(split / "test", ["x"], seed=5)
+    t = Trainer(tmp_path / "ft", tiny_configs(), split, log=lambda s: None, init_from=src)
+    assert [s.name for s in t.train_set] == [f"t{i}" for i in range(8)]
+    assert [s.name for s in t.val_set] == ["t8", "t9"]
+    t = Trainer(tmp_path / "ft2", tiny_configs(), synth_dataset, log=lambda s: None, init_from=src)
+    assert len(t.train_set) == 6 and [s.name for s in t.val_set] == ["v00", "v01"]
+    t = Trainer(tmp_path / "scratch", tiny_configs(), split, log=lambda s: None)  # not a fine-tune: as before
+    assert len(t.train_set) == 10
+
+
+def test_a_one_triplet_folder_cannot_be_fine_tuned_on(tmp_path, synth_dataset):
+    from conftest import write_folder
+
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=1), data_root=synth_dataset, **QUIET)
+    mine = write_folder(tmp_path / "mine", ["only"], gt=False)
+    cfg = resolve_configs(tmp_path / "ft", PRESETS["tiny"], {"data": {"root": str(mine)}}, init=src)
+    with pytest.raises(UserError, match="at least 2 triplets"):
+        train(tmp_path / "ft", cfg, data_root=mine, init_from=src, **QUIET)
+    assert not (tmp_path / "ft").exists()
 
 
 def test_a_fine_tune_trains_with_its_own_recipe_not_the_starting_checkpoints(tmp_path, synth_dataset):

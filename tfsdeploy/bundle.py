@@ -43,7 +43,7 @@ _MEMBER_FIELDS = {
     "step": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "ddim_steps": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "trained_scales": (lambda v: isinstance(v, list) and all(_is_int(x) for x in v), "a list of integers"),
-    "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, "a number in (0, 1]"),
+    "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]"),
     "backproject": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= BACKPROJECT_MAX,
                     f"a number from 0 to {BACKPROJECT_MAX}"),
 }
@@ -122,9 +122,14 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
 
     Each member is written as one safetensors file with its configs in the header; with `fp16`
     the weights are stored in half precision (they are cast back to fp32 on load). `ddim_steps`
-    records a recommended DDIM step count per scale; `blend` (0 < alpha < 1 per scale) stores a
+    records a recommended DDIM step count per scale; `blend` (0 <= alpha <= 1 per scale) stores a
     fine-tuned member as `blend_weights` of it and the model it started from; `backproject` the
-    back-projection strength a scale's inputs are upsampled with (tfsdeploy.inputs.upsample)."""
+    back-projection strength a scale's inputs are upsampled with (tfsdeploy.inputs.upsample).
+
+    A fine-tune keeps what the member it started from was shipped with: a scale not in `backproject`
+    gets the strength the checkpoint was trained at, one not in `ddim_steps` the step count its start
+    recommended, and one not in `blend` the blend the fine-tune chose on its held-out slices
+    (training.train.Trainer.choose_blend; 0 stores the start itself)."""
     from tfsdeploy.checkpoint import load_checkpoint
 
     if not members:
@@ -140,11 +145,12 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
             path, meta = read_meta(src)
             meta = {k: v for k, v in meta.items() if k not in ("files", "optim_param_groups")}  # training-only
             meta["weights_dtype"] = "float16" if fp16 else "float32"
-            alpha = (blend or {}).get(scale, 1.0)
+            init = ckpt.meta.get("init") or {}
+            alpha = (blend or {}).get(scale, (ckpt.meta.get("blend_choice") or {}).get("alpha", 1.0))
             weights = ckpt.weights
             if alpha != 1.0:
-                if not 0.0 < alpha < 1.0:
-                    raise UserError(f"x{scale}: a blend takes 0 < alpha < 1, got {alpha}")
+                if not 0.0 <= alpha < 1.0:
+                    raise UserError(f"x{scale}: a blend takes 0 <= alpha <= 1, got {alpha}")
                 weights, meta["blend"] = blend_weights(ckpt, alpha, src)
             weights = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous()
                        for k, v in weights.items()}
@@ -154,12 +160,12 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
                                   "trained_scales": list(trained)}
             if "blend" in meta:
                 models[str(scale)]["blend"] = alpha
-            steps = (ddim_steps or {}).get(scale, 0)
+            steps = (ddim_steps or {}).get(scale, init.get("ddim_steps", 0))
             if steps:
                 if steps > ckpt.configs.schedule.num_steps:
                     raise UserError(f"x{scale}: {steps} DDIM steps exceed the schedule's T")
                 models[str(scale)]["ddim_steps"] = steps
-            strength = (backproject or {}).get(scale, 0)
+            strength = (backproject or {}).get(scale, ckpt.configs.data.backproject)
             if strength:
                 models[str(scale)]["backproject"] = check_backproject(scale, strength)
         (tmp / BUNDLE_FILE).write_text(json.dumps(

@@ -132,10 +132,17 @@ class DataConfig:
     scales: tuple[int, ...] = (2, 4, 8)
     crop: int = 64  # random square crop for training; 0 = whole image
     augment: bool = True
+    # strength of the back-projection the training inputs get after the bicubic upsampling
+    # (tfsdeploy.inputs.upsample), so that a model learns on the inputs it will be fed; 0 = none.
+    # A fine-tune of a bundle member takes the member's strength.
+    backproject: float = 0.0
 
     def __post_init__(self) -> None:
         _check(len(self.scales) > 0 and all(s in SCALES for s in self.scales), f"scales must be drawn from {SCALES}")
         _check(self.crop >= 0, "crop must be >= 0")
+        _check(isinstance(self.backproject, (int, float)) and not isinstance(self.backproject, bool)
+               and 0 <= self.backproject <= BACKPROJECT_MAX,
+               f"back-projection strength must be between 0 and {BACKPROJECT_MAX}, got {self.backproject}")
 
 
 @dataclass(frozen=True)

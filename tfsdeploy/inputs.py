@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tfsdeploy.config import SCALES
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import apply_colormap, pad_to_square, read_image, resize, to_grey
+from tfsdeploy.imaging import apply_colormap, degrade, pad_to_square, read_image, resize, to_grey
 
 
 @dataclass
@@ -108,6 +108,18 @@ def upsample(lr: torch.Tensor, size: int, backproject: float = 0.0) -> torch.Ten
         x = (x + backproject / rounds * F.interpolate(miss, size=(size, size), mode="bicubic",
                                                       align_corners=False)).clamp(0, 1)
     return x
+
+
+def degrade_as_seen(hr: torch.Tensor, scale: int, backproject: float = 0.0) -> torch.Tensor:
+    """High-resolution sources [B,C,n,n] -> the condition a model fed at back-projection strength
+    `backproject` sees: bicubic down by `scale` (antialiased), then `upsample`. Strength 0 is the
+    paper's degradation (`imaging.degrade`), as training has always made it."""
+    if not backproject:
+        return degrade(hr, scale)
+    h, w = hr.shape[-2:]
+    if h != w or h % scale:
+        raise UserError(f"back-projected training inputs need a square image divisible by {scale}, got {h}x{w}")
+    return upsample(resize(hr, (h // scale, w // scale)), h, backproject)
 
 
 def make_condition(trip: Triplet, scale: int, size: int,

@@ -50,3 +50,12 @@ notes="TFS-Diff small preset (3.99 M parameters), residual over bicubic + classi
 python -m training.shrink "$BUNDLE" --scale 2 --alpha 0 --ddim-steps 1
 python -m training.shrink "$BUNDLE" --scale 4 --alpha 0.48 --ddim-steps 1 --backproject 0.75
 python -m training.shrink "$BUNDLE" --scale 8 --alpha 0.9 --ddim-steps 1 --backproject 1.5 --notes "$notes"
+
+# ---- in progress, not shipped: a regression x2 member trained from scratch on the 2-core CPU,
+# spread over sessions (each runs the same command; it resumes bit for bit from its last
+# checkpoint, every 100 steps). README, `tfsdeploy train`, says how far it has got.
+#
+#   tfsdeploy data build --sources spm,synth --out "$DATA/mixed"
+#   OMP_NUM_THREADS=1 tfsdeploy train --out "$RUNS/x2-regression" --data "$DATA/mixed" --preset small \
+#       --objective regression --prediction x0 --target residual --scales 2 --crop 64 --batch-size 8 \
+#       --lr 2e-4 --threads 1 --ckpt-every 100 --val-every 500 --log-every 10 --steps 200000 --no-progress

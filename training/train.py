@@ -40,6 +40,14 @@ RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_ste
 # starting checkpoint was trained with (a GPU's batch of 64 would make each step minutes on a CPU):
 # 50-100 steps of batch 8 gained about 1 dB on a new domain (benchmarks/reports/finetune).
 FINE_TUNE = {"steps": 100, "batch_size": 8, "lr": 1e-4, "ckpt_every": 50, "log_every": 10, "val_every": 50}
+# A fine-tune on one folder of the user's triplets sets this share of them aside (the last by name,
+# at least one) and never trains on them: they choose how much of the fine-tune the run keeps.
+HOLDOUT_SHARE = 0.2
+# The blends (1 - A) * start + A * fine-tuned a finished fine-tune scores on its held-out slices;
+# A = 0 is the model it started from, so the choice is never below it there.
+BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+# At most this many held-out slices (spread evenly) are scored.
+HOLDOUT_SCORED = 16
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig,
             "data": DataConfig, "train": TrainConfig}
 
@@ -104,20 +112,28 @@ def started_from(run_dir: str | Path, init: str | Path) -> bool:
     return recorded.get("sha256") == checkpoint_fingerprint(init)["sha256"]
 
 
-def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> Path:
+def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> tuple[Path, dict[str, Any]]:
     """The checkpoint a fine-tune starts from: a checkpoint or run folder as given, or a bundle's
-    member (`default` is the packaged bundle) for the one scale being trained."""
+    member (`default` is the packaged bundle) for the one scale being trained; with what it was
+    shipped with, which the fine-tune keeps: the back-projection strength its inputs get
+    (`backproject`: the member's, or the strength a run was trained at) and, for a bundle member,
+    its recommended DDIM step count (`ddim_steps`)."""
     from tfsdeploy.modelref import resolve_model
 
     ref = resolve_model(init)
     if not ref.path.exists():
         raise UserError(f"--init {init}: no such checkpoint, run folder or bundle")
     if ref.kind != "bundle":
-        return ref.path
+        data = read_meta(ref.path)[1].get("data", {})
+        return ref.path, {"backproject": float(data.get("backproject", 0.0))}
     if not scales or len(scales) != 1:
         raise UserError(f"--init {init} is a bundle, one model per scale: pick its member with --scales N "
                         f"(one of {', '.join(map(str, ref.scales))})")
-    return ref.member(scales[0])
+    entry = ref.manifest["models"][str(scales[0])]
+    shipped = {"backproject": float(entry.get("backproject", 0.0))}
+    if entry.get("ddim_steps"):
+        shipped["ddim_steps"] = int(entry["ddim_steps"])
+    return ref.member(scales[0]), shipped
 
 
 def _replace(cfg, k, v):
@@ -174,7 +190,10 @@ def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 class Trainer:
     def __init__(self, run_dir: str | Path, configs: Configs, data_root: str | Path | None = None,
-                 log: Callable[[str], None] = print, init_from: str | Path | None = None):
+                 log: Callable[[str], None] = print, init_from: str | Path | None = None,
+                 shipped: dict[str, Any] | None = None):
+        """`init_from`: start a fine-tune from this checkpoint; `shipped`: what it was shipped with
+        (`init_checkpoint`), recorded with the run."""
         self.run_dir = Path(run_dir)
         self.cfg = configs
         self.log = log
@@ -201,6 +220,11 @@ class Trainer:
             self.val_set = []
         if not self.train_set:
             raise UserError(f"{root}: the training split is empty")
+        fine_tune = init_from is not None or bool(has_checkpoint(self.run_dir)
+                                                  and read_meta(self.run_dir)[1].get("init"))
+        if fine_tune and not ((root / "train").is_dir() and (root / "val").is_dir()):
+            # one folder (its validation split is itself), or a split one without a validation split
+            self.train_set, self.val_set = held_out(self.train_set, root)
         # Batches are cut, degraded and fused where the model runs: on a GPU that keeps it fed.
         self.train_hr = stack_samples(self.train_set, self.device)
         self.val_hr = stack_samples(self.val_set, self.device) if self.val_set else None
@@ -214,10 +238,11 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.init_info: dict[str, Any] | None = None  # where a fine-tuning run started from
+        self.blend_choice: dict[str, Any] | None = None  # the blend a finished fine-tune chose
         if has_checkpoint(self.run_dir):
             self._restore()
         elif init_from is not None:
-            self._init_from(init_from)
+            self._init_from(init_from, shipped or {})
         self.ddp_model: torch.nn.Module = self.model
         if self.dist.world > 1:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -236,6 +261,7 @@ class Trainer:
         self.step = ckpt.step
         self.elapsed = float(ckpt.meta.get("elapsed_s", 0.0))
         self.init_info = ckpt.meta.get("init")
+        self.blend_choice = ckpt.meta.get("blend_choice")
         if self.dist.main:
             self._trim_log()
             self.log(f"resumed {ckpt.path} at step {self.step}")
@@ -257,7 +283,7 @@ class Trainer:
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in keep))
 
-    def _init_from(self, path: str | Path) -> None:
+    def _init_from(self, path: str | Path, shipped: dict[str, Any]) -> None:
         """Start a new run from another checkpoint's (EMA) weights, with a fresh optimizer: fine-tuning."""
         ckpt = load_checkpoint(path)
         if ckpt.configs.model != self.cfg.model:
@@ -265,9 +291,11 @@ class Trainer:
         for m in (self.model, self.ema):
             load_weights(m, ckpt.weights, ckpt.path)
         self.init_info = {"path": str(ckpt.path), "step": ckpt.step,
-                          "sha256": checkpoint_fingerprint(ckpt.path)["sha256"]}
+                          "sha256": checkpoint_fingerprint(ckpt.path)["sha256"], **shipped}
         if self.dist.main:
-            self.log(f"initialised from {ckpt.path} (step {ckpt.step})")
+            bp = self.cfg.data.backproject
+            self.log(f"initialised from {ckpt.path} (step {ckpt.step})"
+                     + (f"; inputs back-projected at strength {bp:g}, as it was shipped" if bp else ""))
 
     @torch.no_grad()
     def _scale_weights(self) -> dict[int, float]:
@@ -277,7 +305,7 @@ class Trainer:
             errs = []
             for i in range(0, len(self.train_set), 32):
                 b = make_batch(self.train_hr, range(i, min(i + 32, len(self.train_set))), [s], 0,
-                               np.random.default_rng(0))
+                               np.random.default_rng(0), backproject=self.cfg.data.backproject)
                 errs.append(((b.base01 - b.gt01) ** 2).mean(dim=(1, 2, 3)))
             inv[s] = 1.0 / max(float(torch.cat(errs).mean()), 1e-10)
         mean = sum(inv.values()) / len(inv)
@@ -295,7 +323,8 @@ class Trainer:
             self.run_dir, self.cfg, self.step, self.ema.state_dict(), {**online, **opt_tensors},
             extra={"optim_param_groups": groups, "elapsed_s": round(self.elapsed, 1), "world_size": self.dist.world,
                    "parameters": count_parameters(self.model),
-                   **({"init": self.init_info} if self.init_info else {})},
+                   **({"init": self.init_info} if self.init_info else {}),
+                   **({"blend_choice": self.blend_choice} if self.blend_choice else {})},
             keep=self.cfg.train.keep_ckpts)
 
     # ---------------------------------------------------------------- one step
@@ -312,7 +341,8 @@ class Trainer:
     def _draw_batch(self, rng: np.random.Generator) -> PairBatch:
         dc = self.cfg.data
         idx = rng.integers(0, len(self.train_set), size=self.cfg.train.batch_size)
-        b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None)
+        b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None,
+                       dc.backproject)
         weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
                   if self.scale_weights else None)
         return b.cond01, b.base01, b.gt01, weight
@@ -339,13 +369,63 @@ class Trainer:
         denoiser = TorchDenoiser(self.ema, self.device)
         out: dict[str, float] = {}
         for scale in self.cfg.data.scales:
-            b: Batch = make_batch(self.val_hr, picks, [scale], 0, np.random.default_rng(0))
+            b: Batch = make_batch(self.val_hr, picks, [scale], 0, np.random.default_rng(0),
+                                  backproject=self.cfg.data.backproject)
             fused = self.diffusion.fuse(denoiser, b.cond01, SampleConfig(sampler="ddim", steps=tc.val_steps, seed=0))
             out[f"x{scale}/psnr"] = float(psnr(fused, b.gt01).mean())
             out[f"x{scale}/ssim"] = float(ssim(fused, b.gt01).mean())
             out[f"x{scale}/baseline_psnr"] = float(psnr(b.base01, b.gt01).mean())
             out[f"x{scale}/baseline_ssim"] = float(ssim(b.base01, b.gt01).mean())
         return out
+
+    @torch.no_grad()
+    def choose_blend(self) -> dict[str, Any] | None:
+        """Score the blends (1 - A) * start + A * fine-tuned (BLEND_GRID) of a fine-tune on its
+        held-out slices, as the member runs (its back-projection and DDIM step count), and pick, among
+        the A whose mean SSIM is not below the start's, the one of the highest mean PSNR, the smaller
+        A on a tie: A = 0 is the model the fine-tune started from, so the choice is never below it
+        there on either. `bundle` stores the choice. None (and a line
+        saying so) when there is no held-out slice."""
+        from types import SimpleNamespace
+
+        from engines.torch_engine import TorchDenoiser
+        from tfsdeploy.bundle import blend_weights
+
+        if not self.val_set:
+            self.log("no held-out slices: the fine-tune keeps all of itself (bundle --blend A pulls it back)")
+            return None
+        n = min(HOLDOUT_SCORED, len(self.val_set))
+        picks = np.linspace(0, len(self.val_set) - 1, n).round().astype(int)
+        steps = int(self.init_info.get("ddim_steps") or self.cfg.train.val_steps)
+        sample = SampleConfig(sampler="ddim", steps=steps, seed=0)
+        batches = [make_batch(self.val_hr, picks, [s], 0, np.random.default_rng(0),
+                              backproject=self.cfg.data.backproject) for s in self.cfg.data.scales]
+        net = copy.deepcopy(self.ema)
+        tuned = SimpleNamespace(weights={k: v.detach().cpu() for k, v in self.ema.state_dict().items()},
+                                meta={"init": self.init_info})
+        scores: dict[str, dict[str, float]] = {}
+        for alpha in BLEND_GRID:
+            weights, _ = blend_weights(tuned, alpha, self.run_dir)
+            load_weights(net, weights, self.run_dir)
+            fused = [self.diffusion.fuse(TorchDenoiser(net, self.device), b.cond01, sample) for b in batches]
+            scores[f"{alpha:g}"] = {"psnr": float(torch.cat([psnr(f, b.gt01) for f, b in zip(fused, batches)]).mean()),
+                                    "ssim": float(torch.cat([ssim(f, b.gt01) for f, b in zip(fused, batches)]).mean())}
+        start = scores["0"]
+        fair = [a for a in BLEND_GRID if scores[f"{a:g}"]["ssim"] >= start["ssim"]]  # A = 0 always is
+        best = max(fair, key=lambda a: (round(scores[f"{a:g}"]["psnr"], 6), -a))
+        baseline = {"psnr": float(torch.cat([psnr(b.base01, b.gt01) for b in batches]).mean()),
+                    "ssim": float(torch.cat([ssim(b.base01, b.gt01) for b in batches]).mean())}
+        choice = {"alpha": best, "slices": int(n), "scales": list(self.cfg.data.scales), "ddim_steps": steps,
+                  "baseline": baseline, "scores": scores}
+        pick = scores[f"{best:g}"]
+        self.log(f"held-out: {n} slice(s), x{'/x'.join(map(str, self.cfg.data.scales))}, PSNR / SSIM: baseline "
+                 f"{baseline['psnr']:.2f} dB / {baseline['ssim']:.4f}, the starting model {start['psnr']:.2f} / "
+                 f"{start['ssim']:.4f}, " + ", ".join(f"A {a} {v['psnr']:.2f}" for a, v in scores.items() if a != "0"))
+        self.log(f"chose A = {best:g} ({pick['psnr']:.2f} dB, {pick['psnr'] - start['psnr']:+.2f} against the "
+                 f"starting model): `bundle` stores (1 - A) * start + A * fine-tuned" if best else
+                 "chose A = 0: no blend beat the starting model on the held-out slices, so `bundle` stores "
+                 "the starting model")
+        return choice
 
     def _record(self, entry: dict[str, Any]) -> None:
         if self.dist.main:
@@ -430,6 +510,11 @@ class Trainer:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGTERM, old_handler)
+        if self.init_info and self.dist.main and not timed_out:
+            try:
+                self.blend_choice = self.choose_blend()
+            except UserError as e:  # the start has gone or changed: keep the steps, say why there is no choice
+                self.log(f"warning: no blend chosen: {e}")
         last = self.save()
         self._check_in_sync()
         if self.dist.main:
@@ -464,11 +549,22 @@ class Trainer:
             raise RuntimeError(f"ranks ended with different weights: {[float(g) for g in gathered]}")
 
 
+def held_out(samples: list[Sample], where: str | Path) -> tuple[list[Sample], list[Sample]]:
+    """A fine-tune's triplets, when its data has no validation split -> (training, held-out): the
+    last HOLDOUT_SHARE of them by name (at least one) are held out, which keeps them apart from the
+    training slices when the names run along a scan or by patient."""
+    if len(samples) < 2:
+        raise UserError(f"{where}: a fine-tune needs at least 2 triplets (one is held out to choose how "
+                        f"much of the fine-tune to keep); found {len(samples)}")
+    k = max(1, round(len(samples) * HOLDOUT_SHARE))
+    return samples[:-k], samples[-k:]
+
+
 def train(run_dir: str | Path, configs: Configs, data_root: str | Path | None = None, show_progress: bool = True,
           log: Callable[[str], None] = print, init_from: str | Path | None = None,
-          time_limit_s: float | None = None) -> Path | None:
+          time_limit_s: float | None = None, shipped: dict[str, Any] | None = None) -> Path | None:
     existed, fresh = Path(run_dir).exists(), not has_checkpoint(run_dir)
-    trainer = Trainer(run_dir, configs, data_root, log, init_from=init_from)
+    trainer = Trainer(run_dir, configs, data_root, log, init_from=init_from, shipped=shipped)
     ok = False
     try:
         out = trainer.run(show_progress, time_limit_s)

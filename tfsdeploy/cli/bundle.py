@@ -22,9 +22,9 @@ def bundle(
     ddim_steps: str = typer.Option("", help="Recommended DDIM steps per scale, e.g. 2:2,4:2,8:2 (from a "
                                    "sampler study); used when fuse runs DDIM without --steps."),
     blend: str = typer.Option("", help="Store fine-tuned members (train --init) as a blend with the model each "
-                              "started from: (1 - A) * start + A * fine-tuned, 0 < A < 1. One A for every "
+                              "started from: (1 - A) * start + A * fine-tuned, 0 < A <= 1. One A for every "
                               "fine-tuned member, or per scale, e.g. 4:0.3,8:0.5. Keeps more of the start model's behaviour on data "
-                              "neither was tuned for."),
+                              "neither was tuned for. Default: the A each fine-tune chose on its held-out slices."),
     backproject: str = typer.Option("", help="Back-projection strength per scale, e.g. 4:0.75,8:1 (from the "
                                     "transfer study); used when fuse runs without --backproject."),
 ) -> None:
@@ -53,7 +53,8 @@ def bundle(
 
 
 def _blend_option(text: str, members: dict[int, Path]) -> dict[int, float]:
-    """--blend: "A" for every fine-tuned member, or "SCALE:A,..."; each A in (0, 1)."""
+    """--blend: "A" for every fine-tuned member, or "SCALE:A,..."; each A in (0, 1] (1: the fine-tune as
+    it is, whatever blend it chose)."""
     from tfsdeploy.checkpoint import read_meta
 
     if not text.strip():
@@ -61,8 +62,8 @@ def _blend_option(text: str, members: dict[int, Path]) -> dict[int, float]:
     tuned = [s for s, p in members.items() if read_meta(p)[1].get("init")]
     out = {}
     for item, scale, alpha in scale_values(text, "--blend", float, "A or SCALE:A pairs", scale_optional=True):
-        if not 0.0 < alpha < 1.0:
-            raise UserError(f"--blend {item!r}: A must lie strictly between 0 and 1")
+        if not 0.0 < alpha <= 1.0:
+            raise UserError(f"--blend {item!r}: A must lie in (0, 1] (1: the fine-tune as it is)")
         scales = tuned if scale is None else [scale]
         if not scales:
             raise UserError("--blend: none of the models given is a fine-tune (train --init)")

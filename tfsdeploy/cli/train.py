@@ -71,7 +71,10 @@ def train(
                   "log_every": log_every, "threads": threads,
                   "scale_balance": scale_balance},
     }
-    init_from = init_checkpoint(init, parse_scales(scales)) if init is not None else None
+    init_from, shipped = init_checkpoint(init, parse_scales(scales)) if init is not None else (None, None)
+    if shipped:  # a fine-tune trains on the inputs the member it starts from is fed, and validates as it runs
+        overrides["data"]["backproject"] = shipped["backproject"]
+        overrides["train"]["val_steps"] = shipped.get("ddim_steps")
     if init_from is not None and has_checkpoint(out):
         if not started_from(out, init_from):
             raise UserError(f"{out} already holds a run that did not start from {init}; --init starts a new "
@@ -86,5 +89,5 @@ def train(
     if time_limit is not None and not time_limit > 0:
         raise UserError(f"--time-limit must be a positive number of minutes, got {time_limit}")
     run_training(out, configs, data_root=root, show_progress=progress, log=typer.echo, init_from=init_from,
-                 time_limit_s=None if time_limit is None else time_limit * 60)
+                 time_limit_s=None if time_limit is None else time_limit * 60, shipped=shipped)
 

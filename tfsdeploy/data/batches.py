@@ -3,6 +3,7 @@ that holds the samples."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -11,7 +12,7 @@ import torch
 
 from tfsdeploy.data.folder import Sample
 from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import degrade
+from tfsdeploy.inputs import degrade_as_seen
 
 
 @dataclass
@@ -39,10 +40,13 @@ GRID = 8
 
 def make_batch(samples: list[Sample] | torch.Tensor, indices: Iterable[int], scales: list[int], crop: int,
                rng: np.random.Generator,
-               augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None) -> Batch:
+               augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
+               backproject: float = 0.0) -> Batch:
     """Degrade, fuse the baseline and crop, batched on the device that holds the samples (a list of
     samples, or their `stack_samples` tensor). All randomness comes from `rng`, so a batch is a pure
-    function of its seed: training resumes exactly where it stopped.
+    function of its seed: training resumes exactly where it stopped. With `backproject`, the
+    upsampled inputs are back-projected at that strength (`inputs.degrade_as_seen`) before the
+    baseline is fused from them, as a member with that strength is fed.
 
     A crop is degraded and fused inside windows around it rather than over the whole image: the same
     pixels at a fraction of the cost."""
@@ -60,12 +64,13 @@ def make_batch(samples: list[Sample] | torch.Tensor, indices: Iterable[int], sca
     corners = [tuple(int(v) for v in rng.integers(0, size - crop + 1, size=2)) if cropping else (0, 0)
                for _ in range(n)]
     if cropping and size % GRID == 0 and hr.shape[-2] == size:
-        hr, corners = _windows(hr, corners, crop, DEGRADE_MARGIN, GRID)
+        # each round of back-projection reaches as far again as the degradation itself
+        hr, corners = _windows(hr, corners, crop, DEGRADE_MARGIN * (1 + math.ceil(backproject)), GRID)
     src, gt = hr[:, :5], hr[:, 5:]
     cond01 = torch.empty_like(src)
     for s in sorted(set(used)):
         pick = torch.tensor([u == s for u in used], device=hr.device)
-        cond01[pick] = degrade(src[pick], s)
+        cond01[pick] = degrade_as_seen(src[pick], s, backproject)
     if cropping:
         fused_at, inner = _windows(cond01, corners, crop, FUSE_MARGIN, 1)
         base01 = _cut(fuse_condition(fused_at), inner, crop)

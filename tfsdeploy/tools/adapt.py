@@ -3,7 +3,8 @@
 Internal learning, as in zero-shot super-resolution (Shocher et al. 2018): with no training set,
 the low-resolution input is its own. Its sources (T1, T2 and the functional RGB image at
 size/scale pixels, exactly as `make_condition` cuts them) are degraded once more by bicubic down
-and up (`imaging.degrade`, as training degrades), and a copy of the model learns to map that back
+and up (`inputs.degrade_as_seen`, as training degrades), then back-projected at the strength the
+member's own inputs get (`inputs.upsample`), and a copy of the model learns to map that back
 to the classical fusion of the sources it has, as training maps degraded high-resolution sources
 to their classical fusion. The extra degradation is x2 at every scale unless told otherwise:
 degrading a 64 px (x4) or 32 px (x8) input again by the full scale leaves 16 or 4 px and teaches
@@ -44,8 +45,7 @@ from tfsdeploy.config import artifact_engine
 from tfsdeploy.diffusion import PairBatch, train_step
 from tfsdeploy.errors import UserError
 from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import degrade
-from tfsdeploy.inputs import Triplet, low_resolution
+from tfsdeploy.inputs import Triplet, degrade_as_seen, low_resolution
 from tfsdeploy.pipeline import FusionPipeline, Progress
 
 # The smallest low-resolution side (and crop) that adaptation trains on: the PSF loss's SSIM
@@ -136,11 +136,12 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.rot90(x, k % 4, dims=(-2, -1))
 
 
-def internal_pairs(lr01: torch.Tensor, extra_scale: int) -> Pairs:
+def internal_pairs(lr01: torch.Tensor, extra_scale: int, backproject: float = 0.0) -> Pairs:
     """LR sources [N,5,h,w] -> the 8N pairs (each flip / rotation of each input), degraded by
-    `extra_scale` and fused as training degrades and fuses."""
+    `extra_scale` and fused as training degrades and fuses; with `backproject`, the degraded
+    sources are back-projected at that strength, as the member's inputs are (`inputs.upsample`)."""
     src = torch.cat([dihedral(lr01, k) for k in range(8)])
-    cond01 = degrade(src, extra_scale)
+    cond01 = degrade_as_seen(src, extra_scale, backproject)
     return Pairs(cond01, fuse_condition(cond01), fuse_condition(src))
 
 
@@ -209,7 +210,8 @@ def adapt(pipe: FusionPipeline, trips: Triplet | Sequence[Triplet], size: int = 
     device, diffusion, tc = pipe.device, pipe.diffusion, pipe.configs.train
     model = trainable_copy(pipe)
     with torch.no_grad():
-        pairs = internal_pairs(torch.cat([lr_sources(t, pipe.scale, size) for t in trips]).to(device), extra)
+        pairs = internal_pairs(torch.cat([lr_sources(t, pipe.scale, size) for t in trips]).to(device), extra,
+                               pipe.backproject)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     crop = cfg.crop if cfg.crop and cfg.crop < side else 0
     losses: list[float] = []

@@ -213,8 +213,9 @@ ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt", ".pt2": 
 # AOTInductor package (both compiled, one graph per call). On a CPU: the fp32 ONNX, which ran ahead
 # of eager torch and of an AOTInductor package in benchmarks/reports/cpu-engines.md.
 AUTO_ORDER = {"cuda": ("trt", "aoti"), "cpu": ("onnx",)}
-# Batch caps for scans: a GPU keeps gaining throughput up to large batches; a CPU gains nothing
-# from batching and only spends memory. Compiled artifacts for a GPU accept the GPU's cap.
+# The largest batch a scan runs at: a GPU keeps gaining throughput up to large batches and takes as
+# many as its memory holds; a CPU measures batches up to this cap on the scan's first slices and
+# keeps the fastest (tfsdeploy.batching). Compiled artifacts for a GPU accept the GPU's cap.
 MAX_BATCH = {"cuda": 64, "cpu": 4}
 # The precisions, named once: the torch engine runs in any of them ("auto" picks one for the
 # device); an exported ONNX graph is in fp32 or fp16 (export.onnx_export.ONNX_PRECISIONS).

@@ -233,15 +233,18 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     if plan is not None:
         output.dicom = plan.with_model(pipe.describe(), pipe.source)
     output_box(*scan.shape, pipe.check_size(job.size))
-    batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
+    pipe.max_batch(pipe.check_size(job.size))  # refuse a size this device cannot hold before adapting
     for line in read:
         notice(line)
     if job.adapt:  # one adapted model for the whole scan, from slices spread over it
         pipe = _adapted(pipe, scan_triplets(scan), job)
-    typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {batch} "
-               f"({pipe.describe()})", err=True)
+
+    def say_batch(choice) -> None:  # a measured batch is known once the first slices are fused
+        typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {choice.batch} "
+                   f"({choice.describe()}; {pipe.describe()})", err=True)
+
     with progress_bar("fuse", job.progress, "slices") as bar:
-        fused = pipe.fuse_scan(scan, job.size, batch, progress=bar)
+        fused = pipe.fuse_scan(scan, job.size, job.batch_size, progress=bar, on_choice=say_batch)
     written = output.publish(fused)
     where = (f"{out}/ (DICOM series, {len(written)} files)" if plan is not None else out
              if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)")

@@ -28,7 +28,7 @@ from tfsdeploy.inputs import Triplet, write_triplet
 from tfsdeploy.paths import display_path
 from tfsdeploy.pipeline import FusionPipeline, resolve_device, torch_denoiser
 from tfsdeploy.tools.hardware import (count_bytes, count_flops, cpu_peak, device_info, gpu_math, gpu_peak_tflops,
-                                      project_ms, reset_peak_rss, rss_mib, sync)
+                                      project_ms, rss_mib, sync)
 from tfsdeploy.tools.projection import check_fraction
 from tfsdeploy.tools.report import fmt
 
@@ -170,14 +170,10 @@ def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: B
             for n, e in engines.items():
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
-                before = rss_mib()[0]
-                reset = reset_peak_rss()
-                for _ in range(max(1, cfg.warmup)):
+                for _ in range(cfg.warmup):
                     e(*inputs[n])
                 sync()
-                now, peak_rss = rss_mib()
-                # the peak RSS while this engine ran this shape, above the RSS before it: what a call needs
-                mem[n] = {"rss_mib": now, "call_peak_mib": peak_rss - before if reset else None,
+                mem[n] = {"rss_mib": rss_mib()[0],
                           "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else None}
             times: dict[str, list[float]] = {n: [] for n in engines}
             for _ in range(cfg.repeats):
@@ -209,19 +205,21 @@ def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: B
     return rows
 
 
-def batching_rows(latency: list[dict]) -> list[dict]:
-    """Each latency row's time per slice and call memory as ratios to batch 1 of the same engine and
-    size (rows without a batch 1 are left out)."""
+def batching_rows(latency: list[dict], memory: list[dict]) -> list[dict]:
+    """Each latency row's time per slice, and its peak memory (the CUDA peak on a GPU; on a CPU the
+    peak RSS of a whole fusing process at that batch, from measure_batch_memory), as ratios to batch 1
+    of the same engine and size (rows without a batch 1 are left out)."""
     one = {(x["engine"], x["size"]): x for x in latency if x["batch"] == 1}
+    process = {(x["engine"], x["batch"]): x["process_peak_mib"] for x in memory}
     out = []
     for x in latency:
         b1 = one.get((x["engine"], x["size"]))
         if b1 is None:
             continue
-        mem = x["cuda_peak_mib"] if x["cuda_peak_mib"] is not None else x["call_peak_mib"]
-        mem1 = b1["cuda_peak_mib"] if b1["cuda_peak_mib"] is not None else b1["call_peak_mib"]
+        mem, mem1 = ((x["cuda_peak_mib"], b1["cuda_peak_mib"]) if x["cuda_peak_mib"] is not None else
+                     (process.get((x["engine"], x["batch"])), process.get((x["engine"], 1))))
         out.append({"engine": x["engine"], "size": x["size"], "batch": x["batch"], "per_slice_ms": x["per_slice_ms"],
-                    "time_vs_batch1": x["per_slice_ms"] / b1["per_slice_ms"], "call_peak_mib": mem,
+                    "time_vs_batch1": x["per_slice_ms"] / b1["per_slice_ms"], "peak_mib": mem,
                     "memory_vs_batch1": mem / mem1 if mem is not None and mem1 else None})
     return out
 
@@ -314,6 +312,31 @@ def measure_cold_fuse(model: Path, trip: Triplet, cfg: BenchConfig, log: Callabl
     return rows
 
 
+def measure_batch_memory(sources: dict[str, tuple[Path, str]], trip: Triplet, cfg: BenchConfig,
+                         log: Callable[[str], None]) -> list[dict]:
+    """The peak RSS of a whole process that loads an engine and fuses one batch of copies of `trip` (x4,
+    default sampler, the model's size), per engine and batch in cfg.batches: what a scan fused at that
+    batch holds at its peak, the process's own memory included. One new process each
+    (`tfsdeploy.tools.coldstart --batch`), since an allocator keeps what a process once held.
+    `sources` maps an engine's name to (model path, `--engine`)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tfsdeploy-mem-") as tmp:
+        tmp = Path(tmp)
+        inputs = [str(p) for p in write_triplet(trip, tmp, cfg.fuse_size // 4)]
+        for name, (model, engine) in sources.items():
+            for batch in cfg.batches:
+                cmd = [sys.executable, "-m", "tfsdeploy.tools.coldstart", *inputs, str(tmp / "fused.png"), "--model",
+                       str(model), "--engine", engine, "--threads", str(cfg.threads), "--batch", str(batch)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise UserError(f"a fuse at batch {batch} failed while benchmarking: {res.stderr.strip()[-300:]}")
+                peak = json.loads(res.stdout)["peak_rss_mib"]
+                rows.append({"engine": name, "batch": batch, "process_peak_mib": peak})
+            log(f"peak RSS of a fusing process, {name}: " + ", ".join(
+                f"batch {r['batch']} {r['process_peak_mib']:.0f} MiB" for r in rows if r["engine"] == name))
+    return rows
+
+
 def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet | None = None,
               log: Callable[[str], None] = print, cli_model: Path | None = None) -> dict:
     """Measure everything and write bench.md, bench.json and bench.png into out_dir. `trip` is the
@@ -346,9 +369,13 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet 
         projection = project_card(latency, model)
         fuse = measure_fuse(engines, ck.configs, trip, cfg, log)
         cold = measure_cold_fuse(cli_model or ckpt, trip, cfg, log) if given and cfg.cli_repeats else []
+        memory = []
+        if not torch.cuda.is_available() and cfg.cli_repeats:  # a GPU's call memory is its CUDA peak
+            sources = {REFERENCE: (ckpt, "torch"), "onnx": (getattr(engines.get("onnx"), "path", None), "onnx")}
+            memory = measure_batch_memory({k: v for k, v in sources.items() if k in engines}, trip, cfg, log)
         report = {"config": asdict(cfg), "model": source, "parameters": count_parameters(model),
                   "device": info, "cpu_peak": peak, "skipped": skipped, "latency": latency,
-                  "batching": batching_rows(latency), "export_s": export_s,
+                  "batching": batching_rows(latency, memory), "batch_memory": memory, "export_s": export_s,
                   "onnx_pays_after": onnx_break_even(latency, export_s),
                   "projection": projection, "fuse": fuse, "cli_fuse": cold, "peak_rss_mib": rss_mib()[1],
                   "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -392,13 +419,15 @@ def write_bench_report(r: dict, out_dir: Path, log: Callable[[str], None] = prin
                      f"{fmt(x['rss_mib'], '.0f')} | {fmt(x['cuda_peak_mib'], '.0f')} |")
     if r.get("batching"):
         lines += ["", "## Batching: per slice, against batch 1 of the same engine", "",
-                  "One denoiser call's median divided by its batch, and the peak RSS while the engine ran that "
-                  "shape above the RSS before it (the memory a call needs; a GPU's is the CUDA peak above).", "",
-                  "| engine | size | batch | ms per slice | vs batch 1 (time) | call peak MiB | vs batch 1 (memory) |",
+                  "One denoiser call's median divided by its batch (the table above). Peak memory: on a GPU the "
+                  "CUDA peak; on a CPU the peak RSS of a new process that loads the engine and fuses one batch "
+                  f"of {r['config']['fuse_size']}×{r['config']['fuse_size']} slices, the process's own memory "
+                  "included (a scan at that batch holds about as much).", "",
+                  "| engine | size | batch | ms per slice | vs batch 1 (time) | peak MiB | vs batch 1 (memory) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for x in r["batching"]:
             lines.append(f"| {x['engine']} | {x['size']} | {x['batch']} | {x['per_slice_ms']:.1f} | "
-                         f"{x['time_vs_batch1']:.2f}× | {fmt(x['call_peak_mib'], '.0f')} | "
+                         f"{x['time_vs_batch1']:.2f}× | {fmt(x['peak_mib'], '.0f')} | "
                          f"{fmt(x['memory_vs_batch1'], '.2f')}× |")
     if r.get("onnx_pays_after"):
         lines += ["", "## When an ONNX export pays for itself", ""]

@@ -156,17 +156,6 @@ def rss_mib() -> tuple[float, float]:
     return cur, peak
 
 
-def reset_peak_rss() -> bool:
-    """Start this process's peak RSS (VmHWM) again from its current RSS, so that rss_mib()[1] measures
-    the peak of what runs next; False where the kernel does not allow it (then the peak is the
-    process's since its start)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def device_info(threads: int) -> dict:
     import subprocess
 

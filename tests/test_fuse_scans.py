@@ -98,6 +98,22 @@ def test_the_fuse_line_says_how_the_batch_was_chosen(tmp_path, volumes, tiny_run
     assert re.match(r"fusing 5 slices of 48x40 in batches of [12] \(measured: \d+\.\d\d s a slice at batch 1, ", line)
 
 
+def test_a_cpu_scan_long_enough_for_an_export_to_pay_says_so(tmp_path, volumes, tiny_run, monkeypatch):
+    from tfsdeploy import config
+
+    monkeypatch.setattr(config, "ONNX_PAYS_AFTER_CALLS", 10)  # 5 slices x 2 steps
+    base = ["fuse", *volumes, "--model", tiny_run, "--steps", 2, "--no-progress", "--batch-size", 5, "--out"]
+    res = run(*base, tmp_path / "a.nii.gz")
+    assert res.exit_code == 0, res.output
+    assert f"note: this scan makes 10 denoiser calls, and on a CPU an ONNX export pays for itself after about 10: " \
+           f"`tfsdeploy export {tiny_run}` once" in res.stderr
+    res = run(*base, tmp_path / "b.nii.gz", "--engine", "torch")  # asked for torch: nothing to say
+    assert res.exit_code == 0 and "note:" not in res.stderr
+    monkeypatch.setattr(config, "ONNX_PAYS_AFTER_CALLS", 11)
+    res = run(*base, tmp_path / "c.nii.gz")
+    assert res.exit_code == 0 and "note:" not in res.stderr
+
+
 def test_fuse_cli_on_folders_writes_a_folder_of_pngs(tmp_path, tiny_run):
     rng = np.random.default_rng(1)
     for m in ("t1", "t2", "func"):

@@ -373,4 +373,5 @@ class FusionPipeline:
         assert out is not None  # a scan has at least one slice
         return out
 
+
 __all__ = ["FusionPipeline", "load_denoiser", "torch_denoiser", "resolve_device", "free_memory", "MAX_BATCH"]

@@ -2,10 +2,12 @@
 
 On a GPU a larger batch keeps the device busy, and the batch is as large as its memory allows. On a
 CPU a larger batch can cost time: the arithmetic per slice is the same, while the activations of
-several slices no longer fit in the caches and the allocator works harder (on a 2-core AVX2 CPU,
-batch 4 took about 1.4x the time per slice of batch 1, `benchmarks/reports/cpu-batching/`). Which
-wins depends on the CPU, the engine, the model and the size, so a CPU scan measures it on its own
-first slices, whose results are kept:
+several slices no longer fit in the caches and the allocator works harder (on a quiet 2-core CPU,
+batch 4 took 2.1x the time per slice of batch 1 with torch and 1.3x with ONNX Runtime,
+benchmarks/reports/cpu-engines/). On the same CPU under heavy load, batch 4 often took half the
+time per slice instead (benchmarks/reports/cpu-batching/). Which wins depends on the CPU, its load,
+the engine, the model and the size, so a CPU scan measures it on its own first slices, whose
+results are kept:
 
 - one slice is fused first, untimed, so that the one-off costs of a first call (kernel selection,
   the allocator's first growth) are not charged to batch 1;

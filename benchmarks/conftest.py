@@ -25,3 +25,11 @@ def bench_setup(tmp_path_factory):
     bcfg = BenchConfig(preset=PRESET, sizes=SIZES, batches=BATCHES, engines=ENGINES, fuse_size=max(SIZES))
     engines, skipped = build_engines(Path(ckpt), bcfg, work, log=lambda s: None)
     return Path(ckpt), engines, skipped
+
+
+@pytest.fixture(scope="session")
+def cpu_peak():
+    """The peak a CPU call's fraction is taken against (tfsdeploy.tools.hardware.cpu_peak)."""
+    from tfsdeploy.tools.hardware import cpu_peak as measure
+
+    return measure()

@@ -17,7 +17,8 @@ def _engine(bench_setup, name):
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", ENGINES)
-def test_denoiser_call(benchmark, bench_setup, name, size, batch):
+def test_denoiser_call(benchmark, bench_setup, cpu_peak, name, size, batch):
+    """On a CPU the fastest call's FLOP/s must stay within the CPU's peak, as `tfsdeploy bench` checks."""
     eng = _engine(bench_setup, name)
     dev = eng.device
     g = torch.Generator().manual_seed(0)
@@ -35,6 +36,15 @@ def test_denoiser_call(benchmark, bench_setup, name, size, batch):
     if torch.cuda.is_available():
         benchmark.extra_info["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     assert out.shape == args[0].shape
+    if dev.type == "cpu" and benchmark.stats is not None:
+        from tfsdeploy.checkpoint import build_from_checkpoint
+        from tfsdeploy.tools.hardware import count_flops
+        from tfsdeploy.tools.projection import check_fraction
+
+        flops = count_flops(build_from_checkpoint(bench_setup[0])[0], batch, size)
+        fraction = flops / benchmark.stats.stats.min / 1e9 / cpu_peak["peak"]
+        benchmark.extra_info["fraction_of_peak"] = fraction
+        check_fraction(fraction, f"{name} at {size}px batch {batch} against {cpu_peak['what']}")
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddpm", 20)])

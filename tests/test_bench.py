@@ -1,6 +1,7 @@
 """The bench tooling: FLOP counts against an independent count, the report files, the sampler study."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,21 +89,88 @@ def test_counts_run_on_the_meta_device_and_leave_the_model_alone():
 
 def test_bench_writes_markdown_json_and_plot(tmp_path):
     pytest.importorskip("onnxruntime", reason="needs the onnx extra: pip install -e '.[onnx]'")
-    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch-fp32", "onnx", "trt"), repeats=2,
+    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1, 2), engines=("torch-fp32", "onnx", "trt"), repeats=2,
                       warmup=1, fuse_steps=(2,), ddpm_steps=2, fuse_size=64)
     r = run_bench(None, cfg, tmp_path, log=lambda s: None)
     assert {x["engine"] for x in r["latency"]} == {"torch-fp32", "onnx"}
-    assert [x["speedup_vs_torch_fp32"] for x in r["latency"] if x["engine"] == "torch-fp32"] == [1.0]
+    assert [x["speedup_vs_torch_fp32"] for x in r["latency"] if x["engine"] == "torch-fp32"] == [1.0, 1.0]
+    # batching: time per slice and call memory against batch 1 of the same engine, side by side
+    rows = {(x["engine"], x["batch"]): x for x in r["batching"]}
+    assert set(rows) == {(e, b) for e in ("torch-fp32", "onnx") for b in (1, 2)}
+    for (e, b), x in rows.items():
+        lat = next(y for y in r["latency"] if (y["engine"], y["batch"]) == (e, b))
+        assert x["per_slice_ms"] == pytest.approx(lat["median_ms"] / b)
+        assert x["time_vs_batch1"] == pytest.approx(x["per_slice_ms"] / rows[(e, 1)]["per_slice_ms"])
+    assert all(x["time_vs_batch1"] == 1.0 for (e, b), x in rows.items() if b == 1)
+    assert r["export_s"]["onnx-fp32"] > 0 and [x["size"] for x in r["onnx_pays_after"]] == [32]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Batching: per slice" in md and "## When an ONNX export pays for itself" in md
+    if not torch.cuda.is_available():
+        assert r["cpu_peak"]["what"] in md
+        # peak memory per batch, from a new process each (python and torch alone hold over 100 MiB)
+        assert all(x["peak_mib"] > 100 for x in rows.values())
+        assert rows[("onnx", 2)]["memory_vs_batch1"] == pytest.approx(rows[("onnx", 2)]["peak_mib"] /
+                                                                      rows[("onnx", 1)]["peak_mib"])
+        assert all(x["fraction_of_peak"] <= 1 for x in r["latency"])
     assert "trt" in r["skipped"] or torch.cuda.is_available()
     assert all(x["gflops_per_s"] > 0 and x["fraction_of_peak"] > 0 for x in r["latency"])
     ddpm = [x for x in r["fuse"] if x["sampler"] == "ddpm"]
     assert ddpm and not ddpm[0]["measured"] and ddpm[0]["steps"] == 4000
-    md = (tmp_path / "bench.md").read_text()
     assert "Denoiser call" in md and r["device"]["device"] in md
     assert json.loads((tmp_path / "bench.json").read_text())["latency"]
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(UserError):
         BenchConfig(engines=("warp-drive",))
+
+
+# Two cores with two threads each; the kernel lists hyper-threads as processors of their own.
+FAKE_CPUINFO = "\n\n".join(
+    f"processor\t: {i}\nmodel name\t: Stand-in CPU\nphysical id\t: 0\ncore id\t\t: {i % 2}\n"
+    f"cpu MHz\t\t: {mhz}\nflags\t\t: fpu sse sse2 avx fma avx2"
+    for i, mhz in enumerate((2800.0, 3000.0, 2900.0, 2950.0))) + "\n\n"
+
+
+def test_cpu_fma_peak_from_cpuinfo():
+    from tfsdeploy.tools.hardware import FMA_PORTS, cpu_fma_peak
+
+    assert FMA_PORTS == 2
+    peak = cpu_fma_peak(FAKE_CPUINFO)  # 2 physical cores x 3.0 GHz x 8 lanes x 2 flops x 2 FMA units
+    assert peak["gflops"] == pytest.approx(192.0) and (peak["cores"], peak["fp32_lanes"], peak["isa"]) == (2, 8, "avx")
+    assert "= 192 GFLOP/s" in peak["formula"]
+    assert cpu_fma_peak(FAKE_CPUINFO, max_mhz=3500.0)["gflops"] == pytest.approx(224.0)  # cpufreq's maximum
+    assert cpu_fma_peak(FAKE_CPUINFO, cpus={0, 2})["gflops"] == pytest.approx(2.9 * 8 * 2 * 2)  # one core's threads
+    wide = cpu_fma_peak(FAKE_CPUINFO.replace("avx2", "avx2 avx512f"))
+    assert wide["fp32_lanes"] == 16 and wide["gflops"] == pytest.approx(384.0)
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nBogoMIPS\t: 50.00\n\nprocessor\t: 1\nFeatures\t: fp asimd\n"
+    assert cpu_fma_peak(arm) is None and cpu_fma_peak("") is None
+
+
+def test_cpu_peak_names_which_peak_it_is(monkeypatch):
+    import tfsdeploy.tools.hardware as hardware
+
+    monkeypatch.setattr(hardware, "_max_cpufreq_mhz", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(hardware, "matmul_kernels_gflops", lambda: {"torch 512": 40.0, "onnxruntime 2048": 60.0})
+    p = hardware.cpu_peak(FAKE_CPUINFO)
+    assert (p["peak"], p["source"]) == (pytest.approx(192.0), "fma") and "FMA throughput" in p["what"]
+    # a kernel above the FMA figure means the clock was read too low: the kernel is the peak then
+    monkeypatch.setattr(hardware, "matmul_kernels_gflops", lambda: {"torch 512": 40.0, "onnxruntime 2048": 250.0})
+    p = hardware.cpu_peak(FAKE_CPUINFO)
+    assert (p["peak"], p["source"]) == (250.0, "kernels") and "onnxruntime 2048² fp32 matmul" in p["what"]
+    assert hardware.cpu_peak("")["source"] == "kernels"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU's peak is its data sheet's")
+def test_a_fraction_of_peak_over_100_percent_fails_the_bench(tmp_path, monkeypatch):
+    import tfsdeploy.tools.bench as bench
+
+    monkeypatch.setattr(bench, "cpu_peak", lambda: {"peak": 1e-3, "source": "kernels", "what": "a stand-in",
+                                                   "kernels": {"torch 512": 1e-3}, "fma": None})
+    cfg = BenchConfig(preset="tiny", sizes=(32,), batches=(1,), engines=("torch-fp32",), repeats=1, warmup=0,
+                      fuse_steps=(1,), ddpm_steps=1, fuse_size=64)
+    with pytest.raises(UserError, match=r"torch-fp32 at 32px batch 1: \d+% of peak is impossible"):
+        run_bench(None, cfg, tmp_path / "report", log=lambda s: None)
+    assert not (tmp_path / "report").exists()
 
 
 def test_bench_names_engines_as_fuse_does(tmp_path, tiny_run):

@@ -1,5 +1,7 @@
 """`fuse` on whole scans: three NIfTI volumes or three folders of slices, in batches sized to memory."""
 
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -51,6 +53,7 @@ def test_a_scan_fuses_like_its_slices_one_by_one_at_any_batch_size(volumes, pipe
     whole = pipe.fuse_scan(scan, batch_size=2)
     assert whole.dtype == np.uint8 and whole.shape == (5, 3, 54, 64)  # 40 rows x 48 columns keep their aspect
     assert np.array_equal(pipe.fuse_scan(scan, batch_size=5), whole)
+    assert np.array_equal(pipe.fuse_scan(scan), whole)  # the batch measured on its first slices
     for i in (0, 3):
         s = scan.slice(i)
         alone = pipe.fuse_triplet(as_triplet(s.t1, s.t2, s.func))
@@ -67,6 +70,48 @@ def test_fuse_cli_on_volumes_writes_an_rgb_volume_and_a_montage(tmp_path, volume
     assert img.shape == (64, 54, 5) and img.get_data_dtype().names == ("R", "G", "B")
     # the output covers the input's field of view: 48 x 40 voxels of 2 mm became 64 x 54
     assert np.allclose(np.abs(np.diag(img.affine))[:3], [2.0 * 48 / 64, 2.0 * 40 / 54, 2.5], atol=1e-3)
+
+
+def test_a_cpu_scan_runs_at_the_batch_it_measured_on_its_first_slices(volumes, pipe, monkeypatch):
+    scan = open_scan(*volumes)
+    batches, real = [], pipe._fuse
+    monkeypatch.setattr(pipe, "_fuse", lambda cond01, *a, **k: batches.append(len(cond01)) or real(cond01, *a, **k))
+    choices = []
+    pipe.fuse_scan(scan, on_choice=choices.append)
+    [choice] = choices
+    assert choice.how == "measured" and list(choice.per_slice_s)[:1] == [1] and choice.batch in choice.per_slice_s
+    measured = [1, *choice.per_slice_s]  # an untimed slice, then 1, 2, ... up to the first slower one
+    rest = len(scan) - sum(measured)
+    tail = [choice.batch] * (rest // choice.batch) + ([rest % choice.batch] if rest % choice.batch else [])
+    assert batches == measured + tail
+    assert re.fullmatch(r"measured: \d+\.\d\d s a slice at batch 1(, \d+\.\d\d s at \d)*", choice.describe())
+
+
+def test_the_fuse_line_says_how_the_batch_was_chosen(tmp_path, volumes, tiny_run):
+    base = ["fuse", *volumes, "--model", tiny_run, "--steps", 1, "--no-progress", "--out"]
+    res = run(*base, tmp_path / "a.nii.gz", "--batch-size", 2)
+    assert res.exit_code == 0, res.output
+    assert "fusing 5 slices of 48x40 in batches of 2 (set; x4, " in res.stderr
+    res = run(*base, tmp_path / "b.nii.gz")
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.stderr.splitlines() if x.startswith("fusing 5 slices"))
+    assert re.match(r"fusing 5 slices of 48x40 in batches of [12] \(measured: \d+\.\d\d s a slice at batch 1, ", line)
+
+
+def test_a_cpu_scan_long_enough_for_an_export_to_pay_says_so(tmp_path, volumes, tiny_run, monkeypatch):
+    from tfsdeploy import config
+
+    monkeypatch.setattr(config, "ONNX_PAYS_AFTER_CALLS", 10)  # 5 slices x 2 steps
+    base = ["fuse", *volumes, "--model", tiny_run, "--steps", 2, "--no-progress", "--batch-size", 5, "--out"]
+    res = run(*base, tmp_path / "a.nii.gz")
+    assert res.exit_code == 0, res.output
+    assert f"note: this scan makes 10 denoiser calls, and on a CPU an ONNX export pays for itself after about 10: " \
+           f"`tfsdeploy export {tiny_run}` once" in res.stderr
+    res = run(*base, tmp_path / "b.nii.gz", "--engine", "torch")  # asked for torch: nothing to say
+    assert res.exit_code == 0 and "note:" not in res.stderr
+    monkeypatch.setattr(config, "ONNX_PAYS_AFTER_CALLS", 11)
+    res = run(*base, tmp_path / "c.nii.gz")
+    assert res.exit_code == 0 and "note:" not in res.stderr
 
 
 def test_fuse_cli_on_folders_writes_a_folder_of_pngs(tmp_path, tiny_run):

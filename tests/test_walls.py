@@ -48,7 +48,7 @@ def layer_of(module: str) -> str | None:
             return layer
     core = {"__init__", "errors", "config", "model", "diffusion", "fusion", "metrics", "report_metrics", "imaging",
             "inputs", "iospec", "checkpoint", "fileio", "paths", "artifacts", "bundle", "modelref", "lpips", "scans",
-            "ensemble",
+            "ensemble", "batching",
             "volumes", "dicom", "dicomout", "pacs", "loopgraph"}
     if top == "tfsdeploy" and (module == "tfsdeploy" or module.split(".", 1)[1] in core):
         return "core"

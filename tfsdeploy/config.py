@@ -213,9 +213,15 @@ ARTIFACT_SUFFIXES = {".onnx": "onnx", ".plan": "trt", ".engine": "trt", ".pt2": 
 # AOTInductor package (both compiled, one graph per call). On a CPU: the fp32 ONNX, which ran ahead
 # of eager torch and of an AOTInductor package in benchmarks/reports/cpu-engines.md.
 AUTO_ORDER = {"cuda": ("trt", "aoti"), "cpu": ("onnx",)}
-# Batch caps for scans: a GPU keeps gaining throughput up to large batches; a CPU gains nothing
-# from batching and only spends memory. Compiled artifacts for a GPU accept the GPU's cap.
+# The largest batch a scan runs at: a GPU keeps gaining throughput up to large batches and takes as
+# many as its memory holds; a CPU measures batches up to this cap on the scan's first slices and
+# keeps the fastest (tfsdeploy.batching). Compiled artifacts for a GPU accept the GPU's cap.
 MAX_BATCH = {"cuda": 64, "cpu": 4}
+# Denoiser calls (slices x steps) after which exporting the fp32 ONNX wins back its own time on a
+# CPU, as `tfsdeploy bench` measured it (README, *Scans on a CPU*). `auto` runs an export that
+# exists, since its cost is paid and it was faster per slice at every batch measured, and builds
+# none on a CPU: a scan longer than this says that an export would pay.
+ONNX_PAYS_AFTER_CALLS = 200
 # The precisions, named once: the torch engine runs in any of them ("auto" picks one for the
 # device); an exported ONNX graph is in fp32 or fp16 (export.onnx_export.ONNX_PRECISIONS).
 PRECISIONS = ("fp32", "fp16", "bf16")

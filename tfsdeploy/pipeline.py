@@ -8,7 +8,7 @@ It owns everything between "this model, this scale" and a fused image:
   its compile / CUDA-graph mode; long jobs on CUDA build the AOTInductor package on first use;
 - on CUDA, a whole DDIM fuse recorded into one CUDA graph (tfsdeploy.loopgraph);
 - the sampler, whose state lives on the engine's device (the condition moves there once);
-- batching by the memory the device has, for whole scans.
+- the batch of a whole scan: by the memory a GPU has, by measurement on a CPU (tfsdeploy.batching).
 
     pipe = FusionPipeline.load(model, scale=4)
     fused = pipe(cond01)                       # [B,5,H,W] in [0, 1] -> [B,3,H,W] on pipe.device
@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tfsdeploy.batching import BatchChoice, fuse_in_batches
 from tfsdeploy.checkpoint import Configs, build_from_checkpoint
 from tfsdeploy.config import AUTO_ORDER, ENGINES, MAX_BATCH, EngineConfig, SampleConfig, artifact_engine
 from tfsdeploy.diffusion import Denoiser, Diffusion
@@ -340,17 +341,22 @@ class FusionPipeline:
         write_png(out, img)
         return img
 
-    def fuse_scan(self, scan, size: int = 0, batch_size: int = 0, progress: Progress | None = None) -> np.ndarray:
-        """Every slice of a scan (tfsdeploy.scans.Scan) -> uint8 [N,3,h,w], fused in batches sized to
-        the device's memory; only the uint8 result is kept for the whole scan."""
+    def fuse_scan(self, scan, size: int = 0, batch_size: int = 0, progress: Progress | None = None,
+                  on_choice: Callable[[BatchChoice], None] = lambda c: None) -> np.ndarray:
+        """Every slice of a scan (tfsdeploy.scans.Scan) -> uint8 [N,3,h,w]; only the uint8 result is kept
+        for the whole scan. The batch is `batch_size` when given; else on a CPU the fastest measured on
+        the scan's first slices (tfsdeploy.batching), on a GPU as many as half its free memory holds;
+        `on_choice` hears it once it is chosen."""
         size = self.check_size(size)
-        batch = batch_size or self.max_batch(size)
+        cap = self.max_batch(size)  # also refuses, before any work, a size this device cannot hold
         out: np.ndarray | None = None
         n = len(scan)
-        self._check_range(min(batch, n), size, size)  # before any work
-        for start in range(0, n, batch):
+        self._check_range(min(batch_size or cap, n), size, size)  # before any work
+
+        def run(start: int, count: int) -> None:
+            nonlocal out
             conds, box = [], None
-            for i in range(start, min(start + batch, n)):
+            for i in range(start, start + count):
                 s = scan.slice(i)
                 cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size, self.backproject)
                 conds.append(cond01)
@@ -359,9 +365,11 @@ class FusionPipeline:
             u8 = quantise_uint8(fused).cpu().numpy()
             if out is None:
                 out = np.empty((n, *u8.shape[1:]), dtype=np.uint8)
-            out[start:start + len(u8)] = u8
+            out[start:start + count] = u8
             if progress is not None:
-                progress(start + len(u8), n)
+                progress(start + count, n)
+
+        fuse_in_batches(n, run, batch_size, cap, measure=self.device.type == "cpu", on_choice=on_choice)
         assert out is not None  # a scan has at least one slice
         return out
 

@@ -231,7 +231,8 @@ CUDA_GRAPH_OPTION = typer.Option(None, "--cuda-graph/--no-cuda-graph",
 COMPILE_OPTION = typer.Option(False, "--compile", help="torch engine: torch.compile the model first (tens of "
                               "seconds once per process; worth it for long scans on a GPU).")
 BATCH_SIZE_OPTION = typer.Option(0, min=0, max=4096,
-                                 help="Scans: slices per batch (0 = as many as half the free memory holds).")
+                                 help="Scans: slices per batch (0 = on a CPU the fastest measured on the scan's "
+                                 "first slices, on a GPU as many as half its free memory holds).")
 EXPORT_DIR_OPTION = typer.Option(None, help="Where exported engines live (default: beside the model).")
 THREADS_OPTION = typer.Option(0, min=0, max=1024, help="CPU threads for torch and ONNX Runtime (0 = default).")
 GRID_OPTION = typer.Option("t1", help="Volumes: whose grid the others are resampled onto (trilinear, through "

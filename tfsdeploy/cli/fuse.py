@@ -233,15 +233,19 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     if plan is not None:
         output.dicom = plan.with_model(pipe.describe(), pipe.source)
     output_box(*scan.shape, pipe.check_size(job.size))
-    batch = job.batch_size or pipe.max_batch(pipe.check_size(job.size))
+    pipe.max_batch(pipe.check_size(job.size))  # refuse a size this device cannot hold before adapting
     for line in read:
         notice(line)
+    _say_if_an_export_would_pay(pipe, len(scan), job)
     if job.adapt:  # one adapted model for the whole scan, from slices spread over it
         pipe = _adapted(pipe, scan_triplets(scan), job)
-    typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {batch} "
-               f"({pipe.describe()})", err=True)
+
+    def say_batch(choice) -> None:  # a measured batch is known once the first slices are fused
+        typer.echo(f"fusing {len(scan)} slices of {scan.shape[1]}x{scan.shape[0]} in batches of {choice.batch} "
+                   f"({choice.describe()}; {pipe.describe()})", err=True)
+
     with progress_bar("fuse", job.progress, "slices") as bar:
-        fused = pipe.fuse_scan(scan, job.size, batch, progress=bar)
+        fused = pipe.fuse_scan(scan, job.size, job.batch_size, progress=bar, on_choice=say_batch)
     written = output.publish(fused)
     where = (f"{out}/ (DICOM series, {len(written)} files)" if plan is not None else out
              if scan.output_kind == "nifti" else f"{out}/ ({len(written)} PNGs)")
@@ -275,6 +279,19 @@ def _send(files: list[Path], folder: Path, dicom: DicomOut) -> None:
             typer.echo(f"sent {stored} of {len(files)} instances to {dicom.stow} (STOW-RS)")
     except UserError as e:
         raise UserError(f"{e}; the series stays in {folder}/") from None
+
+
+def _say_if_an_export_would_pay(pipe, slices: int, job: FuseJob) -> None:
+    """`auto` on a CPU with no export runs torch; past ONNX_PAYS_AFTER_CALLS calls an export pays."""
+    from engines.torch_engine import TorchDenoiser
+    from tfsdeploy import config
+
+    calls = slices * pipe.steps * (8 if job.sample.ensemble else 1)
+    if (job.engine.engine == "auto" and not job.adapt and pipe.device.type == "cpu"
+            and isinstance(pipe.denoiser, TorchDenoiser) and calls >= config.ONNX_PAYS_AFTER_CALLS):
+        notice(f"note: this scan makes {calls} denoiser calls, and on a CPU an ONNX export pays for itself after "
+               f"about {config.ONNX_PAYS_AFTER_CALLS}: `tfsdeploy export{' ' + str(job.model) if job.model else ''}` "
+               "once, and later runs use it")
 
 
 def _adapted(pipe, trips: list, job: FuseJob):

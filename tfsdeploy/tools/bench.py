@@ -27,8 +27,9 @@ from tfsdeploy.fileio import atomic_path
 from tfsdeploy.inputs import Triplet, write_triplet
 from tfsdeploy.paths import display_path
 from tfsdeploy.pipeline import FusionPipeline, resolve_device, torch_denoiser
-from tfsdeploy.tools.hardware import (count_bytes, count_flops, device_info, gpu_math, gpu_peak_tflops,
-                                      matmul_peak_gflops, project_ms, rss_mib, sync)
+from tfsdeploy.tools.hardware import (count_bytes, count_flops, cpu_peak, device_info, gpu_math, gpu_peak_tflops,
+                                      project_ms, rss_mib, sync)
+from tfsdeploy.tools.projection import check_fraction
 from tfsdeploy.tools.report import fmt
 
 # The engines are named as `fuse --engine` names them, so "torch" is what `fuse --engine torch` runs
@@ -85,9 +86,11 @@ def random_checkpoint(preset: str, run_dir: Path, seed: int = 0) -> Path:
 
 
 def build_engines(ckpt: Path, cfg: BenchConfig, workdir: Path, log: Callable[[str], None],
-                  parity_image: Triplet | None = None) -> tuple[dict[str, Denoiser], dict[str, str]]:
+                  parity_image: Triplet | None = None,
+                  export_s: dict[str, float] | None = None) -> tuple[dict[str, Denoiser], dict[str, str]]:
     """The requested engines that can run here, and the reason for each one that cannot. ONNX files
-    and TensorRT engines are exported into `workdir` (each passing its parity gate first)."""
+    and TensorRT engines are exported into `workdir` (each passing its parity gate first); `export_s`
+    receives the seconds each ONNX export took, parity gate included."""
     from engines.loader import load_artifact
     from export.onnx_export import default_spec, export_onnx
     from export.trt_build import build_engine, build_plan
@@ -104,8 +107,11 @@ def build_engines(ckpt: Path, cfg: BenchConfig, workdir: Path, log: Callable[[st
 
     def onnx(precision: str) -> Path:
         if precision not in onnx_paths:
+            t0 = time.perf_counter()
             onnx_paths[precision], _ = export_onnx(ckpt, precision, workdir / "export", spec, parity_steps=2,
                                                    parity_image=parity_image, log=log)
+            if export_s is not None:
+                export_s[f"onnx-{precision}"] = time.perf_counter() - t0
         return onnx_paths[precision]
 
     for name in cfg.engines:
@@ -186,13 +192,56 @@ def measure_latency(engines: dict[str, Denoiser], model: torch.nn.Module, cfg: B
                     frac = achieved / (ref * 1e3) if ref else None
                 else:
                     frac = achieved / peak["peak"] if peak else None
+                try:
+                    check_fraction(frac, f"{n} at {size}px batch {batch}")
+                except ValueError as e:
+                    raise UserError(f"{e} (no report written)") from None
                 rows.append({"engine": n, "describe": engines[n].describe(), "size": size, "batch": batch,
-                             "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+                             "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "per_slice_ms": med * 1e3 / batch,
                              "speedup_vs_torch_fp32": (base / med) if base else None, "gflop_per_call": flops / 1e9,
                              "gflops_per_s": achieved, "fraction_of_peak": frac, **mem[n]})
             log(f"latency {size}px batch {batch}: " + ", ".join(
                 f"{r['engine']} {r['median_ms']:.1f} ms" for r in rows[-len(times):]))
     return rows
+
+
+def batching_rows(latency: list[dict], memory: list[dict]) -> list[dict]:
+    """Each latency row's time per slice, and its peak memory (the CUDA peak on a GPU; on a CPU the
+    peak RSS of a whole fusing process at that batch, from measure_batch_memory), as ratios to batch 1
+    of the same engine and size (rows without a batch 1 are left out)."""
+    one = {(x["engine"], x["size"]): x for x in latency if x["batch"] == 1}
+    process = {(x["engine"], x["batch"]): x["process_peak_mib"] for x in memory}
+    out = []
+    for x in latency:
+        b1 = one.get((x["engine"], x["size"]))
+        if b1 is None:
+            continue
+        mem, mem1 = ((x["cuda_peak_mib"], b1["cuda_peak_mib"]) if x["cuda_peak_mib"] is not None else
+                     (process.get((x["engine"], x["batch"])), process.get((x["engine"], 1))))
+        out.append({"engine": x["engine"], "size": x["size"], "batch": x["batch"], "per_slice_ms": x["per_slice_ms"],
+                    "time_vs_batch1": x["per_slice_ms"] / b1["per_slice_ms"], "peak_mib": mem,
+                    "memory_vs_batch1": mem / mem1 if mem is not None and mem1 else None})
+    return out
+
+
+def onnx_break_even(latency: list[dict], export_s: dict[str, float]) -> list[dict]:
+    """Denoiser calls after which the fp32 ONNX export's time is won back, per size, at the batch
+    where the ONNX engine is fastest per slice, against the torch reference at its own fastest batch
+    (`calls` None: ONNX is no faster there)."""
+    out = []
+    if "onnx-fp32" not in export_s:
+        return out
+    for size in sorted({x["size"] for x in latency}):
+        rows = [x for x in latency if x["size"] == size]
+        onnx = min((x for x in rows if x["engine"] == "onnx"), key=lambda x: x["per_slice_ms"], default=None)
+        ref = min((x for x in rows if x["engine"] == REFERENCE), key=lambda x: x["per_slice_ms"], default=None)
+        if onnx is None or ref is None:
+            continue
+        saved = (ref["per_slice_ms"] - onnx["per_slice_ms"]) / 1e3
+        out.append({"engine": "onnx", "size": size, "batch": onnx["batch"], "per_slice_ms": onnx["per_slice_ms"],
+                    "torch_ms": ref["per_slice_ms"], "torch_batch": ref["batch"], "export_s": export_s["onnx-fp32"],
+                    "calls": export_s["onnx-fp32"] / saved if saved > 0 else None})
+    return out
 
 
 def project_card(rows: list[dict], model: torch.nn.Module, card: str = PROJECTED_CARD) -> list[dict]:
@@ -263,6 +312,31 @@ def measure_cold_fuse(model: Path, trip: Triplet, cfg: BenchConfig, log: Callabl
     return rows
 
 
+def measure_batch_memory(sources: dict[str, tuple[Path, str]], trip: Triplet, cfg: BenchConfig,
+                         log: Callable[[str], None]) -> list[dict]:
+    """The peak RSS of a whole process that loads an engine and fuses one batch of copies of `trip` (x4,
+    default sampler, the model's size), per engine and batch in cfg.batches: what a scan fused at that
+    batch holds at its peak, the process's own memory included. One new process each
+    (`tfsdeploy.tools.coldstart --batch`), since an allocator keeps what a process once held.
+    `sources` maps an engine's name to (model path, `--engine`)."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tfsdeploy-mem-") as tmp:
+        tmp = Path(tmp)
+        inputs = [str(p) for p in write_triplet(trip, tmp, cfg.fuse_size // 4)]
+        for name, (model, engine) in sources.items():
+            for batch in cfg.batches:
+                cmd = [sys.executable, "-m", "tfsdeploy.tools.coldstart", *inputs, str(tmp / "fused.png"), "--model",
+                       str(model), "--engine", engine, "--threads", str(cfg.threads), "--batch", str(batch)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise UserError(f"a fuse at batch {batch} failed while benchmarking: {res.stderr.strip()[-300:]}")
+                peak = json.loads(res.stdout)["peak_rss_mib"]
+                rows.append({"engine": name, "batch": batch, "process_peak_mib": peak})
+            log(f"peak RSS of a fusing process, {name}: " + ", ".join(
+                f"batch {r['batch']} {r['process_peak_mib']:.0f} MiB" for r in rows if r["engine"] == name))
+    return rows
+
+
 def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet | None = None,
               log: Callable[[str], None] = print, cli_model: Path | None = None) -> dict:
     """Measure everything and write bench.md, bench.json and bench.png into out_dir. `trip` is the
@@ -286,16 +360,23 @@ def run_bench(ckpt: Path | None, cfg: BenchConfig, out_dir: Path, trip: Triplet 
         model, ck = build_from_checkpoint(ckpt)
         model = model.to(resolve_device("auto"))
         info = device_info(cfg.threads)
-        peak = None if torch.cuda.is_available() else matmul_peak_gflops()
-        engines, skipped = build_engines(ckpt, cfg, work, log, trip)
+        peak = None if torch.cuda.is_available() else cpu_peak()
+        export_s: dict[str, float] = {}
+        engines, skipped = build_engines(ckpt, cfg, work, log, trip, export_s)
         if not engines:
             raise UserError("no engine could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
         latency = measure_latency(engines, model, cfg, peak, log)
         projection = project_card(latency, model)
         fuse = measure_fuse(engines, ck.configs, trip, cfg, log)
         cold = measure_cold_fuse(cli_model or ckpt, trip, cfg, log) if given and cfg.cli_repeats else []
+        memory = []
+        if not torch.cuda.is_available() and cfg.cli_repeats:  # a GPU's call memory is its CUDA peak
+            sources = {REFERENCE: (ckpt, "torch"), "onnx": (getattr(engines.get("onnx"), "path", None), "onnx")}
+            memory = measure_batch_memory({k: v for k, v in sources.items() if k in engines}, trip, cfg, log)
         report = {"config": asdict(cfg), "model": source, "parameters": count_parameters(model),
-                  "device": info, "cpu_matmul_gflops": peak, "skipped": skipped, "latency": latency,
+                  "device": info, "cpu_peak": peak, "skipped": skipped, "latency": latency,
+                  "batching": batching_rows(latency, memory), "batch_memory": memory, "export_s": export_s,
+                  "onnx_pays_after": onnx_break_even(latency, export_s),
                   "projection": projection, "fuse": fuse, "cli_fuse": cold, "peak_rss_mib": rss_mib()[1],
                   "date": time.strftime("%Y-%m-%d %H:%M")}
     write_bench_report(report, out_dir, log)
@@ -318,9 +399,11 @@ def write_bench_report(r: dict, out_dir: Path, log: Callable[[str], None] = prin
              f"- {r['config']['repeats']} round-robin repeats after {r['config']['warmup']} warm-up calls; medians; "
              f"ratios within this run",
              f"- peak RSS of the whole run: {r['peak_rss_mib']:.0f} MiB"]
-    if r.get("cpu_matmul_gflops"):
-        m = r["cpu_matmul_gflops"]
-        lines.append(f"- measured CPU fp32 matmul peak (2048²): {m['peak']:.0f} GFLOP/s; 'of peak' is against it")
+    if r.get("cpu_peak"):
+        m = r["cpu_peak"]
+        lines.append(f"- 'of peak' is against {m['what']}; best measured matmul: "
+                     + ", ".join(f"{k}² {v:.0f}" for k, v in sorted(m["kernels"].items(), key=lambda kv: -kv[1])[:2])
+                     + " GFLOP/s")
     else:
         lines.append("- 'of peak' is against the GPU's data-sheet dense peak for the engine's precision")
     for k, v in r["skipped"].items():
@@ -334,6 +417,27 @@ def write_bench_report(r: dict, out_dir: Path, log: Callable[[str], None] = prin
                      f"{fmt(x['speedup_vs_torch_fp32'], '.2f')}× | {x['gflop_per_call']:.1f} | {x['gflops_per_s']:.0f} | "
                      f"{fmt(None if x['fraction_of_peak'] is None else 100 * x['fraction_of_peak'], '.0f')}% | "
                      f"{fmt(x['rss_mib'], '.0f')} | {fmt(x['cuda_peak_mib'], '.0f')} |")
+    if r.get("batching"):
+        lines += ["", "## Batching: per slice, against batch 1 of the same engine", "",
+                  "One denoiser call's median divided by its batch (the table above). Peak memory: on a GPU the "
+                  "CUDA peak; on a CPU the peak RSS of a new process that loads the engine and fuses one batch "
+                  f"of {r['config']['fuse_size']}×{r['config']['fuse_size']} slices, the process's own memory "
+                  "included (a scan at that batch holds about as much).", "",
+                  "| engine | size | batch | ms per slice | vs batch 1 (time) | peak MiB | vs batch 1 (memory) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for x in r["batching"]:
+            lines.append(f"| {x['engine']} | {x['size']} | {x['batch']} | {x['per_slice_ms']:.1f} | "
+                         f"{x['time_vs_batch1']:.2f}× | {fmt(x['peak_mib'], '.0f')} | "
+                         f"{fmt(x['memory_vs_batch1'], '.2f')}× |")
+    if r.get("onnx_pays_after"):
+        lines += ["", "## When an ONNX export pays for itself", ""]
+        for x in r["onnx_pays_after"]:
+            lines.append(f"- {x['size']}px, per denoiser call: onnx {x['per_slice_ms']:.0f} ms a slice (batch "
+                         f"{x['batch']}) against torch-fp32 {x['torch_ms']:.0f} ms (batch {x['torch_batch']}); the "
+                         f"export took {x['export_s']:.0f} s here (its parity check fuses 2 DDIM steps; `tfsdeploy export` "
+                         "fuses 10 and adds the fp16 file unless --no-fp16), "
+                         + (f"so it pays for itself after {x['calls']:.0f} denoiser calls (slices x DDIM steps)"
+                            if x["calls"] is not None else "and never pays for itself here"))
     if r.get("projection"):
         lines += ["", f"## Projected onto an {PROJECTED_CARD} (a projection, not a measurement)", "",
                   "From each call's FLOPs and bytes (weights read once, every layer output written and read once) "

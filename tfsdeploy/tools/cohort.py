@@ -584,8 +584,7 @@ def _fuse_and_publish(pipe, unit: Unit, out: Path, func: Path, model: ModelId, s
     paths = outputs_for(out, unit, spec, scan.output_kind)
     size = pipe.check_size(spec.size)
     output_box(*scan.shape, size)
-    batch = spec.batch_size or pipe.max_batch(size)
-    fused = pipe.fuse_scan(scan, spec.size, batch, progress=progress)
+    fused = pipe.fuse_scan(scan, spec.size, spec.batch_size, progress=progress)  # 0: measured on a CPU, as fuse
     with atomic_outputs(paths.volume, paths.montage, paths.sidecar) as staged:  # the sidecar is renamed last
         output = ScanOutput(scan, staged[0])
         output.check()

@@ -1,6 +1,7 @@
 """What the machine is and what it can do: device facts, FLOP and byte counts of a denoiser call,
-measured CPU peak, the data-sheet GPU peak of the math that runs (the table lives in
-tools/projection.py), memory in use. Shared by `bench`, the sampler study and the GPU check."""
+the CPU's FMA peak and measured matrix-multiply kernels, the data-sheet GPU peak of the math that
+runs (the table lives in tools/projection.py), memory in use. Shared by `bench`, the sampler study
+and the GPU check."""
 
 from __future__ import annotations
 
@@ -49,33 +50,96 @@ def count_flops(model: torch.nn.Module, batch: int, size: int) -> int:
     return int(fc.get_total_flops())
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+# The CPU's fp32 arithmetic peak: cores x clock x vector lanes x 2 flops per fused multiply-add x
+# FMA_PORTS. Two FMA units per core is true of Intel cores since Haswell and AMD cores since Zen 2;
+# where a core has fewer or narrower ones (AVX-512 on Zen 4 runs on two 256-bit units; some Xeons
+# have one 512-bit unit) this overstates the peak, which keeps it a bound no engine can pass.
+FMA_PORTS = 2
+FP32_LANES = (("avx512f", 16), ("avx", 8), ("sse", 4))  # the widest vector set the CPU reports
+
+
+def cpu_fma_peak(cpuinfo: str, max_mhz: float | None = None, cpus: set[int] | None = None) -> dict | None:
+    """The fp32 FMA throughput of the CPU that `cpuinfo` (the text of /proc/cpuinfo) describes, counting
+    the physical cores among `cpus` (logical CPU numbers; None = all) once each, at the highest clock
+    reported (`max_mhz`, cpufreq's maximum, or the largest "cpu MHz", which in a virtual machine is
+    often the base clock). None where the CPU names no x86 vector set or no clock (another
+    architecture): then only measured kernels give a peak."""
+    blocks = [dict((k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in block.splitlines()))
+              for block in cpuinfo.split("\n\n") if block.strip()]
+    blocks = [b for b in blocks if "processor" in b and (cpus is None or int(b["processor"]) in cpus)]
+    if not blocks:
+        return None
+    flags = set(blocks[0].get("flags", "").split())
+    isa, lanes = next(((name, n) for name, n in FP32_LANES if name in flags), (None, 0))
+    mhz = max([float(b["cpu MHz"]) for b in blocks if "cpu MHz" in b] + [max_mhz or 0.0])
+    if not lanes or not mhz:
+        return None
+    cores = len({(b.get("physical id"), b.get("core id", b["processor"])) for b in blocks})
+    gflops = cores * mhz / 1e3 * lanes * 2 * FMA_PORTS
+    return {"gflops": gflops, "cores": cores, "ghz": mhz / 1e3, "isa": isa, "fp32_lanes": lanes,
+            "fma_ports": FMA_PORTS,
+            "formula": f"{cores} cores x {mhz / 1e3:.2f} GHz x {lanes} fp32 lanes ({isa}) x 2 flops per FMA x "
+                       f"{FMA_PORTS} FMA units = {gflops:.0f} GFLOP/s"}
+
+
+def _max_cpufreq_mhz() -> float | None:
+    """The highest clock cpufreq reports for any CPU, in MHz (absent in many virtual machines)."""
+    found = []
+    for f in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq/cpuinfo_max_freq"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(int(f.read_text()) / 1e3)
+    return max(found, default=None)
+
+
+def matmul_kernels_gflops(sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 3) -> dict[str, float]:
     """Measured fp32 matrix-multiply throughput on the CPU, through torch and through ONNX Runtime's
-    MLAS; the better one is the peak CPU engines are held to."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    out = {"torch": 2 * n**3 / ((time.perf_counter() - t0) / repeats) / 1e9}
+    MLAS, at each size: {"torch 2048": GFLOP/s, "onnxruntime 512": ..., ...}."""
+    out = {}
+    session = None
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ABC"]
-        graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", info[:2], info[2:])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feed = {"A": a.numpy(), "B": b.numpy()}
-        sess.run(None, feed)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            sess.run(None, feed)
-        out["onnxruntime"] = 2 * n**3 / ((time.perf_counter() - t0) / repeats) / 1e9
+        def session(n):
+            info = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ABC"]
+            graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", info[:2], info[2:])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return lambda a, b: sess.run(None, {"A": a.numpy(), "B": b.numpy()})
     except ImportError:
         pass
-    out["peak"] = max(out.values())
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for name, mm in (("torch", lambda x, y: x @ y), ("onnxruntime", session(n) if session else None)):
+            if mm is None:
+                continue
+            mm(a, b)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                mm(a, b)
+            out[f"{name} {n}"] = 2 * n**3 / ((time.perf_counter() - t0) / repeats) / 1e9
     return out
+
+
+def cpu_peak(cpuinfo: str | None = None) -> dict:
+    """The peak a CPU engine's "of peak" is taken against, and what it is: the FMA throughput from
+    /proc/cpuinfo (cpu_fma_peak), or, where that cannot be read or a measured matrix multiply beats it
+    (a clock read too low), the best of the measured kernels (matmul_kernels_gflops)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    fma = cpu_fma_peak(cpuinfo, _max_cpufreq_mhz(), cpus)
+    kernels = matmul_kernels_gflops()
+    best = max(kernels, key=kernels.get)
+    if fma is not None and fma["gflops"] >= kernels[best]:
+        return {"peak": fma["gflops"], "source": "fma", "what": f"the CPU's FMA throughput: {fma['formula']}",
+                "fma": fma, "kernels": kernels}
+    return {"peak": kernels[best], "source": "kernels", "fma": fma, "kernels": kernels,
+            "what": f"the best measured kernel: {best}² fp32 matmul"
+                    + (f" (above the FMA throughput read from /proc/cpuinfo, {fma['formula']})" if fma else "")}
 
 
 def rss_mib() -> tuple[float, float]:

@@ -217,8 +217,6 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] 
     """safetensors' save_file, its I/O failures (a full disk) raised as OSError with their errno, so
     the atomic writer around it names the destination rather than a temporary name. The file gets
     the permissions of any other output (save_file makes it 0600)."""
-    import re
-
     from safetensors.torch import save_file
 
     try:
@@ -266,8 +264,8 @@ def check_output(path: str | Path, inputs: list[str | Path | None] = (), owns: t
     * A folder output (`owns` given) must not be a file, and an existing one is replaced, or
       written into, only when everything in it is what the command writes: each path in it,
       relative to it, matches one of the `owns` patterns (`owned`). Anything else is named in one
-      line and left untouched. `what` names the command's files in that line.
-      It must be possible to write there (`probe_writable`).
+      line and left untouched. `what` names the command's files in that line. The folder (or,
+      until it exists, the nearest folder above it) must take a new file (`probe_writable`).
     * A file output (`owns` None) that exists is replaced: naming it asks for that (its own checks,
       such as `imaging.check_writable`, probe its folder).
     """
@@ -276,12 +274,13 @@ def check_output(path: str | Path, inputs: list[str | Path | None] = (), owns: t
     if owns is None:
         return
     check_folder_target(path)
-    if path.is_dir():
+    if path.is_dir() and owns != ANYTHING:
         stranger = foreign_entry(path, owns)
         if stranger is not None:
             raise UserError(f"{path}: exists and holds {stranger}, which is not {what}; an existing {option} is "
                             f"replaced only when it holds nothing else, so give a new one")
-    for where in {first_existing(path.parent), path if path.is_dir() else None} - {None}:
+    where = first_existing(path)
+    if where is not None:
         probe_writable(where, path)
 
 

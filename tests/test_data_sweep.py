@@ -713,6 +713,11 @@ def _copied(src: Path, dst: Path) -> Path:
     return dst
 
 
+def thick(base) -> dict[str, np.ndarray]:
+    """The plain volumes stacked to 9 slices: registration needs 8 voxels or more along each axis."""
+    return {m: np.concatenate([base["vols"][m]] * 3, axis=2) for m in MODS}
+
+
 def _run(base, work):
     return {"run": _copied(base["model"], work / "run")}
 
@@ -730,7 +735,8 @@ WRITERS = {
                               ("bundle.json", "x4.safetensors", "x2.safetensors")),
     (SHRINK, "out"): Writer(lambda i, o: [SHRINK, i["bundle"], "--scale", "4", "--alpha", "0.5", "--out", o],
                             lambda b, w: {"bundle": _copied(b["bundle"], w / "b")}, ("bundle.json", "x4.safetensors"),
-                            {"is": "the same bundle is rewritten in place (test_shrink_in_place_touches_nothing_else)"}),
+                            {"is": "the same bundle is rewritten in place "
+                                   "(test_shrink_in_place_touches_nothing_else)"}),
     ("train", "out"): Writer(lambda i, o: ["train", "--out", o, "--data", i["data"], *TRAIN],
                              lambda b, w: {"data": _copied(b["dataset"], w / "ds")}, ("log.jsonl",)),
     ("export", "out"): Writer(lambda i, o: ["export", i["run"], "--out", o, "--no-fp16", "--min-size", "32",
@@ -743,19 +749,20 @@ WRITERS = {
                                   ("summary.json", "train/t1/old.png")),
     ("evaluate", "out"): Writer(lambda i, o: ["evaluate", "-m", i["run"], "--engine", "torch", "--data", i["data"],
                                               "--scales", "4", "--limit", "1", "--steps", "1", "--methods", "classical",
-                                              "--out", o, "--no-progress"], _run_and_data, ("report.md", "values.json")),
+                                              "--out", o, "--no-progress"], _run_and_data,
+                                ("report.md", "values.json")),
     ("bench", "out"): Writer(lambda i, o: ["bench", "-m", i["run"], *BENCH, "--out", o], _run,
                              ("bench.md", "bench.json")),
     ("demo", "out"): Writer(lambda i, o: ["demo", "-m", i["run"], "--engine", "torch", "--steps", "1", "--out", o,
                                           "--no-progress"], _run, ("fused.png", "side_by_side.png")),
     ("fuse", "out"): Writer(lambda i, o: ["fuse", i["t1"], i["t2"], i["func"], "-m", i["model"], "--out", o, *FAST],
-                            lambda b, w: {**dict(zip(MODS, make_folders(b, w))), "model": _copied(b["model"], w / "run")},
+                            lambda b, w: {**dict(zip(MODS, make_folders(b, w))),
+                                          "model": _copied(b["model"], w / "run")},
                             ("s0.png", "old_slice.png")),
     ("fuse", "save_transforms"): Writer(
         lambda i, o: ["fuse", i["t1"], i["t2"], i["func"], "-m", i["model"], "--out", i["t1"].parent / "o.nii.gz",
                       "--register", "--save-transforms", o, *FAST],
-        lambda b, w: {**dict(zip(MODS, volumes(b, w, **{m: np.concatenate([b["vols"][m]] * 2, axis=2) for m in MODS}))),
-                      "model": _copied(b["model"], w / "run")},  # registration needs 4 slices or more
+        lambda b, w: {**dict(zip(MODS, volumes(b, w, **thick(b)))), "model": _copied(b["model"], w / "run")},
         ("t2_to_t1.tfm", "old_to_t1.tfm")),
 }
 
@@ -881,7 +888,7 @@ def read_only(tmp_path):
 
 def test_save_transforms_where_nothing_can_be_written_is_refused_before_the_fuse(base, work, read_only):
     pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
-    vols = volumes(base, work, **{m: np.concatenate([base["vols"][m]] * 2, axis=2) for m in MODS})
+    vols = volumes(base, work, **thick(base))
     # began=False: the one line comes before the `fusing N slices` line, i.e. before any work
     refused(work, "fuse", *vols, "-m", base["model"], "--out", work / "o.nii.gz", "--register", "--save-transforms",
             read_only / "tfm", *FAST, match="cannot write here")

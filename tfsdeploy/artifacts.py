@@ -25,7 +25,7 @@ SEAL = "sidecar_sha256"
 EXPORT_DIR = "export"
 # What an export folder holds: the artifacts, their sidecars (and an ONNX graph's external weights),
 # TensorRT's timing cache and the staging folders of exports that were killed.
-EXPORT_FILES = ("denoiser-*", "timing-trt*.cache", ".export-*/**")
+EXPORT_FILES = ("denoiser-*", "denoiser-*/**", "timing-trt*.cache", ".export-*/**")
 
 
 def sidecar_path(artifact: str | Path) -> Path:

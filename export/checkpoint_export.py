@@ -44,15 +44,18 @@ def export_checkpoint(model: Path, cfg: ExportConfig, out: Path | None = None,
     from engines.trt_engine import tensorrt_status
     from export.onnx_export import default_spec, export_onnx
     from export.trt_build import build_engine, build_plan
-    from tfsdeploy.artifacts import default_export_dir
-    from tfsdeploy.checkpoint import build_from_checkpoint
-    from tfsdeploy.fileio import check_folder_target
+    from tfsdeploy.artifacts import EXPORT_FILES, default_export_dir
+    from tfsdeploy.checkpoint import build_from_checkpoint, read_meta
+    from tfsdeploy.fileio import check_output
 
+    out = out or default_export_dir(model)
+    # The checkpoint's own files are its inputs: its export folder lies beside them by design.
+    source, _ = read_meta(model)
+    check_output(out, [p for p in source.iterdir() if p.is_file()] if source.is_dir() else [source],
+                 owns=EXPORT_FILES, what="an exported artifact or its sidecar")
     net, _ = build_from_checkpoint(model)
     spec = default_spec(net, max_batch=cfg.max_batch or default_max_batch(cfg), min_size=cfg.min_size,
                         max_size=cfg.max_size)
-    out = out or default_export_dir(model)
-    check_folder_target(out)
     trt_mod, trt_reason = tensorrt_status() if cfg.trt else (None, "")
     precisions = [p for p, on in (("fp32", cfg.onnx), ("fp16", cfg.fp16)) if on]
     if trt_mod is not None and build_plan(trt_mod.__version__).onnx_precision not in precisions:

@@ -210,6 +210,21 @@ def test_info_lists_engines():
     assert "engines:" in res.output and "onnx: onnxruntime" in res.output and "trt:" in res.output
 
 
+def test_an_end_of_input_that_escapes_a_reader_is_one_line_and_exit_2(monkeypatch):
+    """The parser turns an EOFError (a truncated file read by a library) into its `Abort`, as it does
+    a Ctrl-C: it is one line naming it, exit 2, not a bare "aborted" with exit 1."""
+    import tfsdeploy.data
+
+    def truncated():
+        raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+
+    monkeypatch.setattr(tfsdeploy.data, "default_data_dir", truncated)
+    res = run("info")
+    assert res.exit_code == 2, res.output
+    assert one_error_line(res) == ("error: aborted (EOFError: Compressed file ended before the end-of-stream "
+                                   "marker was reached)")
+
+
 # --------------------------------------------------------------------------- the bad-input sweep's finds
 
 

@@ -12,8 +12,11 @@ under a minute and a half on two CPU cores.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -21,6 +24,8 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
+import typing
 import warnings
 from pathlib import Path
 
@@ -32,7 +37,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import smooth_image
+from test_sweep import commands, parameters
 from tfsdeploy.cli import app
+from training import shrink
 from tfsdeploy.imaging import normalise_volume
 
 # End to end through the command line and subprocesses: in the slow run (python -m pytest -m slow).
@@ -56,12 +63,45 @@ def hashes(root: Path) -> dict[str, str]:
     return out
 
 
+SHRINK = "training.shrink"  # a module run as `python -m training.shrink`, not a command of the CLI
+
+
+@dataclasses.dataclass
+class Ran:
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
 def cli(*args) -> tuple:
-    """Run the CLI in-process; returns (result, the Python warnings it raised)."""
+    """Run the CLI (or, for SHRINK, that module's main) in-process; returns (result, the Python
+    warnings it raised)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = runner.invoke(app, [str(a) for a in args])
+        if args and args[0] == SHRINK:
+            res = run_module_main(shrink.main, [str(a) for a in args[1:]])
+        else:
+            res = runner.invoke(app, [str(a) for a in args])
     return res, [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def run_module_main(main, argv: list[str]) -> Ran:
+    out, err = io.StringIO(), io.StringIO()
+    code, exc = 0, None
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # noqa: BLE001 - reported by the caller's assertions
+            code, exc = 1, e
+            traceback.print_exc()
+    return Ran(code, out.getvalue(), err.getvalue(), exc)
 
 
 def refused(root: Path, *args, match: str = "", code: int = 2, began: bool = False) -> str:
@@ -299,7 +339,7 @@ def test_outputs_of_the_wrong_kind_are_refused_before_any_work(base, work):
     kept = work / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    refused(work, "fuse", *dirs, "-m", base["model"], "--out", kept, *FAST, match="replaced as a whole")
+    refused(work, "fuse", *dirs, "-m", base["model"], "--out", kept, *FAST, match="holds notes.txt")
     vols = volumes(base, work)
     (work / "adir.nii.gz").mkdir()
     refused(work, "fuse", *vols, "-m", base["model"], "--out", work / "adir.nii.gz", *FAST, match="directory")
@@ -624,3 +664,275 @@ def test_bad_dataset_slices_are_refused_by_train_and_evaluate(base, work):
     tifffile.imwrite(ds / "train" / "t2" / "s1.tif", np.stack([base["imgs"]["t2"]] * 3), photometric="minisblack")
     (ds / "train" / "t2" / "s1.png").unlink()
     refused(work, *train, match="pages")
+
+
+# --------------------------------------------------------------------------- every command that writes
+
+# Every path a command takes is either only read or written. The tables are checked against the
+# commands' own signatures, and against training.shrink's parser (a module run as
+# `python -m training.shrink`, not a command of the CLI, which rewrites bundles as `bundle` writes
+# them and builds the packaged model), so a new command or path option fails
+# test_every_path_parameter_is_read_or_written until it is listed here, and every output listed
+# must have a case in WRITERS.
+READS = {
+    ("fuse", "t1"), ("fuse", "t2"), ("fuse", "func"), ("fuse", "model"), ("fuse", "export_dir"),
+    ("train", "data"), ("train", "init"), ("bundle", "x2"), ("bundle", "x4"), ("bundle", "x8"),
+    ("export", "model"), ("evaluate", "model"), ("evaluate", "data"), ("evaluate", "lpips_backbone"),
+    ("evaluate", "lpips_lin"), ("bench", "model"), ("bench", "data"), ("demo", "model"), (SHRINK, "bundle"),
+    ("cohort", "bids_dir"), ("cohort", "model"), ("cohort", "export_dir"),
+}
+WRITES = {
+    ("fuse", "out"), ("fuse", "save_transforms"), ("train", "out"), ("bundle", "out"), ("export", "out"),
+    ("data build", "out"), ("evaluate", "out"), ("bench", "out"), ("demo", "out"), (SHRINK, "out"),
+    ("cohort", "output_dir"),
+}
+# Outputs not yet put through WRITERS' cases, each with what guards it meanwhile. Keep this empty.
+NOT_YET = {("cohort", "output_dir"): "tools.cohort.check_output_dir (a previous cohort's output is resumed)"}
+
+
+def path_parameters() -> set[tuple[str, str]]:
+    found = {(c, n) for c, fn in commands().items() for n, tp, _ in parameters(fn) if tp is Path}
+    found |= {(SHRINK, a.dest) for a in shrink.parser()._actions if a.type is Path}
+    return found
+
+
+def test_every_path_parameter_is_read_or_written():
+    assert path_parameters() == READS | WRITES and not READS & WRITES, (
+        f"classify: {sorted(path_parameters() - READS - WRITES)}; gone: {sorted((READS | WRITES) - path_parameters())}")
+    assert set(WRITERS) | set(NOT_YET) == WRITES and not set(WRITERS) & set(NOT_YET)
+
+
+@dataclasses.dataclass
+class Writer:
+    """A cheap valid command line writing `out`, from inputs copied into the work folder."""
+
+    argv: typing.Callable[[dict, Path], list]  # (the inputs by name, out) -> command line
+    inputs: typing.Callable[[dict, Path], dict[str, Path]]  # (base, work) -> the inputs by name
+    own: tuple[str, ...]  # files it writes: a folder holding only these is written over
+    why_not: dict[str, str] = dataclasses.field(default_factory=dict)  # case -> why it does not apply
+
+
+def _copied(src: Path, dst: Path) -> Path:
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    return dst
+
+
+def thick(base) -> dict[str, np.ndarray]:
+    """The plain volumes stacked to 9 slices: registration needs 8 voxels or more along each axis."""
+    return {m: np.concatenate([base["vols"][m]] * 3, axis=2) for m in MODS}
+
+
+def _run(base, work):
+    return {"run": _copied(base["model"], work / "run")}
+
+
+def _run_and_data(base, work):
+    return {**_run(base, work), "data": _copied(base["dataset"], work / "ds")}
+
+
+TRAIN = ["--preset", "tiny", "--steps", "1", "--batch-size", "1", "--crop", "32", "--val-every", "0", "--no-progress"]
+BENCH = ["--engines", "torch", "--sizes", "32", "--batches", "1", "--repeats", "1", "--warmup", "0", "--fuse-steps",
+         "1", "--ddpm-steps", "1", "--cold-runs", "0"]
+
+WRITERS = {
+    ("bundle", "out"): Writer(lambda i, o: ["bundle", o, "--x4", i["run"]], _run,
+                              ("bundle.json", "x4.safetensors", "x2.safetensors")),
+    (SHRINK, "out"): Writer(lambda i, o: [SHRINK, i["bundle"], "--scale", "4", "--alpha", "0.5", "--out", o],
+                            lambda b, w: {"bundle": _copied(b["bundle"], w / "b")}, ("bundle.json", "x4.safetensors"),
+                            {"is": "the same bundle is rewritten in place "
+                                   "(test_shrink_in_place_touches_nothing_else)"}),
+    ("train", "out"): Writer(lambda i, o: ["train", "--out", o, "--data", i["data"], *TRAIN],
+                             lambda b, w: {"data": _copied(b["dataset"], w / "ds")}, ("log.jsonl",)),
+    ("export", "out"): Writer(lambda i, o: ["export", i["run"], "--out", o, "--no-fp16", "--min-size", "32",
+                                            "--max-size", "64", "--parity-steps", "1"], _run,
+                              ("denoiser-fp32.onnx", "denoiser-fp32.onnx.json"),
+                              {"inside": "a checkpoint's export folder lies inside it by design (CKPT/export); "
+                                         "its files are the inputs"}),
+    ("data build", "out"): Writer(lambda i, o: ["data", "build", "--out", o, "--size", "32", "--combos", "t1-t2-spect",
+                                                "--sources", "spm", "--force"], lambda b, w: {},
+                                  ("summary.json", "train/t1/old.png")),
+    ("evaluate", "out"): Writer(lambda i, o: ["evaluate", "-m", i["run"], "--engine", "torch", "--data", i["data"],
+                                              "--scales", "4", "--limit", "1", "--steps", "1", "--methods", "classical",
+                                              "--out", o, "--no-progress"], _run_and_data,
+                                ("report.md", "values.json")),
+    ("bench", "out"): Writer(lambda i, o: ["bench", "-m", i["run"], *BENCH, "--out", o], _run,
+                             ("bench.md", "bench.json")),
+    ("demo", "out"): Writer(lambda i, o: ["demo", "-m", i["run"], "--engine", "torch", "--steps", "1", "--out", o,
+                                          "--no-progress"], _run, ("fused.png", "side_by_side.png")),
+    ("fuse", "out"): Writer(lambda i, o: ["fuse", i["t1"], i["t2"], i["func"], "-m", i["model"], "--out", o, *FAST],
+                            lambda b, w: {**dict(zip(MODS, make_folders(b, w))),
+                                          "model": _copied(b["model"], w / "run")},
+                            ("s0.png", "old_slice.png")),
+    ("fuse", "save_transforms"): Writer(
+        lambda i, o: ["fuse", i["t1"], i["t2"], i["func"], "-m", i["model"], "--out", i["t1"].parent / "o.nii.gz",
+                      "--register", "--save-transforms", o, *FAST],
+        lambda b, w: {**dict(zip(MODS, volumes(b, w, **thick(b)))), "model": _copied(b["model"], w / "run")},
+        ("t2_to_t1.tfm", "old_to_t1.tfm")),
+}
+
+
+@pytest.fixture(scope="module")
+def writer_base(base, small_bundle, synth_dataset):
+    return {**base, "bundle": small_bundle, "dataset": synth_dataset}
+
+
+@pytest.mark.parametrize("output", sorted(WRITERS), ids=[" ".join(k) for k in sorted(WRITERS)])
+def test_every_output_spares_inputs_and_what_it_did_not_write(output, writer_base, work, monkeypatch):
+    """For each output of each command: it may not be an input, lie inside an input folder or hold
+    an input; an existing output that holds a file the command does not write is refused with one
+    line naming that file, and stays as it was; one that holds only the command's own files is
+    written over."""
+    w = WRITERS[output]
+    if output == ("fuse", "save_transforms"):
+        pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+    inputs = w.inputs(writer_base, work)
+    cases = 0
+    for name, given in inputs.items():
+        for case, out, word in (("is", given, "input"), ("inside", given / "sub", "input"),
+                                ("holds", given.parent, "holds the input")):
+            if case in w.why_not or (case == "inside" and not given.is_dir()):
+                continue
+            refused(work, *w.argv(inputs, out), match=word)
+            cases += 1
+    assert cases or output == ("data build", "out")  # it reads nothing but the installed templates
+    out = work / "out"
+    for rel in w.own:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    refused(work, *w.argv(inputs, out), match="notes.txt")
+    (out / "notes.txt").unlink()
+    if output == ("export", "out"):  # a real export takes the better part of a minute on this CPU
+        import export.onnx_export as onnx_export
+
+        def fake(model, precision, out, *args, **kwargs):
+            (Path(out) / "denoiser-fp32.onnx").write_bytes(b"new")
+            (Path(out) / "denoiser-fp32.onnx.json").write_text("{}")
+            return Path(out) / "denoiser-fp32.onnx", {"relative_l2": 0.0, "limits": {"max_relative_l2": 1,
+                                                      "min_fused_psnr_db": 1}, "fused_psnr_db": 99.0,
+                                                      "ddim_steps": 1, "size": 32, "provider": "fake"}
+
+        monkeypatch.setattr(onnx_export, "export_onnx", fake)
+    res, _ = cli(*w.argv(inputs, out))
+    assert res.exit_code == 0, res.output
+    left = [rel for rel in w.own if (out / rel).is_file() and (out / rel).read_bytes() == b"old"]
+    assert not left, f"{output}: {left} neither replaced nor removed"
+
+
+def test_a_resumed_run_keeps_what_else_its_folder_holds(base, synth_dataset, work):
+    run = _copied(base["model"], work / "run")  # at step 4
+    (run / "notes.txt").write_text("mine")
+    (run / "ckpt-0-notes").mkdir()  # named like a checkpoint, and older than all by name
+    (run / "ckpt-0-notes" / "plan.md").write_text("mine too")
+    res, _ = cli("train", "--out", run, "--data", synth_dataset, "--steps", "5", "--val-every", "0", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert (run / "latest").read_text().strip() == "ckpt-0000005"
+    assert (run / "notes.txt").read_text() == "mine" and (run / "ckpt-0-notes" / "plan.md").read_text() == "mine too"
+
+
+def test_shrink_in_place_touches_nothing_else(small_bundle, work):
+    b = _copied(small_bundle, work / "b")
+    (b / "notes.txt").write_text("mine")
+    (b / "export" / "x4").mkdir(parents=True)
+    (b / "export" / "x4" / "denoiser-fp32.onnx").write_bytes(b"an export of the member")
+    kept = hashes(b)
+    res, _ = cli(SHRINK, b, "--scale", "4", "--alpha", "0.5")
+    assert res.exit_code == 0, res.output
+    changed = diff(kept, hashes(b))
+    assert changed == ["bundle.json", "x4.safetensors"], changed
+    from tfsdeploy.modelref import resolve_model
+
+    assert resolve_model(b).manifest["models"]["4"]["residual_alpha"] == 0.5
+    resolve_model(b).members()  # the new member matches its sha256 in bundle.json
+
+
+def test_shrink_of_the_packaged_model_is_one_line(work):
+    """`default` names the packaged bundle: it is read, never rewritten in place."""
+    refused(work, SHRINK, "default", "--scale", "4", "--alpha", "0.5", match="--out")
+    res, _ = cli(SHRINK, "default", "--scale", "4", "--ddim-steps", "1", "--out", work / "mine")
+    assert res.exit_code == 0, res.output
+    from tfsdeploy.modelref import resolve_model
+
+    assert resolve_model(work / "mine").manifest["models"]["4"]["ddim_steps"] == 1
+    assert sorted(p.name for p in (work / "mine").iterdir()) == ["bundle.json", "x2.safetensors", "x4.safetensors",
+                                                                 "x8.safetensors"]
+
+
+def test_written_files_follow_the_umask(base, small_bundle, work):
+    """Bundle members, shrunk members and checkpoints get the permissions of any other output."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    res, _ = cli(SHRINK, small_bundle, "--scale", "4", "--alpha", "0.5", "--out", work / "shrunk")
+    assert res.exit_code == 0, res.output
+    modes = {p: p.stat().st_mode & 0o777 for p in (*small_bundle.iterdir(), *(work / "shrunk").iterdir(),
+                                                  *base["model"].rglob("*.safetensors"))}
+    assert all(m == want for m in modes.values()), {str(p): oct(m) for p, m in modes.items()}
+
+
+@pytest.fixture()
+def read_only(tmp_path):
+    """A folder no file can be created in: a read-only tmpfs as root (which ignores permission
+    bits), else a folder without write permission."""
+    where = tmp_path / "ro"
+    where.mkdir()
+    if os.geteuid() != 0:
+        where.chmod(0o555)
+        yield where
+        where.chmod(0o755)
+        return
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(where)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_save_transforms_where_nothing_can_be_written_is_refused_before_the_fuse(base, work, read_only):
+    pytest.importorskip("SimpleITK", reason="needs the scans extra: pip install 'tfsdeploy[scans]'")
+    vols = volumes(base, work, **thick(base))
+    # began=False: the one line comes before the `fusing N slices` line, i.e. before any work
+    refused(work, "fuse", *vols, "-m", base["model"], "--out", work / "o.nii.gz", "--register", "--save-transforms",
+            read_only / "tfm", *FAST, match="cannot write here")
+
+
+def test_a_truncated_volume_beside_volumes_on_another_grid_is_one_line(base, work):
+    """Volumes on other grids are resampled: the damaged file is named before that reads it."""
+    paths = volumes(base, work)
+    other = AFFINE.copy()
+    other[:3, :3] *= 0.8
+    for p in paths[1:]:
+        save_volume(p, base["vols"]["t2"], affine=other)
+    whole = paths[0].read_bytes()
+    paths[0].write_bytes(whole[: len(whole) // 2])  # the header reads, the voxels end early
+    refused(work, "fuse", *paths, "-m", base["model"], "--out", work / "o.nii.gz", *FAST, match="t1.nii.gz")
+
+
+def test_ctrl_c_once_the_output_is_published_exits_130_cleanly(base, work):
+    """SIGINT as the interpreter exits, after a scan is published (here from an exit handler that
+    the writer registers, so it lands while the handlers run): exit 130, one line, no traceback;
+    the output, already complete, stays."""
+    dirs = make_folders(base, work, 2)
+    script = """
+import atexit, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the test above)
+import tfsdeploy.scans as scans
+publish = scans.ScanOutput.publish
+def publish_then_ctrl_c(self, fused):
+    written = publish(self, fused)
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
+    return written
+scans.ScanOutput.publish = publish_then_ctrl_c
+from tfsdeploy.cli import main
+sys.argv = ["tfsdeploy"] + sys.argv[1:]
+main()
+"""
+    args = [*dirs, "-m", base["model"], "--out", work / "fused", *FAST]
+    proc = subprocess.run([sys.executable, "-c", script, "fuse", *map(str, args)], capture_output=True, text=True,
+                          cwd=work, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 130, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("fusing ")]
+    assert lines == ["error: interrupted"], proc.stderr
+    assert sorted(p.name for p in (work / "fused").iterdir()) == ["s0.png", "s1.png"]

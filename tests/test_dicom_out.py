@@ -283,7 +283,7 @@ def test_an_output_folder_with_other_files_is_not_replaced(inputs, tiny_run, wor
     (work / "keep" / "notes.txt").write_text("mine")
     line = refused(work, "fuse", inputs["t1"], inputs["t2"], inputs["func"], *fast(tiny_run), "--format", "dicom",
                    "--out", work / "keep")
-    assert "holds more than .dcm files (e.g. notes.txt)" in line
+    assert "holds notes.txt, which is not a .dcm file of a series" in line
 
 
 def test_dicom_inputs_of_different_patients_are_refused(inputs, spm, tiny_run, work):

@@ -180,7 +180,7 @@ def test_save_transforms_needs_register_and_a_folder_of_its_own(scanner, work, t
     (work / "keep").mkdir()
     (work / "keep" / "notes.txt").write_text("mine\n")
     line = refused(work, *args, "--register", "--save-transforms", work / "keep")
-    assert "holds more than .tfm transforms (e.g. notes.txt)" in line
+    assert "holds notes.txt, which is not a .tfm transform" in line
     # A bad output is refused before any work: no transforms are written either.
     assert "use a .nii or .nii.gz name" in refused(work, *args, "--register", "--save-transforms", work / "tfm",
                                                    "--out", work / "fused.png")

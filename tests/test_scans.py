@@ -417,7 +417,7 @@ def test_a_folder_output_replaces_the_previous_one_as_a_whole(folders, tmp_path)
     scan.write_output(out, position_coded(3, 16, 12))
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "c.png"]
     (out / "notes.txt").write_text("not a slice")
-    with pytest.raises(UserError, match="replaced as a whole"):
+    with pytest.raises(UserError, match="holds notes.txt, which is not a fused slice"):
         scan.write_output(out, position_coded(3, 16, 12))
     assert (out / "notes.txt").is_file()
 

@@ -23,6 +23,9 @@ from tfsdeploy.paths import cache_dir
 SIDECAR_FORMAT = "tfsdeploy-artifact"
 SEAL = "sidecar_sha256"
 EXPORT_DIR = "export"
+# What an export folder holds: the artifacts, their sidecars (and an ONNX graph's external weights),
+# TensorRT's timing cache and the staging folders of exports that were killed.
+EXPORT_FILES = ("denoiser-*", "denoiser-*/**", "timing-trt*.cache", ".export-*/**")
 
 
 def sidecar_path(artifact: str | Path) -> Path:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.config import BACKPROJECT_MAX, SCALES
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, write_safetensors
+from tfsdeploy.fileio import atomic_dir, check_output, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,8 @@ BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "tfsdeploy-bundle"
 BUNDLE_FORMAT_VERSION = 1
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "models" / "default"
+# What a bundle folder holds: an existing one is replaced only when it holds nothing else.
+BUNDLE_OWNS = (BUNDLE_FILE, *(f"x{s}.safetensors" for s in SCALES))
 
 # The fields of one member's entry: name -> (check, what it must be).
 _MEMBER_FIELDS = {
@@ -135,6 +137,8 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     if not members:
         raise UserError("a bundle needs at least one model")
     out = Path(out)
+    starts = [(read_meta(p)[1].get("init") or {}).get("path") for s, p in members.items() if s in (blend or {})]
+    check_output(out, [*members.values(), *starts], owns=BUNDLE_OWNS, what="a file of a bundle")
     with atomic_dir(out) as tmp:
         models = {}
         for scale, src in sorted(members.items()):
@@ -174,5 +178,5 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     return out
 
 
-__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "DEFAULT_BUNDLE", "check_bundle_meta",
-           "check_backproject", "make_bundle", "blend_weights"]
+__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_OWNS", "BUNDLE_FORMAT_VERSION", "DEFAULT_BUNDLE",
+           "check_bundle_meta", "check_backproject", "make_bundle", "blend_weights"]

@@ -120,7 +120,7 @@ def _cleanup(run_dir: Path, keep: int, current: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if keep <= 0:
         return
-    ckpts = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir())
+    ckpts = sorted(p for p in run_dir.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit())  # not ckpt-notes/
     for old in ckpts[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)

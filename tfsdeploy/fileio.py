@@ -9,8 +9,10 @@ killed outright (kill -9, power loss) is removed by the next write of the same N
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -213,9 +215,8 @@ def atomic_dir(path: str | Path):
 
 def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, its I/O failures (a full disk) raised as OSError with their errno, so
-    the atomic writer around it names the destination rather than a temporary name."""
-    import re
-
+    the atomic writer around it names the destination rather than a temporary name. The file gets
+    the permissions of any other output (save_file makes it 0600)."""
     from safetensors.torch import save_file
 
     try:
@@ -229,9 +230,10 @@ def write_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] 
         if code is None:
             raise UserError(f"{path}: cannot write ({e})") from None
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+    os.chmod(path, 0o666 & ~current_umask())
 
 
-def check_outputs_spare_inputs(outputs: list[str | Path], inputs: list[str | Path]) -> None:
+def check_outputs_spare_inputs(outputs: list[str | Path], inputs: list[str | Path], option: str = "--out") -> None:
     """Refuse, before any work, an output that is an input, lies inside an input folder, or is a
     folder holding an input (replacing it would delete the input); links are followed."""
     ins = [(Path(p), Path(p).resolve()) for p in inputs]
@@ -241,7 +243,92 @@ def check_outputs_spare_inputs(outputs: list[str | Path], inputs: list[str | Pat
             same = real == src or (out.exists() and given.exists() and os.path.samefile(out, given))
             if same or real.is_relative_to(src):
                 raise UserError(f"{out}: is the input {given}{'' if same else ' or lies inside it'}; "
-                                f"writing there would destroy it, choose another --out")
+                                f"writing there would destroy it, choose another {option}")
             if src.is_relative_to(real):
                 raise UserError(f"{out}: holds the input {given}; replacing it would destroy the input, "
-                                f"choose another --out")
+                                f"choose another {option}")
+
+
+# --------------------------------------------------------------------------- the rule of every output
+
+# `owns` of a folder written into that keeps whatever else it holds (a run folder being resumed).
+ANYTHING = ("**",)
+
+
+def check_output(path: str | Path, inputs: list[str | Path | None] = (), owns: tuple[str, ...] | None = None,
+                 what: str = "", option: str = "--out") -> None:
+    """The rule every command that writes follows, checked before any work.
+
+    * An output that is an input, lies inside an input folder or holds an input (links followed) is
+      refused: writing it would destroy the input.
+    * A folder output (`owns` given) must not be a file, and an existing one is replaced, or
+      written into, only when everything in it is what the command writes: each path in it,
+      relative to it, matches one of the `owns` patterns (`owned`). Anything else is named in one
+      line and left untouched. `what` names the command's files in that line. The folder (or,
+      until it exists, the nearest folder above it) must take a new file (`probe_writable`).
+    * A file output (`owns` None) that exists is replaced: naming it asks for that (its own checks,
+      such as `imaging.check_writable`, probe its folder).
+    """
+    path = Path(path)
+    check_outputs_spare_inputs([path], [p for p in inputs if p is not None], option)
+    if owns is None:
+        return
+    check_folder_target(path)
+    if path.is_dir() and owns != ANYTHING:
+        stranger = foreign_entry(path, owns)
+        if stranger is not None:
+            raise UserError(f"{path}: exists and holds {stranger}, which is not {what}; an existing {option} is "
+                            f"replaced only when it holds nothing else, so give a new one")
+    where = first_existing(path)
+    if where is not None:
+        probe_writable(where, path)
+
+
+def probe_writable(folder: Path, path: str | Path) -> None:
+    """Fail before any long work if no file can be created in `folder`, where `path` is to be
+    written (permission bits do not tell everything: root, read-only mounts; so try it)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def foreign_entry(folder: Path, owns: tuple[str, ...], within: tuple[str, ...] = ()) -> str | None:
+    """The first path in `folder` (relative, in name order; None if none) that `owns` does not match."""
+    for p in sorted(folder.iterdir()):
+        parts, is_dir = (*within, p.name), p.is_dir() and not p.is_symlink()
+        if not owned(parts, is_dir, owns):
+            return "/".join(parts) + ("/" if is_dir else "")
+        inner = foreign_entry(p, owns, parts) if is_dir else None
+        if inner is not None:
+            return inner
+    return None
+
+
+def owned(parts: tuple[str, ...], is_dir: bool, owns: tuple[str, ...]) -> bool:
+    """Whether a path (its parts, relative to an output folder) is one a command writes there.
+
+    A pattern is a relative path whose parts are shell patterns, matched case-insensitively:
+    `report.md`, `table1_x*.csv` (files), `train/` (a folder, whose content the other patterns
+    must match), `ckpt-*/**` (a folder and everything in it; `ANYTHING`: the whole folder). A hidden
+    temporary (`.NAME.PID.XXXXXXXX.tmp`, left by a writer that was killed) counts as its NAME."""
+    parts = tuple(_untemp(p) for p in parts)
+    for pattern in owns:
+        pat = pattern.rstrip("/").split("/")
+        whole = pat[-1] == "**"
+        if whole:
+            pat = pat[:-1]
+            if len(parts) < len(pat):
+                continue
+        elif len(parts) != len(pat) or is_dir != pattern.endswith("/"):
+            continue
+        if all(fnmatch.fnmatch(a.lower(), b.lower()) for a, b in zip(parts, pat)):
+            return True
+    return False
+
+
+def _untemp(name: str) -> str:
+    temp = re.fullmatch(r"\.(.+)\.\d+\.[^.]+\.tmp", name)
+    return temp.group(1) if temp else name

@@ -7,7 +7,6 @@ or [B,C,H,W]; grey images have C = 1, colour images C = 3 (RGB). The network see
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_path, first_existing
+from tfsdeploy.fileio import atomic_path, first_existing, probe_writable
 
 # The functional colour map: a fixed look-up table, linear between these control points.
 # It runs black -> blue -> cyan -> green -> yellow -> red -> white, like the rainbow maps used
@@ -257,12 +256,7 @@ def check_writable(path: str | Path) -> None:
         raise UserError(f"{path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{path}: directory {parent} is not writable")
-    try:  # permission bits do not tell everything (root, /proc, read-only mounts): try it
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write here ({e.strerror})") from None
+    probe_writable(parent, path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: the output is written as PNG; use a .png name")
 

@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, atomic_outputs, atomic_path, check_folder_target, check_outputs_spare_inputs
+from tfsdeploy.fileio import atomic_dir, atomic_outputs, atomic_path, check_output, check_outputs_spare_inputs
 from tfsdeploy.imaging import IMAGE_SUFFIXES, check_writable, normalise_volume, read_image
 
 SCAN_SUFFIXES = (".nii", ".nii.gz")
@@ -51,6 +51,7 @@ DICOM_OUTPUT = "fused_dicom"  # the default folder of a DICOM series output
 
 VOLUME_KINDS = ("nifti", "dicom")
 TRANSFORM_SUFFIX = ".tfm"
+FUSED_SLICES = ("*.png",)  # what a fused folder holds: `fuse` replaces one that holds nothing else
 
 
 def scan_kind(path: str | Path) -> str | None:
@@ -203,8 +204,10 @@ class ScanOutput:
     def paths(self) -> list[Path]:
         return [self.path] + ([self.montage] if self.montage is not None else [])
 
-    def check(self) -> None:
-        """Refuse, before any work, an output that cannot be written or would harm an input."""
+    def check(self, also: list[Path | None] = ()) -> None:
+        """Refuse, before any work, an output that cannot be written or would harm an input (the
+        scan's, or those `also` names: the model)."""
+        inputs = [*self.scan.inputs.values(), *also]
         out = self.path
         if self.dicom is not None:
             from tfsdeploy.dicomout import DICOM_SUFFIX
@@ -213,32 +216,32 @@ class ScanOutput:
                 raise UserError("--format dicom writes a volume; folders of slices give a folder of PNGs")
             if out.exists() and not out.is_dir():
                 raise UserError(f"{out}: exists and is not a folder; a DICOM series is written into a folder")
-            if out.is_dir():
-                _check_replaceable(out, DICOM_SUFFIX, f"{DICOM_SUFFIX} files")
+            owns, what = (f"*{DICOM_SUFFIX}",), f"a {DICOM_SUFFIX} file of a series"
         elif self.scan.output_kind == "nifti":
             if not out.name.lower().endswith(SCAN_SUFFIXES):
                 raise UserError(f"{out}: NIfTI input gives a NIfTI output; use a .nii or .nii.gz name")
             if out.is_dir():
                 raise UserError(f"{out}: is a directory; give a file name for the output")
+            owns, what = None, ""
         else:
             if out.exists() and not out.is_dir():
                 raise UserError(f"{out}: exists and is not a folder; folder input gives a folder of PNGs")
-            if out.is_dir():
-                _check_replaceable(out)
-        check_outputs_spare_inputs(self.paths, list(self.scan.inputs.values()))
+            owns, what = FUSED_SLICES, "a fused slice (PNG)"
+        check_output(out, inputs, owns=owns, what=what)
+        check_outputs_spare_inputs(self.paths, [p for p in inputs if p is not None])
         # The montage's name probes the output's folder (a missing folder is made when publishing
         # a lone output).
         probe = self.montage or out.parent / f"{out.name}.png"
         if self.montage is not None or probe.parent.is_dir():
             check_writable(probe)
         if self.transforms is not None:
-            self._check_transforms()
+            self._check_transforms(inputs)
 
-    def _check_transforms(self) -> None:
+    def _check_transforms(self, inputs: list[Path | None]) -> None:
         if not getattr(self.scan, "registrations", None):
             raise UserError(f"{self.transforms}: there are no transforms to save; --save-transforms goes with "
                             "--register")
-        check_transform_folder(self.transforms, self.paths, list(self.scan.inputs.values()))
+        check_transform_folder(self.transforms, self.paths, inputs)
 
     def publish(self, fused: np.ndarray) -> list[Path]:
         """Write uint8 [N,3,h,w] fused slices; returns the paths of the output's own files."""
@@ -273,35 +276,16 @@ class ScanOutput:
         return written
 
 
-def check_transform_folder(folder: Path, outputs: list[Path], inputs: list[Path]) -> None:
+def check_transform_folder(folder: Path, outputs: list[Path], inputs: list[Path | None]) -> None:
     """Refuse, before any work, a folder for transforms that cannot be written or replaced as a whole,
     or that is, holds or lies in one of the outputs or inputs."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: exists and is not a folder; the transforms go into a folder")
-    check_folder_target(folder)
-    if folder.is_dir():
-        others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != TRANSFORM_SUFFIX]
-        if others:
-            raise UserError(f"{folder}: exists and holds more than {TRANSFORM_SUFFIX} transforms (e.g. "
-                            f"{sorted(others)[0]}); the folder is replaced as a whole, so give a new one")
+    check_output(folder, inputs, owns=(f"*{TRANSFORM_SUFFIX}",), what=f"a {TRANSFORM_SUFFIX} transform",
+                 option="--save-transforms")
     real = folder.resolve()
     for p in outputs:
         r = p.resolve()
         if r == real or r.is_relative_to(real) or real.is_relative_to(r):
             raise UserError(f"{folder}: the transforms need a folder of their own, apart from the output {p}")
-    try:
-        check_outputs_spare_inputs([folder], inputs)
-    except UserError as e:
-        raise UserError(str(e).replace("--out", "--save-transforms")) from None
-
-
-def _check_replaceable(folder: Path, suffix: str = ".png", what: str = "PNG slices") -> None:
-    """An existing output folder is replaced as a whole; only one that holds nothing but `suffix` files
-    (a previous fused output) may be, never a folder with other files in it."""
-    others = [p.name for p in folder.iterdir() if p.is_dir() or p.suffix.lower() != suffix]
-    if others:
-        raise UserError(f"{folder}: exists and holds more than {what} (e.g. {sorted(others)[0]}); "
-                        f"an output folder is replaced as a whole, so give a new --out")
 
 
 def _write_slices(folder: Path, fused: np.ndarray, names: list[str]) -> list[str]:
@@ -411,6 +395,8 @@ class _VolumeScan(Scan):
         if register or not one_grid:
             from tfsdeploy.volumes import RegisterConfig, check_overlap, onto_grid, register_volumes
 
+            for m in MODALITIES:  # read now, so that a damaged file is named before resampling reads it
+                _voxels(paths[m], images[m])
             check_overlap(images, "t1", labels)
             if register:
                 config = register if isinstance(register, RegisterConfig) else RegisterConfig()
@@ -498,15 +484,21 @@ def _read_dicom(folder: Path, series: tuple[str, ...]):
     return nib.as_closest_canonical(vol.image), vol.series, f"{vol.describe()}{skipped}"
 
 
-def _axial_slices(path: Path, img) -> np.ndarray:
-    """Canonical image -> float32 [Z, H, W] in [0, 1]: axial slices, anterior up (as load_spm_volumes)."""
+def _voxels(path: Path, img) -> np.ndarray:
+    """The image's voxel data as float32, kept in the image for whoever reads it next; a file that
+    cannot be read (truncated, corrupt) is one line naming it."""
     try:
-        # A scaling that overflows float32 (scl_slope 1e38) gives inf, refused below in one line.
+        # A scaling that overflows float32 (scl_slope 1e38) gives inf, refused by _axial_slices.
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            data = img.get_fdata(dtype=np.float32, caching="unchanged")
+            return img.get_fdata(dtype=np.float32, caching="fill")
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from None
+
+
+def _axial_slices(path: Path, img) -> np.ndarray:
+    """Canonical image -> float32 [Z, H, W] in [0, 1]: axial slices, anterior up (as load_spm_volumes)."""
+    data = _voxels(path, img)
     data = data.reshape(data.shape[:3])  # drops a trailing singleton axis
     if not np.isfinite(data).all():
         raise UserError(f"{path}: volume holds NaN or infinite values")

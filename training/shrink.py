@@ -9,11 +9,14 @@ loss (benchmarks/transfer_study.py --alphas measures it).
 
     python -m training.shrink BUNDLE --scale 2 --alpha 0.3 [--ddim-steps 1] [--out NEW_BUNDLE]
 
-rewrites the member in place (or into a copy of the bundle), atomically: its file, its sha256 in
+rewrites the member in place (or into a copy of the bundle: bundle.json and the members' files; an
+existing --out is replaced only when it holds nothing else), atomically: its file, its sha256 in
 bundle.json, `residual_alpha` there and in the member's header (which also records the sha256 of the
 weights it was made from), with --ddim-steps the member's recommended DDIM step count, and with
 --backproject the strength of the back-projection its inputs are upsampled with
-(tfsdeploy.inputs.upsample; 0 removes it). Without --alpha the member's file is kept as it is.
+(tfsdeploy.inputs.upsample; 0 removes it). Without --alpha the member's file is kept as it is. In
+place, only the member's file and bundle.json change, together; nothing else in the folder is
+touched. The packaged model (`default`) is never rewritten in place.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from tfsdeploy.bundle import BUNDLE_FILE, check_backproject
+from tfsdeploy.bundle import BUNDLE_FILE, BUNDLE_OWNS, DEFAULT_BUNDLE, check_backproject
 from tfsdeploy.checkpoint import read_meta, sha256_file
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, current_umask, write_safetensors
+from tfsdeploy.fileio import atomic_dir, atomic_outputs, check_output, write_safetensors
 from tfsdeploy.modelref import resolve_model
 
 FINAL_CONV = ("final.conv.weight", "final.conv.bias")
@@ -43,15 +46,20 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
 
     from safetensors.torch import load_file
 
-    bundle = Path(bundle)
-    out = Path(out) if out is not None else bundle
     if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise UserError(f"alpha must lie in [0, 1], got {alpha}")
     ref = resolve_model(bundle, kind="bundle")
+    source = ref.path  # `default`: the packaged bundle
+    in_place = out is None or (Path(out).exists() and os.path.samefile(out, source))
+    if in_place and source.resolve() == DEFAULT_BUNDLE:
+        raise UserError(f"{bundle}: the packaged model is not rewritten in place; give --out for a new bundle")
     manifest = ref.manifest
+    files = tuple(e["file"] for e in manifest["models"].values())
+    if not in_place:
+        check_output(out, [source], owns=(*BUNDLE_OWNS, *files), what="a file of a bundle")
     entry = manifest["models"].get(str(scale))
     if entry is None:
-        raise UserError(f"{bundle}: no x{scale} member")
+        raise UserError(f"{source}: no x{scale} member")
     src = ref.member(scale)  # checked against its sha256
     _, meta = read_meta(src)
     diffusion = meta.get("diffusion", {})
@@ -71,15 +79,20 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
         for k in FINAL_CONV:
             weights[k] = (weights[k].float() * alpha).to(weights[k].dtype)
         meta = {**meta, "residual_alpha": alpha, "residual_alpha_of": entry["sha256"]}
-    with atomic_dir(out) as tmp:
-        for item in bundle.iterdir():
-            if item.name != BUNDLE_FILE and item.is_file() and (alpha is None or item.name != entry["file"]):
-                shutil.copy2(item, tmp / item.name)
+    # In place, the member's file (if it changes) and bundle.json are replaced together and nothing
+    # else in the folder is touched; a new bundle gets bundle.json and the members' files.
+    changed = [entry["file"]] if alpha is not None else []
+    dest = source if in_place else Path(out)
+    names = [*changed, BUNDLE_FILE] if in_place else [*files, BUNDLE_FILE]
+    with (atomic_outputs(*(dest / n for n in names)) if in_place else atomic_dir(dest)) as staged:
+        stage = staged[0].parent if in_place else staged
+        for name in files:
+            if not in_place and name not in changed:
+                shutil.copy2(source / name, stage / name)
         if alpha is not None:
-            write_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / entry["file"],
+            write_safetensors({k: v.contiguous() for k, v in weights.items()}, stage / entry["file"],
                               metadata={"tfsdeploy": json.dumps(meta, sort_keys=True)})
-            os.chmod(tmp / entry["file"], 0o666 & ~current_umask())
-            entry = {**entry, "sha256": sha256_file(tmp / entry["file"]), "residual_alpha": alpha}
+            entry = {**entry, "sha256": sha256_file(stage / entry["file"]), "residual_alpha": alpha}
         if ddim_steps:
             entry["ddim_steps"] = ddim_steps
         if backproject is not None:
@@ -89,21 +102,25 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
         manifest["models"][str(scale)] = entry
         if notes is not None:
             manifest["notes"] = notes
-        (tmp / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return out
+        (stage / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return dest
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle")
+    ap.add_argument("bundle", type=Path, help="the bundle to read (`default`: the packaged model)")
     ap.add_argument("--scale", type=int, required=True)
     ap.add_argument("--alpha", type=float, default=None, help="residual scale in [0, 1] (default: keep the weights)")
     ap.add_argument("--ddim-steps", type=int, default=0, help="the member's recommended DDIM steps (0: keep)")
     ap.add_argument("--backproject", type=float, default=None,
                     help="back-projection strength of the member's inputs (0: none; default: keep)")
-    ap.add_argument("--out", default=None, help="write a new bundle here instead of in place")
+    ap.add_argument("--out", type=Path, default=None, help="write a new bundle here instead of in place")
     ap.add_argument("--notes", default=None, help="replace the bundle's notes")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     try:
         print(shrink_member(args.bundle, args.scale, args.alpha, args.ddim_steps, args.out, args.notes,
                             args.backproject))

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from tfsdeploy.artifacts import checkpoint_fingerprint
-from tfsdeploy.checkpoint import Configs, load_checkpoint, load_weights, read_meta, resolve, save_checkpoint
+from tfsdeploy.checkpoint import (LATEST_FILE, Configs, load_checkpoint, load_weights, read_meta, resolve,
+                                  save_checkpoint)
 from tfsdeploy.config import (DataConfig, DiffusionConfig, ModelConfig, SampleConfig, ScheduleConfig, TrainConfig,
                               from_dict, to_dict)
 from tfsdeploy.data import Batch, Sample, augment, default_data_dir, make_batch, open_split, stack_samples
@@ -48,6 +49,8 @@ HOLDOUT_SHARE = 0.2
 BLEND_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # At most this many held-out slices (spread evenly) are scored.
 HOLDOUT_SCORED = 16
+# What a run folder holds (tfsdeploy.checkpoint.save_checkpoint, the log).
+RUN_FILES = (LATEST_FILE, "log.jsonl", "ckpt-*/**")
 SECTIONS = {"model": ModelConfig, "schedule": ScheduleConfig, "diffusion": DiffusionConfig,
             "data": DataConfig, "train": TrainConfig}
 

@@ -4,7 +4,11 @@ parsers, progress bars, engine options) lives in `common`."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
+import os
+import signal
 import sys
 
 import typer
@@ -29,10 +33,37 @@ def main() -> None:
     # tensors of a fuse by itself, so the collector is off until a long-running command turns it
     # back on (`common.long_running`), and what is alive at exit is frozen instead of traversed.
     gc.disable()
+    atexit.register(_exit_if_interrupted)  # registered first, so it runs after every other exit handler
     try:
         app()
+    except KeyboardInterrupt:  # after the command's own handling (its output, if any, is complete)
+        typer.echo("error: interrupted", err=True)
+        sys.exit(130)
     finally:
+        # From here on a Ctrl-C (while the interpreter's exit handlers run) is noted, not raised into
+        # whichever handler happens to run, and the process ends with 130 once they are done; a
+        # second one ends it at once.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _note_interrupt)
         gc.freeze()
+
+
+_interrupted_at_exit: list[int] = []
+
+
+def _note_interrupt(signum, frame) -> None:
+    _interrupted_at_exit.append(signum)
+    if len(_interrupted_at_exit) > 1:
+        _exit_if_interrupted()
+
+
+def _exit_if_interrupted() -> None:
+    if _interrupted_at_exit:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.write(2, b"error: interrupted\n")
+        os._exit(130)
 
 
 if __name__ == "__main__":

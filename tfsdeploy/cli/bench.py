@@ -9,7 +9,7 @@ import typer
 
 from tfsdeploy.cli.common import engine_config, explicit, long_running, notice, parse_ints
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import check_folder_target
+from tfsdeploy.fileio import check_output
 
 
 def bench(
@@ -48,9 +48,11 @@ def bench(
     from tfsdeploy.data import reference_triplet
     from tfsdeploy.inputs import check_scale
     from tfsdeploy.modelref import resolve_model
+    from tfsdeploy.tools.bench import REPORT_FILES
+    from tfsdeploy.tools.study import STUDY_FILES
 
     check_scale(scale)
-    check_folder_target(out)
+    check_output(out, [model, data], owns=(*REPORT_FILES, *STUDY_FILES), what="a benchmark report's file")
     engine_cfg = engine_config(engine, threads=threads, long_job=True)
     study_steps = parse_ints(ddim_steps, "--ddim-steps")
     if quality and (not study_steps or min(study_steps) < 1):

@@ -9,7 +9,6 @@ import typer
 
 from tfsdeploy.cli.common import long_running, scale_values
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import check_folder_target
 
 
 def bundle(
@@ -32,7 +31,6 @@ def bundle(
     long_running()
     from tfsdeploy.bundle import make_bundle
 
-    check_folder_target(out)
     members = {s: p for s, p in ((2, x2), (4, x4), (8, x8)) if p is not None}
     if not members:
         raise UserError("give at least one of --x2, --x4, --x8")

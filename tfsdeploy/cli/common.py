@@ -37,9 +37,13 @@ class OneLineErrors(typer.core.TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is already shown
                 sys.exit(0)
             if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
-                if type(e).__name__ == "Abort":
-                    typer.echo("error: aborted", err=True)
-                    sys.exit(1)
+                if type(e).__name__ == "Abort":  # the parser's name for an interrupt or an end of input
+                    cause = e.__cause__ or e.__context__
+                    if cause is None or isinstance(cause, KeyboardInterrupt):
+                        typer.echo("error: interrupted", err=True)
+                        sys.exit(130)
+                    typer.echo(f"error: {' '.join(f'aborted ({type(cause).__name__}: {cause})'.split())}", err=True)
+                    sys.exit(2)
                 raise
             typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(e.exit_code)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from tfsdeploy.cli.common import engine_config, progress_bar
-from tfsdeploy.fileio import check_folder_target
+from tfsdeploy.fileio import check_output
 
 
 def demo(
@@ -28,11 +28,11 @@ def demo(
     from tfsdeploy.data import reference_triplet
     from tfsdeploy.inputs import check_scale
     from tfsdeploy.pipeline import FusionPipeline
-    from tfsdeploy.tools.demo import run_demo
+    from tfsdeploy.tools.demo import DEMO_FILES, run_demo
 
     size = 256
     check_scale(scale)
-    check_folder_target(out)
+    check_output(out, [model], owns=DEMO_FILES, what="a file of the demo")
     pipe = FusionPipeline.load(model, scale, SampleConfig(steps=steps, seed=seed), engine_config(engine))
     with progress_bar("demo", progress):
         r = run_demo(pipe, reference_triplet(size, combo), out, size)

@@ -9,7 +9,7 @@ import typer
 
 from tfsdeploy.cli.common import engine_config, long_running, parse_scales, progress_bar
 from tfsdeploy.config import BACKPROJECT_MAX
-from tfsdeploy.fileio import check_folder_target
+from tfsdeploy.fileio import check_output
 
 
 def evaluate(
@@ -39,10 +39,10 @@ def evaluate(
     """Table-1 style metrics of each baseline and model, per scale, with a Fig-2 style montage."""
     long_running()
     from tfsdeploy.config import SampleConfig
-    from tfsdeploy.tools.evaluate import EvalConfig, evaluation_inputs
+    from tfsdeploy.tools.evaluate import REPORT_FILES, EvalConfig, evaluation_inputs
     from tfsdeploy.tools.evaluate import evaluate as run_evaluation
 
-    check_folder_target(out)
+    check_output(out, [*model, data, lpips_backbone, lpips_lin], owns=REPORT_FILES, what="a report's file")
     cfg = EvalConfig(split=split, scales=parse_scales(scales) or (), methods=tuple(m for m in methods.split(",") if m),
                      sample=SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed,
                                          backproject=backproject), engine=engine,

@@ -188,13 +188,13 @@ class FuseJob:
 
 def _fuse_images(job: FuseJob) -> None:
     """`fuse` on three images."""
-    from tfsdeploy.fileio import check_outputs_spare_inputs
+    from tfsdeploy.fileio import check_output
     from tfsdeploy.imaging import check_writable, write_png
     from tfsdeploy.inputs import fuse_baseline, read_triplet
 
     out = job.out or Path("fused.png")
     check_writable(out)
-    check_outputs_spare_inputs([out], list(job.inputs))
+    check_output(out, [*job.inputs, job.model])
     if job.method != "diffusion":
         if job.adapt:
             raise UserError("--adapt adapts the model; the upsample-then-fuse baselines have none")
@@ -222,12 +222,12 @@ def _fuse_scan(kind: str, job: FuseJob) -> None:
     if job.method != "diffusion":
         raise UserError("--method applies to single images; scans are fused with the model")
     if job.transforms is not None:  # before registering: the output's own checks follow once the scan is read
-        check_transform_folder(job.transforms, [], list(job.inputs))
+        check_transform_folder(job.transforms, [], [*job.inputs, job.model])
     read: list[str] = []  # what was read, registered and resampled: said once every check has passed
     scan = open_scan(*job.inputs, grid=job.grid, series=job.series, register=job.register, log=read.append)
     plan = _plan_series(scan, job) if job.dicom is not None else None
     output = ScanOutput(scan, job.out, transforms=job.transforms, dicom=plan)
-    output.check()
+    output.check(also=[job.model])
     out, montage = output.path, output.montage
     pipe = job.load_pipeline(dataclasses.replace(job.engine, build_missing=not job.adapt))  # a scan is a long job
     if plan is not None:

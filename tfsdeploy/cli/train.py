@@ -9,7 +9,7 @@ import typer
 
 from tfsdeploy.cli.common import explicit, long_running, parse_scales
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import check_folder_target
+from tfsdeploy.fileio import ANYTHING, check_output
 
 
 def train(
@@ -54,10 +54,12 @@ def train(
     long_running()
     from tfsdeploy.config import model_preset
     from tfsdeploy.data import ensure_dataset
-    from training.train import has_checkpoint, init_checkpoint, resolve_configs, started_from
+    from training.train import RUN_FILES, has_checkpoint, init_checkpoint, resolve_configs, started_from
     from training.train import train as run_training
 
-    check_folder_target(out)
+    # A run is resumed, and what else its folder holds is left alone; any other folder becomes a run
+    # only when it holds nothing but a run's files (an empty one, or what a failed start left).
+    check_output(out, [data, init], owns=ANYTHING if has_checkpoint(out) else RUN_FILES, what="part of a training run")
     model = model_preset(preset)
     overrides = {
         "model": {"tmfa": tmfa},

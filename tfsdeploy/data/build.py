@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from tfsdeploy.config import COMBOS, DATA_SOURCES as SOURCES, DEFAULT_DATA_SOURCES as DEFAULT_SOURCES
-from tfsdeploy.data.folder import MODALITY_DIRS
+from tfsdeploy.data.folder import MODALITY_DIRS, SPLITS
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_dir, check_folder_target
+from tfsdeploy.fileio import atomic_dir, check_folder_target, check_output
 from tfsdeploy.fusion import fuse_trimodal
 from tfsdeploy.imaging import write_png
 from tfsdeploy.paths import cache_dir
+
+# What a dataset folder holds: `--force` replaces one that holds nothing else.
+_FOLDERS = [f"{s}/{d}" for s in SPLITS for d in (*MODALITY_DIRS, "gt")]
+DATASET_FILES = ("summary.json", *(f"{s}/" for s in SPLITS), *(f"{f}/" for f in _FOLDERS),
+                 *(f"{f}/*.png" for f in _FOLDERS))
 
 
 def _plan(source: str, combos: list[str], size: int, seed: int):
@@ -63,6 +68,7 @@ def build_dataset(out: str | Path, size: int = 256, combos: Iterable[str] = COMB
     sources = check_sources(sources)
     if (out / "summary.json").is_file() and not force:
         return json.loads((out / "summary.json").read_text())
+    check_output(out, owns=DATASET_FILES, what="part of a dataset")
     if out.exists() and any(out.iterdir()) and not (out / "summary.json").is_file() and not force:
         raise UserError(f"{out} exists and is not a dataset built by tfsdeploy; pick another --out or use --force")
 

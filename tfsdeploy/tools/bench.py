@@ -39,6 +39,7 @@ from tfsdeploy.tools.report import fmt
 REFERENCE = "torch-fp32"
 BENCH_ENGINES = (REFERENCE, "torch", "torch-compile", *(e for e in ENGINES if e != "torch"))
 PROJECTED_CARD = "RTX 3090"
+REPORT_FILES = ("bench.md", "bench.json", "bench.png")  # what run_bench writes into its folder
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ from tfsdeploy.metrics import score_image
 from tfsdeploy.pipeline import FusionPipeline
 from tfsdeploy.tools.evaluate import write_comparison
 
+# What run_demo writes into its folder.
+DEMO_FILES = ("t1.png", "t2.png", "func.png", "fused.png", "baseline.png", "reference.png", "side_by_side.png")
+
 
 def run_demo(pipeline: FusionPipeline, hr: Triplet, out: Path, size: int = 256) -> dict:
     """Write `hr` (a high-resolution triplet) as the three low-resolution inputs a user would have,

@@ -34,6 +34,8 @@ from tfsdeploy.report_metrics import (HIGHER_IS_BETTER, REFERENCE_METRICS, SOURC
                                       source_metrics)
 
 CACHE_FILE = "values.jsonl"
+# What a report folder holds: an existing one is written into only when it holds nothing else.
+REPORT_FILES = ("report.md", "table1_x*.md", "table1_x*.csv", "values.json", CACHE_FILE, "montage.png")
 
 
 @dataclass(frozen=True)

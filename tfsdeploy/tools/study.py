@@ -21,6 +21,8 @@ from tfsdeploy.pipeline import FusionPipeline
 from tfsdeploy.tools.hardware import device_info, sync
 from tfsdeploy.tools.report import fmt
 
+STUDY_FILES = ("study.md", "study.json", "study.png")  # what sampler_study writes into its folder
+
 
 @dataclass(frozen=True)
 class StudyConfig:

@@ -687,7 +687,7 @@ WRITES = {
     ("cohort", "output_dir"),
 }
 # Outputs not yet put through WRITERS' cases, each with what guards it meanwhile. Keep this empty.
-NOT_YET = {("cohort", "output_dir"): "tools.cohort.check_output_dir (a previous cohort's output is resumed)"}
+NOT_YET: dict = {}
 
 
 def path_parameters() -> set[tuple[str, str]]:
@@ -763,12 +763,23 @@ WRITERS = {
                             lambda b, w: {**dict(zip(MODS, make_folders(b, w))),
                                           "model": _copied(b["model"], w / "run")},
                             ("s0.png", "old_slice.png")),
+    ("cohort", "output_dir"): Writer(
+        lambda i, o: ["cohort", i["manifest"], o, "participant", "-m", i["model"], *FAST],
+        lambda b, w: _cohort_inputs(dict(zip(MODS, make_folders(b, w))), _copied(b["model"], w / "run"), w),
+        ("participants.tsv", "cohort_report.html")),
     ("fuse", "save_transforms"): Writer(
         lambda i, o: ["fuse", i["t1"], i["t2"], i["func"], "-m", i["model"], "--out", i["t1"].parent / "o.nii.gz",
                       "--register", "--save-transforms", o, *FAST],
         lambda b, w: {**dict(zip(MODS, volumes(b, w, **thick(b)))), "model": _copied(b["model"], w / "run")},
         ("t2_to_t1.tfm", "old_to_t1.tfm")),
 }
+
+
+def _cohort_inputs(folders: dict[str, Path], model: Path, work: Path) -> dict[str, Path]:
+    """A one-participant manifest naming the folders of slices, and the model."""
+    manifest = work / "cohort.csv"
+    manifest.write_text("id,t1,t2,func\na," + ",".join(str(folders[m]) for m in MODS) + "\n")
+    return {**folders, "manifest": manifest, "model": model}
 
 
 @pytest.fixture(scope="module")

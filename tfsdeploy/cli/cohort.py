@@ -94,6 +94,8 @@ def cohort(
         raise UserError(f"{bids_dir}: no such BIDS dataset or manifest CSV")
     lib.check_output_dir(output_dir, bids_dir)
     units = lib.find_participants(bids_dir, participant_label, session_label, run)
+    # again with what the dataset names: a manifest's scans may lie anywhere, the model too
+    lib.check_output_dir(output_dir, bids_dir, [p for u in units for p in u.inputs.values()] + [model])
     sample = SampleConfig(sampler=sampler, steps=steps, spacing=spacing, seed=seed, backproject=backproject,
                           ensemble=ensemble)
     model_id, sample = lib.identify_model(model, scale, sample)

@@ -43,7 +43,7 @@ from typing import Callable, Optional
 
 from tfsdeploy.config import EngineConfig, SampleConfig
 from tfsdeploy.errors import UserError
-from tfsdeploy.fileio import atomic_outputs, atomic_path, check_folder_target
+from tfsdeploy.fileio import atomic_outputs, atomic_path, check_output, check_outputs_spare_inputs
 
 DESCRIPTION = "dataset_description.json"
 PARTICIPANTS = "participants.tsv"
@@ -54,6 +54,9 @@ SPACES = {"t1": "T1w", "t2": "T2w", "func": "PET"}
 LABEL = re.compile(r"^[A-Za-z0-9]+$")
 NIFTI = [".nii", ".nii.gz"]
 STATUSES = ("done", "kept", "skipped", "failed")
+# What a cohort writes into OUTPUT_DIR (fileio.owned patterns): the derivatives, the tables, the Ray
+# driver's marker. An existing folder that holds anything else is refused and left as it is.
+COHORT_FILES = (DESCRIPTION, PARTICIPANTS, REPORT, ".bidsignore", ".tfsdeploy-cohort-*", "sub-*/**")
 COHORT_EXTRA = "pip install 'tfsdeploy[cohort]'"
 RAY_EXTRA = "pip install 'tfsdeploy[ray]'"
 
@@ -416,25 +419,26 @@ def _version() -> str:
 # --------------------------------------------------------------------------- the output dataset
 
 
-def check_output_dir(out: Path, source: Path) -> None:
-    """Refuse, before any work, an output folder that lies in the input dataset (or holds it), that is
-    a file, or that holds something other than a previous cohort's output."""
-    check_folder_target(out)
-    src, real = source.resolve(), out.resolve()
-    if source.is_dir() and real.is_relative_to(src):
+def check_output_dir(out: Path, source: Path, inputs: Optional[list] = None) -> None:
+    """Refuse, before any work, an output folder that lies in the input dataset or holds it. Given the
+    `inputs` the dataset names (the participants' scans, the model), also one that is, holds or lies
+    inside one of them, that is a file, or that holds anything but a cohort's output (`COHORT_FILES`;
+    a previous cohort's output is resumed)."""
+    if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise UserError(f"{out}: lies inside the input dataset {source}; the derivatives go in a folder of their "
                         f"own (e.g. beside it)")
-    if src.is_relative_to(real):
-        raise UserError(f"{out}: holds the input {source}; give an output folder apart from it")
-    # Hidden entries are other runs' temporaries (SLURM array tasks starting together), not content.
-    if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+    check_outputs_spare_inputs([out], [source, *(p for p in inputs or () if p is not None)], "OUTPUT_DIR")
+    if inputs is None:
+        return
+    check_output(out, [], COHORT_FILES, "a cohort's output", "OUTPUT_DIR")
+    if (out / DESCRIPTION).exists():  # a raw BIDS dataset holds a description and sub-*/ too
         try:
             kind = json.loads((out / DESCRIPTION).read_text()).get("DatasetType")
         except (OSError, ValueError, AttributeError):
             kind = None
         if kind != "derivative":
-            raise UserError(f"{out}: exists and is not a cohort's output (no derivative {DESCRIPTION}); give a new "
-                            f"or empty folder")
+            raise UserError(f"{out}: exists and is not a cohort's output (its {DESCRIPTION} is not a derivative's); "
+                            f"give a new or empty folder")
 
 
 def generated_by(model: ModelId, spec: CohortSpec) -> dict:

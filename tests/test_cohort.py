@@ -53,9 +53,14 @@ def table(out: Path) -> dict[str, dict]:
             r.split("\t"))) for r in rows[1:]}
 
 
+def published(out: Path, pattern: str) -> list[Path]:
+    """The files under `out` matching `pattern`, leaving out those in a writer's hidden staging folder."""
+    return sorted(p for p in out.rglob(pattern) if not any(part.startswith(".") for part in p.relative_to(out).parts))
+
+
 def outputs(out: Path) -> dict[str, Path]:
-    """Every fused volume under `out`, by participant key."""
-    return {p.name.split("_space-")[0]: p for p in sorted(out.rglob("*_fusion.nii.gz"))}
+    """Every published fused volume under `out`, by participant key."""
+    return {p.name.split("_space-")[0]: p for p in published(out, "*_fusion.nii.gz")}
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -280,7 +285,7 @@ def test_sigkill_mid_cohort_leaves_no_partial_output(bids, tiny_run, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list(out.rglob("*_fusion.json")):
+    while not published(out, "*_fusion.json"):  # published, not one being staged
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     proc.kill()
@@ -290,7 +295,7 @@ def test_sigkill_mid_cohort_leaves_no_partial_output(bids, tiny_run, tmp_path):
     for key, vol in outputs(out).items():
         side = json.loads(vol.with_name(vol.name.replace(".nii.gz", ".json")).read_text())
         assert side["Output"]["sha256"] == lib.hash_input(vol)
-    assert len(list(out.rglob("*_fusion.json"))) == len(finished)
+    assert len(published(out, "*_fusion.json")) == len(finished)
     res = run("cohort", bids, out, "participant", "-m", tiny_run, *FAST)
     assert res.exit_code == 0, res.output
     statuses = {k: r["status"] for k, r in table(out).items() if r["status"] != "skipped"}

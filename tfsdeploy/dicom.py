@@ -85,13 +85,21 @@ def list_dicom_series(folder: str | Path) -> tuple[list[SeriesInfo], int]:
 
 def _read_headers(folder: Path) -> tuple[list[SeriesInfo], dict[str, list], int]:
     """list_dicom_series, plus each series' headers (pydicom datasets without pixels) in its files' order."""
-    pydicom = import_extra("pydicom", "reading DICOM series")
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder; a DICOM series is given as the folder that holds it")
-    files = _dicomdir_files(pydicom, folder) if (folder / DICOMDIR).is_file() else list(_files_under(folder))
+    dicomdir = (folder / DICOMDIR).is_file()
+    if not dicomdir:
+        files = list(_files_under(folder))
+        if not files:
+            raise UserError(f"{folder}: the folder is empty; expected the files of one DICOM series")
+        if not any(map(_has_dicom_preamble, files)) and all(os.access(f, os.R_OK) for f in files):
+            # said without pydicom: a folder of other files needs no DICOM reader to be refused
+            raise UserError(f"{folder}: no DICOM images in its {len(files)} file(s) (e.g. {files[0].name})")
+    pydicom = import_extra("pydicom", "reading DICOM series")
+    files = _dicomdir_files(pydicom, folder) if dicomdir else files
     if not files:
         raise UserError(f"{folder}: the folder is empty; expected the files of one DICOM series")
     groups: dict[str, list] = {}
@@ -141,10 +149,9 @@ def read_dicom_series(folder: str | Path, series: str | Iterable[str] | None = N
     than one series must hold exactly one; such a folder is otherwise refused with a list of its series
     (UID, description, modality, slice count). A folder holding one series gives that one.
     """
-    import_extra("pydicom", "reading DICOM series")
-    sitk = import_extra("SimpleITK", "reading DICOM series")
     folder = Path(folder)
-    infos, headers_of, skipped = _read_headers(folder)
+    infos, headers_of, skipped = _read_headers(folder)  # a folder with no DICOM in it is refused without the extra
+    sitk = import_extra("SimpleITK", "reading DICOM series")
     chosen = _choose(folder, infos, series)
     headers = headers_of[chosen.uid]
     order, geometry = _check_series(folder, chosen, headers)

@@ -77,13 +77,15 @@ def plan_slices(gm: np.ndarray, test_n: int, gap: int, span: int) -> dict[str, l
     return {"train": below + above, "test": test}
 
 
-def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int) -> dict:
+def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int, coronal: bool = False) -> dict:
+    """The split ICBM dataset (axial slices, or with `coronal` coronal ones) at `out`, once."""
     summary_file = out / "summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     vols = icbm_volumes(wheel)
-    splits = plan_slices(vols["gm"], test_n, gap, span)
-    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/cases.py",
+    splits = plan_slices(vols["gm"].swapaxes(0, 1) if coronal else vols["gm"], test_n, gap, span)
+    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/cases.py"
+                         + (", coronal slices" if coronal else ""),
                "size": SIZE, "slices": splits, "counts": {s: len(v) for s, v in splits.items()},
                "min_gap_slices": min(abs(a - b) for a in splits["train"] for b in splits["test"]),
                "ground_truth": "classical fusion (tfsdeploy.fusion.fuse_condition) of the 8-bit HR sources"}
@@ -93,9 +95,9 @@ def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int) -> dict
                 (tmp / split / d).mkdir(parents=True)
             for i, z in enumerate(zlist):
                 func = "spect" if i % 2 == 0 else "pet"
-                hr = icbm_sources(vols, z, func)  # the sources as 8-bit PNGs hold them
+                hr = icbm_sources(vols, z, func, coronal)  # the sources as 8-bit PNGs hold them
                 gt = fuse_condition(hr[None])[0]
-                name = f"icbm-{func}_z{z:03d}"
+                name = f"icbm-{func}_{'cor' if coronal else 'z'}{z:03d}"
                 for d, img in (("t1", hr[:1]), ("t2", hr[1:2]), ("func", hr[2:]), ("gt", gt)):
                     write_png(tmp / split / d / f"{name}.png", img)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -160,8 +160,9 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
                 for bp in p.backprojects:
                     for ens in p.ensembles:
                         for alpha in p.alphas:
+                            # the model's own strength with its noise gate, or a strength as given
                             pipes[p.variant(label, n_steps, alpha, ens, bp)] = (
-                                pipe, alpha, ens, pipe.backproject if bp is None else bp)
+                                pipe, alpha, ens, (pipe.backproject, pipe.backproject_gate) if bp is None else (bp, None))
         labels += [v for v in pipes if v not in labels]
         for dataset in p.datasets:
             n = args.spm_test_images if dataset == "spm-test" else args.images
@@ -172,7 +173,7 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
                 conds = {}  # one condition per back-projection strength
                 for label, (pipe, alpha, ens, bp) in pipes.items():
                     if bp not in conds:
-                        conds[bp] = make_condition(case.lr, scale, SIZE, bp)
+                        conds[bp] = make_condition(case.lr, scale, SIZE, *bp)
                     cond01, (t, b, l, r) = conds[bp]
                     pipe.denoiser.alpha = alpha
                     fused = fuse_views(lambda batch, _seeds: pipe(batch), cond01, None, 8) if ens else pipe(cond01)

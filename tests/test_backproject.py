@@ -151,3 +151,105 @@ def test_cli_bundle_records_strengths_and_fuse_takes_and_overrides_them(tmp_path
     assert torch.equal(images["bundle"], images["given"]) and not torch.equal(images["bundle"], images["off"])
     res = run("fuse", *trip, "--scale", 4, "--model", out, "--out", tmp_path / "x.png", "--backproject", -1)
     assert res.exit_code == 2 and "--backproject" in res.stderr and not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------- the noise gate
+
+
+def test_the_noise_ratio_tells_white_noise_from_a_shrunk_image():
+    """About 1 for white noise (both bands respond alike), low for an image shrunk bicubically from a
+    smooth one, in between for that image with noise added after shrinking; 0 where there is no
+    band to measure."""
+    from tfsdeploy.inputs import noise_ratio
+
+    g = torch.Generator().manual_seed(0)
+    clean = resize(sources(size=128, seed=4), (64, 64))
+    noisy = (clean + 0.02 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    white = torch.rand(1, 5, 64, 64, generator=g)
+    r = noise_ratio(torch.cat([clean, noisy, white]))
+    assert r.shape == (3,)
+    assert r[0] < 0.3 and 0.9 < r[2] < 1.1 and r[0] < r[1] < r[2]
+    only_func = white.clone()
+    only_func[:, :2] = clean[:, :2]  # the ratio is the MR inputs' (T1, T2) alone
+    assert torch.allclose(noise_ratio(only_func), r[:1])
+    assert torch.equal(noise_ratio(torch.zeros(2, 5, 16, 16)), torch.zeros(2))
+    assert torch.equal(noise_ratio(torch.rand(2, 5, 4, 4)), torch.zeros(2))
+
+
+def test_a_gated_back_projection_spares_noisy_slices_and_ramps_in_between(monkeypatch):
+    """Each slice of a batch gets its own strength: all of it below the gate, none above, the same
+    rounds with a proportionally smaller step in between."""
+    import tfsdeploy.inputs as inputs
+
+    g = torch.Generator().manual_seed(1)
+    clean = resize(sources(size=128, seed=5), (32, 32))
+    noisy = torch.rand(1, 5, 32, 32, generator=g)
+    both = torch.cat([clean, noisy])
+    gated = upsample(both, 64, 2, gate=(0.4, 0.6))
+    assert torch.equal(gated[:1], upsample(clean, 64, 2))
+    assert torch.equal(gated[1:], upsample(noisy, 64, 0))
+    assert torch.equal(upsample(both, 64, 2), torch.cat([upsample(clean, 64, 2), upsample(noisy, 64, 2)]))
+    monkeypatch.setattr(inputs, "noise_ratio", lambda lr: torch.full((lr.shape[0],), 0.45))
+    half = upsample(clean, 64, 2, gate=(0.4, 0.5))  # halfway up the ramp: two rounds of half steps
+    assert torch.allclose(half, by_hand(clean, 64, [0.5, 0.5]), atol=1e-6)
+    trip = as_triplet(clean[0, :1], clean[0, 1:2], clean[0, 2:])
+    assert torch.equal(make_condition(trip, 2, 64, 2, (0.4, 0.5))[0], half)
+
+
+def test_a_bundle_member_carries_its_noise_gate_and_an_explicit_strength_drops_it(tmp_path, three):  # noqa: F811
+    from training.shrink import shrink_member
+
+    out = make_bundle(three, tmp_path / "bundle")
+    gated = shrink_member(out, 2, None, backproject=2, gate=(0.37, 0.42), out=tmp_path / "gated")
+    ref = resolve_model(gated)
+    assert ref.manifest["models"]["2"]["backproject_gate"] == [0.37, 0.42]
+    assert ref.sample_for(2, SampleConfig()).backproject_gate == (0.37, 0.42)
+    assert ref.sample_for(2, SampleConfig(backproject=1)).backproject_gate is None  # the user's strength as given
+    assert ref.sample_for(4, SampleConfig()).backproject_gate is None
+    engine = EngineConfig(engine="torch", device="cpu")
+    pipe = FusionPipeline.load(gated, 2, SampleConfig(steps=2), engine)
+    assert pipe.backproject_gate == (0.37, 0.42) and "none from 0.42" in pipe.describe()
+    lr = torch.cat([resize(sources(size=128, seed=6), (32, 32)), torch.rand(1, 5, 32, 32)])
+    assert torch.equal(pipe.upsample(lr, 64), upsample(lr, 64, 2, (0.37, 0.42)))
+    assert FusionPipeline.load(gated, 2, SampleConfig(steps=2, backproject=2), engine).backproject_gate is None
+
+    removed = shrink_member(gated, 2, None, gate="none", out=tmp_path / "ungated")
+    assert "backproject_gate" not in resolve_model(removed).manifest["models"]["2"]
+    with pytest.raises(UserError, match="noise gate needs a back-projection strength"):
+        shrink_member(out, 4, None, gate=(0.3, 0.4), out=tmp_path / "nothing-to-gate")
+    with pytest.raises(UserError, match="two noise ratios"):
+        shrink_member(out, 2, None, backproject=1, gate=(0.5, 0.4), out=tmp_path / "backwards")
+    for bad in ([0.5, 0.4], [0.3], "0.3,0.4", [0.3, True]):
+        meta = json.loads((gated / "bundle.json").read_text())
+        meta["models"]["2"]["backproject_gate"] = bad
+        (gated / "bundle.json").write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=r"models\.2\.backproject_gate"):
+            resolve_model(gated).sample_for(2, SampleConfig())
+    with pytest.raises(UserError, match="noise gate"):
+        SampleConfig(backproject=1, backproject_gate=(0.4, 0.4))
+
+
+def test_shrink_cli_sets_and_refuses_a_noise_gate(tmp_path, three, capsys):  # noqa: F811
+    from training.shrink import main
+
+    out = make_bundle(three, tmp_path / "bundle")
+    main([str(out), "--scale", "2", "--backproject", "2", "--backproject-gate", "0.37,0.42", "--out", str(tmp_path / "g")])
+    assert resolve_model(tmp_path / "g").manifest["models"]["2"]["backproject_gate"] == [0.37, 0.42]
+    with pytest.raises(SystemExit):
+        main([str(out), "--scale", "2", "--backproject-gate", "high", "--out", str(tmp_path / "h")])
+    assert "give LO,HI" in capsys.readouterr().err and not (tmp_path / "h").exists()
+
+
+def test_a_run_is_fed_at_the_strength_it_was_trained_at(tmp_path, synth_dataset):
+    """A run or checkpoint trained on back-projected inputs (a fine-tune of such a member) is fed
+    them by default, as a bundle member with that strength is."""
+    import dataclasses
+
+    from conftest import tiny_configs
+    from training.train import train
+
+    cfg = tiny_configs(steps=1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backproject=1.5))
+    train(tmp_path / "run", cfg, data_root=synth_dataset, show_progress=False, log=lambda s: None)
+    assert resolve_model(tmp_path / "run").sample_for(4, SampleConfig()).backproject == 1.5
+    assert resolve_model(tmp_path / "run").sample_for(4, SampleConfig(backproject=0)).backproject == 0

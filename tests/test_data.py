@@ -159,3 +159,70 @@ def test_a_crop_made_in_a_window_equals_the_crop_of_the_whole_image(scales, crop
         assert w.scales == whole.scales and w.cond01.shape == (12, 5, crop, crop)
         for a, b in ((w.cond01, whole.cond01), (w.base01, whole.base01), (w.gt01, whole.gt01)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def _varied(monkeypatch, **ranges):
+    import tfsdeploy.data.batches as batches
+
+    for name, value in ranges.items():
+        monkeypatch.setattr(batches, name, value)
+    return batches
+
+
+@pytest.mark.parametrize("scales,crop,bp", [([2], 64, 0), ([8], 64, 1.5), ([2, 4, 8], 100, 0)])
+def test_a_varied_crop_made_in_a_window_equals_the_crop_of_the_whole_image(scales, crop, bp, monkeypatch):
+    """The blur of the varied degradation reaches further than bicubic; the windows still cover it
+    (noise off: a window draws its noise on its own grid, which is another draw of the same law)."""
+    batches = _varied(monkeypatch, VARIED_NOISE=(0.0, 0.0), VARIED_PLAIN=0.25)
+    hr = (torch.rand(12, 8, 256, 256, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    windowed = [make_batch(hr, range(12), scales, crop, np.random.default_rng(s), None, bp, "varied") for s in range(2)]
+    monkeypatch.setattr(batches, "DEGRADE_MARGIN", 10**6)
+    monkeypatch.setattr(batches, "FUSE_MARGIN", 10**6)
+    for s, w in enumerate(windowed):
+        whole = make_batch(hr, range(12), scales, crop, np.random.default_rng(s), None, bp, "varied")
+        for a, b in ((w.cond01, whole.cond01), (w.base01, whole.base01)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_varied_degradation_draws_plain_blurred_and_noisy_inputs(monkeypatch):
+    """Each input is the paper's degradation (about half of them) or blurred, shrunk, noisy and
+    8-bit: checked on the low-resolution pixels themselves (a nearest-neighbour upsampling stands in
+    for the member's, so that every 'scale'-th pixel is one of them)."""
+    import torch.nn.functional as F
+
+    from tfsdeploy.imaging import degrade
+
+    batches = _varied(monkeypatch)
+    hr = torch.rand(40, 5, 64, 64, generator=torch.Generator().manual_seed(2))
+    hr = F.avg_pool2d(F.interpolate(hr, scale_factor=2, mode="bilinear"), 2)  # some spatial correlation
+    a = batches.degrade_varied(hr, 4, 0.0, np.random.default_rng(5))
+    b = batches.degrade_varied(hr, 4, 0.0, np.random.default_rng(5))
+    assert torch.equal(a, b) and a.shape == hr.shape  # a pure function of its draws
+    plain = degrade(hr, 4)
+    is_plain = [torch.equal(a[i], plain[i]) for i in range(40)]
+    assert 10 <= sum(is_plain) <= 30  # VARIED_PLAIN = 0.5
+
+    monkeypatch.setattr(batches, "upsample", lambda lr, size, bp: F.interpolate(lr, size=(size, size), mode="nearest"))
+    monkeypatch.setattr(batches, "VARIED_PLAIN", 0.0)
+    monkeypatch.setattr(batches, "VARIED_BLUR", (0.0, 0.0))
+    monkeypatch.setattr(batches, "VARIED_KERNELS", ("bicubic",))
+    monkeypatch.setattr(batches, "VARIED_NOISE", (0.02, 0.02))
+    lr = batches.degrade_varied(hr, 4, 0.0, np.random.default_rng(6))[..., ::4, ::4]
+    assert torch.equal(lr * 255, (lr * 255).round())  # 8-bit values
+    clean = F.interpolate(hr, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    noise = lr - clean
+    assert abs(float(noise.std()) - 0.02) < 0.002  # sigma 0.02, plus 8-bit rounding (1/255/sqrt(12))
+    assert abs(float(noise.mean())) < 0.002
+
+    monkeypatch.setattr(batches, "VARIED_NOISE", (0.0, 0.0))
+    monkeypatch.setattr(batches, "VARIED_BLUR", (0.5, 0.5))
+    blurred = batches.degrade_varied(hr, 4, 0.0, np.random.default_rng(6))[..., ::4, ::4]
+    detail = lambda x: float((x[..., 1:] - x[..., :-1]).abs().mean())  # noqa: E731
+    assert detail(blurred) < 0.8 * detail(clean)
+
+
+def test_an_unknown_degradation_is_refused():
+    from tfsdeploy.config import DataConfig
+
+    with pytest.raises(UserError, match="degradation must be one of bicubic, varied"):
+        DataConfig(degradation="gaussian")

@@ -446,3 +446,32 @@ def test_a_fine_tune_trains_with_its_own_recipe_not_the_starting_checkpoints(tmp
     assert cfg.train.batch_size == FINE_TUNE["batch_size"] and cfg.train.steps == FINE_TUNE["steps"]
     assert cfg.train.lr == 5e-5 and cfg.data.root == "x"  # options given on the command line win
     assert cfg.train.psf_ssim == gpu_recipe.train.psf_ssim  # the loss is the one the model learnt with
+
+
+def test_a_member_shrunk_to_the_baseline_can_be_fine_tuned_as_a_regression_model(tmp_path, synth_dataset):
+    """A member that predicts no residual (alpha 0) is the baseline under either objective, so a
+    fine-tune may retrain it as a regression model: it starts exactly at the baseline (its held-out
+    A = 0 scores the baseline) and bundles as a regression member. A member that predicts something
+    keeps its objective."""
+    from tfsdeploy.bundle import make_bundle
+    from training.shrink import shrink_member
+
+    src = tmp_path / "src"
+    train(src, tiny_configs(steps=2), data_root=synth_dataset, **QUIET)
+    bundle = make_bundle({2: src}, tmp_path / "b", fp16=False)
+    zero = shrink_member(bundle, 2, 0.0, out=tmp_path / "b0") / "x2.safetensors"
+    reg = resolve_configs(tmp_path / "ft", PRESETS["tiny"],
+                          {"diffusion": {"objective": "regression"}, "data": {"scales": (2,), "crop": 32},
+                           "train": {"steps": 3, "val_every": 0, "batch_size": 2}}, init=zero)
+    assert reg.diffusion.objective == "regression" and reg.diffusion.prediction == "x0"
+    with pytest.raises(UserError, match="change the objective only of a model that predicts no residual"):
+        Trainer(tmp_path / "bad", reg, synth_dataset, log=lambda s: None, init_from=bundle / "x2.safetensors")
+    msgs = []
+    train(tmp_path / "ft", reg, data_root=synth_dataset, log=msgs.append, show_progress=False, init_from=zero)
+    ckpt = load_checkpoint(tmp_path / "ft")
+    choice = ckpt.meta["blend_choice"]
+    assert ckpt.configs.diffusion.objective == "regression"
+    assert abs(choice["scores"]["0"]["psnr"] - choice["baseline"]["psnr"]) < 1e-4
+    assert abs(choice["scores"]["0"]["ssim"] - choice["baseline"]["ssim"]) < 1e-6
+    out = make_bundle({2: tmp_path / "ft"}, tmp_path / "b2", fp16=False)
+    assert load_checkpoint(out / "x2.safetensors").configs.diffusion.objective == "regression"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tfsdeploy.checkpoint import read_meta, sha256_file
-from tfsdeploy.config import BACKPROJECT_MAX, SCALES
+from tfsdeploy.config import BACKPROJECT_MAX, SCALES, valid_gate
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, check_output, write_safetensors
 
@@ -48,6 +48,7 @@ _MEMBER_FIELDS = {
     "blend": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, "a number in [0, 1]"),
     "backproject": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= BACKPROJECT_MAX,
                     f"a number from 0 to {BACKPROJECT_MAX}"),
+    "backproject_gate": (valid_gate, "two noise ratios [lo, hi] with 0 <= lo < hi"),
 }
 _REQUIRED = ("file", "sha256")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -124,6 +125,9 @@ class DiffusionConfig:
         _check(self.target == "residual" or self.residual_scale == 1.0, "residual_scale applies to target residual only")
 
 
+DEGRADATIONS = ("bicubic", "varied")  # DataConfig.degradation
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where training data comes from and how it is degraded and cut."""
@@ -136,9 +140,15 @@ class DataConfig:
     # (tfsdeploy.inputs.upsample), so that a model learns on the inputs it will be fed; 0 = none.
     # A fine-tune of a bundle member takes the member's strength.
     backproject: float = 0.0
+    # how the low-resolution training inputs are made: "bicubic" (the paper's bicubic down), or
+    # "varied" (half of them so, the other half blurred, shrunk by another kernel, noisy and 8-bit;
+    # tfsdeploy.data.batches.degrade_varied)
+    degradation: str = "bicubic"
 
     def __post_init__(self) -> None:
         _check(len(self.scales) > 0 and all(s in SCALES for s in self.scales), f"scales must be drawn from {SCALES}")
+        _check(self.degradation in DEGRADATIONS,
+               f"degradation must be one of {', '.join(DEGRADATIONS)}, got {self.degradation!r}")
         _check(self.crop >= 0, "crop must be >= 0")
         _check(isinstance(self.backproject, (int, float)) and not isinstance(self.backproject, bool)
                and 0 <= self.backproject <= BACKPROJECT_MAX,
@@ -188,6 +198,9 @@ class SampleConfig:
     # strength of the back-projection that sharpens the upsampled inputs (tfsdeploy.inputs.upsample);
     # None = the bundle's recommendation for the scale, else 0 (plain bicubic)
     backproject: float | None = None
+    # a noise gate (lo, hi) on that strength: each slice gets all of it up to a noise ratio of lo, none
+    # from hi on (tfsdeploy.inputs.noise_ratio); None = the bundle's with its strength, else no gate
+    backproject_gate: tuple[float, float] | None = None
     # average the fused images of the 8 flips and quarter turns of the inputs (tfsdeploy.ensemble):
     # 8 network calls per step instead of 1
     ensemble: bool = False
@@ -199,6 +212,15 @@ class SampleConfig:
                f"spacing must be linear, quadratic or trailing, got {self.spacing!r}")
         _check(self.backproject is None or 0 <= self.backproject <= BACKPROJECT_MAX,
                f"back-projection strength must be between 0 and {BACKPROJECT_MAX}, got {self.backproject}")
+        _check(self.backproject_gate is None or valid_gate(self.backproject_gate),
+               f"a back-projection noise gate must be two noise ratios 0 <= lo < hi, got {self.backproject_gate}")
+
+
+def valid_gate(gate: Any) -> bool:
+    """Whether `gate` is a back-projection noise gate: two numbers 0 <= lo < hi."""
+    return (isinstance(gate, (list, tuple)) and len(gate) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in gate)
+            and 0 <= gate[0] < gate[1])
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -6,7 +6,9 @@ The input rule (documented in the README):
   * each input is then brought to size/scale (bicubic, antialiased when shrinking: this is a
     no-op for a true low-resolution input of that size, and the paper's degradation for an input
     that is already high-resolution), and bicubic-upsampled by `scale` to `size`, optionally
-    followed by rounds of back-projection (`upsample`), as the model's member recommends;
+    followed by rounds of back-projection (`upsample`), as the model's member recommends, on each
+    slice only as far as its inputs look free of noise when the member has a noise gate
+    (`noise_ratio`);
   * the output is size x size, with the padding cropped off again, so it keeps the input's
     aspect ratio.
 So the scale always divides the output size; `size` defaults to the model's training size (256).
@@ -92,21 +94,57 @@ def low_resolution(trip: Triplet, scale: int, size: int) -> tuple[torch.Tensor, 
     return resize(square[None], (size // scale, size // scale)), pads, square.shape[-1]
 
 
-def upsample(lr: torch.Tensor, size: int, backproject: float = 0.0) -> torch.Tensor:
+# The finest band of an image (Immerkaer's 3x3 kernel, whose response is the checkerboard pattern) and
+# the same kernel one octave lower (dilated by 2): for white noise both respond alike, while an image
+# shrunk from a sharper one has little left at the finest band.
+_BAND = torch.tensor([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+def noise_ratio(lr: torch.Tensor) -> torch.Tensor:
+    """Low-resolution sources [B,C,h,w] (T1 and T2 first) -> [B]: the mean absolute response of the
+    finest band over that of the band one octave lower, on the two MR inputs. About 1 for white
+    noise; 0.14-0.34 for the project's bicubic shrinking of templates, ICBM and synthetic slices at
+    x2, 0.45-0.79 for the same slices blurred, shrunk, noisy and 8-bit (MODEL_CARD.md). An input
+    too small for the band (under 5 px) or without structure counts as clean (0)."""
+    if min(lr.shape[-2:]) < 5:
+        return torch.zeros(lr.shape[0], device=lr.device)
+    mr = lr[:, :2].float().flatten(0, 1)[:, None]
+    k = _BAND.to(mr.device)[None, None]
+    fine = F.conv2d(mr, k).abs().mean(dim=(1, 2, 3)).view(lr.shape[0], -1).mean(dim=1)
+    coarse = F.conv2d(mr, k, dilation=2).abs().mean(dim=(1, 2, 3)).view(lr.shape[0], -1).mean(dim=1)
+    return torch.where(coarse > 1e-6, fine / coarse.clamp(min=1e-6), torch.zeros_like(fine))
+
+
+def gated_strength(lr: torch.Tensor, backproject: float, gate: tuple[float, float] | None) -> torch.Tensor | float:
+    """The back-projection strength each slice of `lr` [B,C,h,w] gets: `backproject` where its
+    `noise_ratio` is at most gate[0], none from gate[1] on, linearly in between ([B,1,1,1]); the
+    strength itself without a gate."""
+    if gate is None or not backproject:
+        return backproject
+    lo, hi = gate
+    share = ((hi - noise_ratio(lr)) / (hi - lo)).clamp(0, 1)
+    return (backproject * share).view(-1, 1, 1, 1).to(lr)
+
+
+def upsample(lr: torch.Tensor, size: int, backproject: float = 0.0,
+             gate: tuple[float, float] | None = None) -> torch.Tensor:
     """Low-resolution sources [B,C,h,w] in [0, 1] -> [B,C,size,size]: bicubic, then iterative
     back-projection of strength `backproject` (0: none). A round shrinks the estimate as the inputs
     were shrunk (bicubic, antialiased) and adds a step times the bicubic upsampling of what that
     misses of the inputs, so the estimate moves towards one that shrinks back to the given pixels.
-    Strength s runs ceil(s) rounds of step s / ceil(s): 0.5 is one half step, 2 two full rounds."""
+    Strength s runs ceil(s) rounds of step s / ceil(s): 0.5 is one half step, 2 two full rounds.
+    With a noise `gate` (lo, hi), each slice runs the same rounds with its step scaled down as its
+    inputs look noisy (`gated_strength`): back-projection sharpens noise as much as detail."""
     if not math.isfinite(backproject) or backproject < 0:
         raise UserError(f"back-projection strength must be >= 0, got {backproject}")
     x = resize(lr, (size, size))
     rounds = math.ceil(backproject)
+    strength = gated_strength(lr, backproject, gate)
     h, w = lr.shape[-2:]
     for _ in range(rounds):
         miss = lr - resize(x, (h, w))  # resize clamps to [0, 1]; the miss is signed, so interpolate it directly
-        x = (x + backproject / rounds * F.interpolate(miss, size=(size, size), mode="bicubic",
-                                                      align_corners=False)).clamp(0, 1)
+        x = (x + strength / rounds * F.interpolate(miss, size=(size, size), mode="bicubic",
+                                                   align_corners=False)).clamp(0, 1)
     return x
 
 
@@ -122,13 +160,13 @@ def degrade_as_seen(hr: torch.Tensor, scale: int, backproject: float = 0.0) -> t
     return upsample(resize(hr, (h // scale, w // scale)), h, backproject)
 
 
-def make_condition(trip: Triplet, scale: int, size: int,
-                   backproject: float = 0.0) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+def make_condition(trip: Triplet, scale: int, size: int, backproject: float = 0.0,
+                   gate: tuple[float, float] | None = None) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
     """Triplet -> condition [1,5,size,size] in [0, 1] and the crop box (top, bottom, left, right) of
-    the real image inside the padded square, in output pixels. `backproject`: see `upsample`."""
+    the real image inside the padded square, in output pixels. `backproject`, `gate`: see `upsample`."""
     box = output_box(*trip.t1.shape[-2:], size)  # first: refuses a shape with no output before any work
     lr, _, _ = low_resolution(trip, scale, size)
-    return upsample(lr, size, backproject), box
+    return upsample(lr, size, backproject, gate), box
 
 
 def output_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:

@@ -131,13 +131,26 @@ class ModelRef:
 
     def sample_for(self, scale: int, sample: SampleConfig) -> SampleConfig:
         """How `scale` runs: DDIM without a step count gets the bundle's recommendation, else
-        DEFAULT_DDIM_STEPS, and an unset back-projection the bundle's (else 0), so both are always
+        DEFAULT_DDIM_STEPS, and an unset back-projection the model's (`_backproject`), so both are always
         explicit; anything given is kept."""
         if sample.backproject is None:
-            sample = dataclasses.replace(sample, backproject=float(self._entry(scale).get("backproject", 0)))
+            gate = self._entry(scale).get("backproject_gate") if self.kind == "bundle" else None
+            sample = dataclasses.replace(sample, backproject=self._backproject(scale),
+                                         backproject_gate=sample.backproject_gate or (tuple(gate) if gate else None))
         if sample.sampler != "ddim" or sample.steps:
             return sample
         return dataclasses.replace(sample, steps=self.ddim_steps(scale) or DEFAULT_DDIM_STEPS)
+
+    def _backproject(self, scale: int) -> float:
+        """The strength the model's inputs are meant to be upsampled with: a bundle member's entry, or
+        for a run or checkpoint the strength it was trained at (a fine-tune of a member trains at the
+        member's); 0 for an exported artifact."""
+        if self.kind == "bundle":
+            return float(self._entry(scale).get("backproject", 0))
+        if self.kind == "artifact":
+            return 0.0
+        _, meta = read_meta(self.path)
+        return float(meta.get("data", {}).get("backproject", 0.0))
 
     def fusable_member(self, scale: int) -> Path:
         """The member for `scale`, after refusing a model that does not take 5 condition channels and

@@ -241,7 +241,9 @@ class FusionPipeline:
     def describe(self) -> str:
         where = f", model {self.source}" if self.source else ""
         graph = ", one CUDA graph per fuse" if self.loop is not None and self.loop.supports(self.sample) else ""
+        gate = self.backproject_gate
         inputs = (f", back-projection {self.backproject:g}" if self.backproject else "") + \
+            (f" (less from noise ratio {gate[0]:g}, none from {gate[1]:g})" if gate else "") + \
             (", ensemble of 8 views" if self.sample.ensemble else "")
         return (f"x{self.scale}{inputs}, {self.sample.sampler}-{self.steps}, engine {self.denoiser.describe()}"
                 f"{graph}{where}")
@@ -251,9 +253,14 @@ class FusionPipeline:
         """The strength of the back-projection the inputs are upsampled with (tfsdeploy.inputs.upsample)."""
         return self.sample.backproject or 0.0
 
+    @property
+    def backproject_gate(self) -> tuple[float, float] | None:
+        """The noise gate on that strength (tfsdeploy.inputs.gated_strength), or None."""
+        return self.sample.backproject_gate if self.backproject else None
+
     def upsample(self, lr01: torch.Tensor, size: int) -> torch.Tensor:
         """Low-resolution sources [B,5,h,w] -> the condition [B,5,size,size] this model is fed."""
-        return upsample(lr01, size, self.backproject)
+        return upsample(lr01, size, self.backproject, self.backproject_gate)
 
     def check_size(self, size: int) -> int:
         """The output side for `size` (0 = the model's training size), validated."""
@@ -327,7 +334,8 @@ class FusionPipeline:
         aspect ratio (see tfsdeploy.inputs for the input rule)."""
         size = self.check_size(size)
         self.max_batch(size, cap=1)  # refuse, before any work, a size this device cannot hold
-        cond01, (top, bottom, left, right) = make_condition(trip, self.scale, size, self.backproject)
+        cond01, (top, bottom, left, right) = make_condition(trip, self.scale, size, self.backproject,
+                                                            self.backproject_gate)
         return self(cond01, progress=progress)[0, :, top:bottom, left:right].float().cpu()
 
     def fuse_files(self, t1: str | Path, t2: str | Path, func: str | Path, out: str | Path, size: int = 0,
@@ -358,7 +366,8 @@ class FusionPipeline:
             conds, box = [], None
             for i in range(start, start + count):
                 s = scan.slice(i)
-                cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size, self.backproject)
+                cond01, box = make_condition(as_triplet(s.t1, s.t2, s.func), self.scale, size, self.backproject,
+                                             self.backproject_gate)
                 conds.append(cond01)
             top, bottom, left, right = box
             fused = self(torch.cat(conds))[:, :, top:bottom, left:right]

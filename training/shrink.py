@@ -14,7 +14,9 @@ existing --out is replaced only when it holds nothing else), atomically: its fil
 bundle.json, `residual_alpha` there and in the member's header (which also records the sha256 of the
 weights it was made from), with --ddim-steps the member's recommended DDIM step count, and with
 --backproject the strength of the back-projection its inputs are upsampled with
-(tfsdeploy.inputs.upsample; 0 removes it). Without --alpha the member's file is kept as it is. In
+(tfsdeploy.inputs.upsample; 0 removes it) and with --backproject-gate LO,HI a noise gate on that
+strength (each slice gets all of it up to a noise ratio of LO and none from HI on:
+tfsdeploy.inputs.gated_strength; `none` removes it). Without --alpha the member's file is kept as it is. In
 place, only the member's file and bundle.json change, together; nothing else in the folder is
 touched. The packaged model (`default`) is never rewritten in place.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from tfsdeploy.bundle import BUNDLE_FILE, BUNDLE_OWNS, DEFAULT_BUNDLE, check_backproject
 from tfsdeploy.checkpoint import read_meta, sha256_file
+from tfsdeploy.config import valid_gate
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, atomic_outputs, check_output, write_safetensors
 from tfsdeploy.modelref import resolve_model
@@ -39,10 +42,11 @@ FINAL_CONV = ("final.conv.weight", "final.conv.bias")
 
 def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_steps: int = 0,
                   out: str | Path | None = None, notes: str | None = None,
-                  backproject: float | None = None) -> Path:
+                  backproject: float | None = None, gate: tuple[float, float] | str | None = None) -> Path:
     """Write `bundle` (to `out`, default: in place) with member x`scale` shrunk by `alpha` (None:
-    as it is), recommending `ddim_steps` (0: as it was) and a back-projection strength (None: as it
-    was), and with `notes` (None: as they were)."""
+    as it is), recommending `ddim_steps` (0: as it was), a back-projection strength (None: as it
+    was) and its noise `gate` ((lo, hi); "none" removes it; None: as it was), and with `notes`
+    (None: as they were)."""
 
     from safetensors.torch import load_file
 
@@ -69,6 +73,8 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
         raise UserError(f"{src}: already shrunk (alpha {meta['residual_alpha']}); shrink the member it came from")
     if backproject is not None:
         check_backproject(scale, backproject)
+    if gate not in (None, "none") and not valid_gate(gate):
+        raise UserError(f"x{scale}: a back-projection noise gate must be two noise ratios 0 <= lo < hi, got {gate}")
     if ddim_steps < 0 or ddim_steps > meta.get("schedule", {}).get("num_steps", 0):
         raise UserError(f"x{scale}: {ddim_steps} DDIM steps is not a step count of this schedule")
     if alpha is not None:
@@ -99,11 +105,27 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
             entry = {k: v for k, v in entry.items() if k != "backproject"}
             if backproject:
                 entry["backproject"] = backproject
+        if gate is not None:
+            entry = {k: v for k, v in entry.items() if k != "backproject_gate"}
+            if gate != "none":
+                entry["backproject_gate"] = [float(v) for v in gate]
+        if entry.get("backproject_gate") and not entry.get("backproject"):
+            raise UserError(f"x{scale}: a noise gate needs a back-projection strength to gate (--backproject)")
         manifest["models"][str(scale)] = entry
         if notes is not None:
             manifest["notes"] = notes
         (stage / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return dest
+
+
+def _gate(text: str) -> tuple[float, float] | str:
+    if text == "none":
+        return text
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give LO,HI (two numbers) or none, got {text!r}") from None
+    return lo, hi
 
 
 def parser() -> argparse.ArgumentParser:
@@ -114,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ddim-steps", type=int, default=0, help="the member's recommended DDIM steps (0: keep)")
     ap.add_argument("--backproject", type=float, default=None,
                     help="back-projection strength of the member's inputs (0: none; default: keep)")
+    ap.add_argument("--backproject-gate", default=None, type=_gate,
+                    help="LO,HI: the noise ratios where the strength starts to fall and where it is 0 "
+                         "(`none`: remove; default: keep)")
     ap.add_argument("--out", type=Path, default=None, help="write a new bundle here instead of in place")
     ap.add_argument("--notes", default=None, help="replace the bundle's notes")
     return ap
@@ -123,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         print(shrink_member(args.bundle, args.scale, args.alpha, args.ddim_steps, args.out, args.notes,
-                            args.backproject))
+                            args.backproject, args.backproject_gate))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

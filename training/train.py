@@ -80,7 +80,7 @@ def resolve_configs(run_dir: str | Path, model: ModelConfig, overrides: dict[str
         _, saved = read_meta(init)
         saved = {**saved, "data": {**saved.get("data", {}), "root": ""},
                  "train": {**saved.get("train", {}), **FINE_TUNE}}
-        return _merge_checked(saved, overrides, {"data": None, "train": None},
+        return _merge_checked(saved, overrides, {"data": None, "train": None, "diffusion": {"objective"}},
                               lambda what: f"--init {init} was trained with {what}; a fine-tune keeps the "
                                            f"model it starts from (drop that option)")
     merged = {"model": to_dict(model)}
@@ -137,6 +137,13 @@ def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> tuple[P
     if entry.get("ddim_steps"):
         shipped["ddim_steps"] = int(entry["ddim_steps"])
     return ref.member(scales[0]), shipped
+
+
+def _predicts_nothing(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether a TFS-Diff network's last convolution is all zero: it then outputs 0 whatever it is
+    given, which with target "residual" is the upsample-then-fuse baseline under any objective."""
+    final = [weights.get(k) for k in ("final.conv.weight", "final.conv.bias")]
+    return all(t is not None and not bool(t.any()) for t in final)
 
 
 def _replace(cfg, k, v):
@@ -291,6 +298,12 @@ class Trainer:
         ckpt = load_checkpoint(path)
         if ckpt.configs.model != self.cfg.model:
             raise UserError(f"{path}: its model config differs from this run's; --init needs the same preset")
+        was = ckpt.configs.diffusion.objective
+        if was != self.cfg.diffusion.objective and not _predicts_nothing(ckpt.weights):
+            # the same weights would mean another model under the other objective; one that predicts
+            # no residual (a member shrunk to alpha 0) is the upsample-then-fuse baseline under both
+            raise UserError(f"--init {path} was trained with objective {was}; a fine-tune can change the "
+                            f"objective only of a model that predicts no residual (a member shrunk to alpha 0)")
         for m in (self.model, self.ema):
             load_weights(m, ckpt.weights, ckpt.path)
         self.init_info = {"path": str(ckpt.path), "step": ckpt.step,
@@ -345,7 +358,7 @@ class Trainer:
         dc = self.cfg.data
         idx = rng.integers(0, len(self.train_set), size=self.cfg.train.batch_size)
         b = make_batch(self.train_hr, idx, list(dc.scales), dc.crop, rng, augment if dc.augment else None,
-                       dc.backproject)
+                       dc.backproject, dc.degradation)
         weight = (torch.tensor([self.scale_weights[s] for s in b.scales], device=self.device)
                   if self.scale_weights else None)
         return b.cond01, b.base01, b.gt01, weight

@@ -30,6 +30,8 @@ def train(
                                             "deterministically: an upper bound, not a diffusion model)."),
     scale_balance: Optional[bool] = typer.Option(None, "--scale-balance/--no-scale-balance",
                                                  help="Weight the loss per scale by 1 / baseline MSE."),
+    degradation: Optional[str] = typer.Option(None, help="Training inputs: bicubic (the paper's bicubic down) or "
+                                              "varied (half of them blurred, shrunk otherwise, noisy and 8-bit)."),
     tmfa: Optional[str] = typer.Option(None, help="TMFA placement: paper, all (authors' code) or none (ablation)."),
     psf_mse: Optional[float] = typer.Option(None, max=1000.0, help="PSF loss weight of MSE on x0_hat (lambda1)."),
     psf_ssim: Optional[float] = typer.Option(None, max=1000.0,
@@ -67,7 +69,7 @@ def train(
         "diffusion": {"prediction": prediction, "target": target, "residual_scale": residual_scale,
                       "objective": objective},
         "data": {"root": str(data) if data else None, "scales": parse_scales(scales), "crop": crop,
-                 "augment": augment},
+                 "augment": augment, "degradation": degradation},
         "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "psf_mse": psf_mse, "psf_ssim": psf_ssim,
                   "ema_decay": ema_decay, "seed": seed, "val_every": val_every, "ckpt_every": ckpt_every,
                   "log_every": log_every, "threads": threads,

@@ -350,7 +350,9 @@ class CohortSpec:
     def options(self) -> dict:
         s = self.sample
         return {"scale": self.scale, "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing, "seed": s.seed,
-                "backproject": s.backproject, "ensemble": s.ensemble, "size": self.size, "grid": self.grid,
+                "backproject": s.backproject,
+                "backproject_gate": list(s.backproject_gate) if s.backproject_gate else None,
+                "ensemble": s.ensemble, "size": self.size, "grid": self.grid,
                 "register": self.register is not False,
                 "register_bounds": ([self.register.max_rotation_deg, self.register.max_shift_mm]
                                     if not isinstance(self.register, bool) else None),

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         pipe.fuse_files(a.t1, a.t2, a.func, a.out)
     else:
         cond01, (top, bottom, left, right) = make_condition(read_triplet(a.t1, a.t2, a.func), a.scale,
-                                                            pipe.check_size(0), pipe.backproject)
+                                                            pipe.check_size(0), pipe.backproject,
+                                                            pipe.backproject_gate)
         write_png(a.out, pipe(cond01.repeat(a.batch, 1, 1, 1))[0, :, top:bottom, left:right].float().cpu())
     print(json.dumps({"describe": pipe.describe(), "seconds": time.perf_counter() - t0,
                       "peak_rss_mib": rss_mib()[1]}))

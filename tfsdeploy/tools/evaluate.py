@@ -76,6 +76,9 @@ def model_entry(ref: ModelRef, pipelines: dict[int, FusionPipeline], cfg: EvalCo
     key = f"model:{sha[:16]}:{s.sampler}:{steps}:{s.spacing}:{s.seed}"
     if any(pipelines[scale].backproject for scale in cfg.scales):  # absent when 0: earlier caches stay valid
         key += ":bp" + "/".join(f"{pipelines[scale].backproject:g}" for scale in cfg.scales)
+    gates = [pipelines[scale].backproject_gate for scale in cfg.scales]
+    if any(gates):  # likewise
+        key += ":gate" + "/".join(f"{g[0]:g}-{g[1]:g}" if g else "-" for g in gates)
     if s.ensemble:
         key += ":ensemble8"
     first = pipelines[cfg.scales[0]]

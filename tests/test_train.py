@@ -295,12 +295,14 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
     from conftest import write_folder
     from tfsdeploy.bundle import make_bundle
     from tfsdeploy.cli import app
+    from training.shrink import shrink_member
 
     src = tmp_path / "src"
     cfg = dataclasses.replace(tiny_configs(steps=2), diffusion=dataclasses.replace(
         tiny_configs().diffusion, residual_scale=3.0))
     train(src, cfg, data_root=synth_dataset, **QUIET)
     packaged = make_bundle({4: src, 8: src}, tmp_path / "bundle", ddim_steps={4: 1}, backproject={4: 0.75})
+    packaged = shrink_member(packaged, 4, None, gate=(0.3, 0.5), out=tmp_path / "gated")
     monkeypatch.setenv("TFSDEPLOY_MODEL", str(packaged))  # what `--init default` resolves to
     mine = write_folder(tmp_path / "mine", ["a", "b", "c", "d", "e"], gt=False)  # full resolution, no gt
     cli = CliRunner()
@@ -336,7 +338,7 @@ def test_fine_tune_a_bundle_member_from_the_cli_and_bundle_the_result(tmp_path, 
     res = cli.invoke(app, ["bundle", str(tmp_path / "mybundle"), "--x4", str(tmp_path / "ft")])
     assert res.exit_code == 0, res.output
     entry = json.loads((tmp_path / "mybundle" / "bundle.json").read_text())["models"]["4"]
-    assert entry["backproject"] == 0.75 and entry["ddim_steps"] == 1
+    assert entry["backproject"] == 0.75 and entry["ddim_steps"] == 1 and entry["backproject_gate"] == [0.3, 0.5]
     assert entry.get("blend", 1) == choice["alpha"]
     d = synth_dataset / "test"
     res = cli.invoke(app, ["fuse", *(str(d / m / "e00.png") for m in ("t1", "t2", "func")), "--model",

@@ -130,7 +130,8 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
     back-projection strength a scale's inputs are upsampled with (tfsdeploy.inputs.upsample).
 
     A fine-tune keeps what the member it started from was shipped with: a scale not in `backproject`
-    gets the strength the checkpoint was trained at, one not in `ddim_steps` the step count its start
+    gets the strength the checkpoint was trained at (with its start's noise gate, when that strength
+    is its start's), one not in `ddim_steps` the step count its start
     recommended, and one not in `blend` the blend the fine-tune chose on its held-out slices
     (training.train.Trainer.choose_blend; 0 stores the start itself)."""
     from tfsdeploy.checkpoint import load_checkpoint
@@ -173,6 +174,8 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
             strength = (backproject or {}).get(scale, ckpt.configs.data.backproject)
             if strength:
                 models[str(scale)]["backproject"] = check_backproject(scale, strength)
+                if init.get("backproject_gate") and strength == init.get("backproject"):
+                    models[str(scale)]["backproject_gate"] = list(init["backproject_gate"])  # as it was shipped
         (tmp / BUNDLE_FILE).write_text(json.dumps(
             {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "models": models, "notes": notes},
             indent=2, sort_keys=True) + "\n")

@@ -120,7 +120,8 @@ def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> tuple[P
     member (`default` is the packaged bundle) for the one scale being trained; with what it was
     shipped with, which the fine-tune keeps: the back-projection strength its inputs get
     (`backproject`: the member's, or the strength a run was trained at) and, for a bundle member,
-    its recommended DDIM step count (`ddim_steps`)."""
+    that strength's noise gate (`backproject_gate`) and its recommended DDIM step count
+    (`ddim_steps`)."""
     from tfsdeploy.modelref import resolve_model
 
     ref = resolve_model(init)
@@ -134,6 +135,8 @@ def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> tuple[P
                         f"(one of {', '.join(map(str, ref.scales))})")
     entry = ref.manifest["models"][str(scales[0])]
     shipped = {"backproject": float(entry.get("backproject", 0.0))}
+    if entry.get("backproject_gate"):
+        shipped["backproject_gate"] = [float(v) for v in entry["backproject_gate"]]
     if entry.get("ddim_steps"):
         shipped["ddim_steps"] = int(entry["ddim_steps"])
     return ref.member(scales[0]), shipped

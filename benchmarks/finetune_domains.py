@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.cases import find_wheel, require_wheel  # noqa: E402
 from benchmarks.finetune_study import build_icbm  # noqa: E402
+from tfsdeploy.checkpoint import read_meta  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
 
 DOMAINS = {"icbm": False, "icbm-cor": True}  # name -> coronal
@@ -64,8 +65,8 @@ def one(model: str, domain: Path, scale: int, steps: int, work: Path, extra: lis
         return json.loads(result.read_text())
     run, bundle, ev = work / "run", work / "bundle", work / "eval"
     wall = {}
-    if not (run / "latest").is_file() or json.loads((run / "config.json").read_text())["train"]["steps"] != steps:
-        wall["train_s"] = cli("train", "--init", model, "--data", str(domain), "--scales", str(scale), "--out",
+    if not (run / "latest").is_file() or read_meta(run)[1]["step"] < steps:
+        wall["train_wall_s"] = cli("train", "--init", model, "--data", str(domain), "--scales", str(scale), "--out",
                               str(run), "--threads", "1", "--steps", str(steps), "--no-progress", *extra, log=log)
     if not (bundle / "bundle.json").is_file():
         cli("bundle", str(bundle), f"--x{scale}", str(run), log=log)
@@ -79,12 +80,13 @@ def one(model: str, domain: Path, scale: int, steps: int, work: Path, extra: lis
     per = values["per_image"][f"x{scale}"]
     names = sorted(per[tuned_label])
     worse = [n for n in names if per[tuned_label][n]["PSNR"] < per[start_label][n]["PSNR"]]
-    choice = json.loads((bundle / "bundle.json").read_text())["models"][str(scale)]
+    chosen = read_meta(run)[1].get("blend_choice") or {}  # A = 1 leaves no blend in bundle.json
     out = {"scale": scale, "steps": steps, "slices": len(names),
            "baseline": {k: table["bicubic + classical"][k] for k in ("PSNR", "SSIM")},
            "start": {k: table[start_label][k] for k in ("PSNR", "SSIM")},
            "tuned": {k: table[tuned_label][k] for k in ("PSNR", "SSIM")},
-           "slices_worse": worse, "blend": choice.get("blend"), **wall}
+           "slices_worse": worse, "blend": chosen.get("alpha"),
+           "train_s": float(read_meta(run)[1].get("elapsed_s", float("nan"))), **wall}
     with atomic_path(result) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out

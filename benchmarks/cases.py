@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from tfsdeploy.data.spm import brain_slices, slice_to_image
+from tfsdeploy.fileio import atomic_dir
 from tfsdeploy.data.synth import gaussian_blur
 from tfsdeploy.fusion import fuse_condition
-from tfsdeploy.imaging import normalise_volume, quantise_uint8, resize
+from tfsdeploy.imaging import normalise_volume, quantise_uint8, resize, write_png
 from tfsdeploy.inputs import Triplet, as_triplet, fuse_baseline
 from tfsdeploy.metrics import score_image
 
@@ -210,3 +211,44 @@ def score_baseline(case: Case, scale: int) -> dict[str, float]:
     ground truth."""
     return score_image(fuse_baseline(case.lr, scale, SIZE), case.gt01)
 
+
+# --------------------------------------------------------------------------- split ICBM datasets (fine-tuning studies)
+
+
+def plan_slices(gm: np.ndarray, test_n: int, gap: int, span: int) -> dict[str, list[int]]:
+    """Test: `test_n` slices, every 2nd, centred on the brain's middle; train: every 2nd slice from
+    `gap` below / above the test range outwards, `span` slices each way, inside the brain."""
+    zs = brain_slices(gm)
+    z0, z1 = zs[0], zs[-1]
+    mid = (z0 + z1) // 2
+    test = [mid - (test_n - 1) + 2 * i for i in range(test_n)]
+    below = list(range(test[0] - gap, max(z0, test[0] - gap - span) - 1, -2))[::-1]
+    above = list(range(test[-1] + gap, min(z1, test[-1] + gap + span) + 1, 2))
+    return {"train": below + above, "test": test}
+
+
+def build_icbm(out: Path, wheel: Path, test_n: int, gap: int, span: int, coronal: bool = False) -> dict:
+    """The split ICBM dataset (axial slices, or with `coronal` coronal ones) at `out`, once."""
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    vols = icbm_volumes(wheel)
+    splits = plan_slices(vols["gm"].swapaxes(0, 1) if coronal else vols["gm"], test_n, gap, span)
+    summary = {"source": f"ICBM 2009a 1 mm T1/GM/WM from {wheel.name}, synthesised as in benchmarks/cases.py"
+                         + (", coronal slices" if coronal else ""),
+               "size": SIZE, "slices": splits, "counts": {s: len(v) for s, v in splits.items()},
+               "min_gap_slices": min(abs(a - b) for a in splits["train"] for b in splits["test"]),
+               "ground_truth": "classical fusion (tfsdeploy.fusion.fuse_condition) of the 8-bit HR sources"}
+    with atomic_dir(out) as tmp:
+        for split, zlist in splits.items():
+            for d in ("t1", "t2", "func", "gt"):
+                (tmp / split / d).mkdir(parents=True)
+            for i, z in enumerate(zlist):
+                func = "spect" if i % 2 == 0 else "pet"
+                hr = icbm_sources(vols, z, func, coronal)  # the sources as 8-bit PNGs hold them
+                gt = fuse_condition(hr[None])[0]
+                name = f"icbm-{func}_{'cor' if coronal else 'z'}{z:03d}"
+                for d, img in (("t1", hr[:1]), ("t2", hr[1:2]), ("func", hr[2:]), ("gt", gt)):
+                    write_png(tmp / split / d / f"{name}.png", img)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -34,8 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cases import find_wheel, require_wheel  # noqa: E402
-from benchmarks.finetune_study import build_icbm  # noqa: E402
+from benchmarks.cases import build_icbm, find_wheel, require_wheel  # noqa: E402
 from tfsdeploy.checkpoint import read_meta  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import json
 import sys
 import zipfile
 from dataclasses import dataclass

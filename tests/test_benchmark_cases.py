@@ -89,3 +89,28 @@ def test_icbm_cases_pair_a_downscaled_triplet_with_the_classical_fusion_of_its_s
     z = int(got[0].name.split("cor")[1])
     hr = cases.icbm_sources(cases.icbm_volumes(cases.find_wheel()), z, "spect", coronal=True)
     assert torch.equal(got[0].gt01, fuse_condition(hr[None])[0])
+
+
+def test_build_icbm_writes_a_split_dataset_once_axial_or_coronal(tmp_path, monkeypatch):
+    """The fine-tuning studies' split: test slices in the middle, training slices at least `gap`
+    away on both sides, every file of a dataset folder written, and a finished folder reused."""
+    rng = np.random.default_rng(0)
+    shape = (40, 48, 44)
+    gm = np.zeros(shape, np.float32)
+    gm[4:36, 6:42, 6:38] = 0.8  # "brain" on 32 axial and 36 coronal slices
+    vols = {k: rng.random(shape).astype(np.float32) for k in ("t1", "t2", "spect", "pet")}
+    vols["gm"] = gm
+    monkeypatch.setattr(cases, "icbm_volumes", lambda wheel: vols)
+    for coronal, view in ((False, "z"), (True, "cor")):
+        out = tmp_path / view
+        summary = cases.build_icbm(out, Path("nilearn.whl"), 2, 4, 6, coronal=coronal)
+        train, test = summary["slices"]["train"], summary["slices"]["test"]
+        assert len(test) == 2 and test[1] - test[0] == 2 and len(train) >= 4
+        assert summary["min_gap_slices"] >= 4
+        for split, zs in summary["slices"].items():
+            for d in ("t1", "t2", "func", "gt"):
+                names = sorted(p.name for p in (out / split / d).iterdir())
+                assert len(names) == len(zs) and all(f"_{view}" in n for n in names)
+        (out / "train" / "t1").rename(out / "moved")  # a finished folder is not rebuilt
+        assert cases.build_icbm(out, Path("nilearn.whl"), 2, 4, 6, coronal=coronal) == summary
+        assert not (out / "train" / "t1").exists()

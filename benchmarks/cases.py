@@ -24,7 +24,10 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import os
+import subprocess
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ from tfsdeploy.imaging import normalise_volume, quantise_uint8, resize, write_pn
 from tfsdeploy.inputs import Triplet, as_triplet, fuse_baseline
 from tfsdeploy.metrics import score_image
 
+ROOT = Path(__file__).resolve().parents[1]  # the project: studies run the CLI from here
 SIZE = 256
 SETS = ("spm-test", "spm-val", "spm-blur", "icbm", "icbm-blur", "icbm-cor", "synth")
 ICBM_SETS = ("icbm", "icbm-blur", "icbm-cor")
@@ -211,6 +215,21 @@ def score_baseline(case: Case, scale: int) -> dict[str, float]:
     """PSNR / SSIM of the "upsample, then fuse" baseline (bicubic up, classical fusion) against the
     ground truth."""
     return score_image(fuse_baseline(case.lr, scale, SIZE), case.gt01)
+
+
+# --------------------------------------------------------------------------- running the CLI (studies)
+
+
+def sh(cmd: list[str], log: Path) -> tuple[int, str, float]:
+    """Run a CLI command (one thread), append its output to `log`; (rc, output, wall seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    text = p.stdout + p.stderr
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {p.returncode}, {wall:.1f} s]\n\n")
+    return p.returncode, text, wall
 
 
 # --------------------------------------------------------------------------- split ICBM datasets (fine-tuning studies)

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cases import build_icbm, find_wheel, require_wheel  # noqa: E402
+from benchmarks.cases import build_icbm, find_wheel, require_wheel, sh  # noqa: E402
 from tfsdeploy.checkpoint import read_meta  # noqa: E402
 from tfsdeploy.fileio import atomic_path  # noqa: E402
 
@@ -43,16 +40,10 @@ DOMAINS = {"icbm": False, "icbm-cor": True}  # name -> coronal
 
 def cli(*args: str, log: Path) -> float:
     """Run `tfsdeploy ARGS` on one thread, its output appended to `log`; its wall time in seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ tfsdeploy {' '.join(args)}\n")
-        f.flush()
-        rc = subprocess.run([sys.executable, "-m", "tfsdeploy", *args], stdout=f, stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT).returncode
+    rc, _, wall = sh([sys.executable, "-m", "tfsdeploy", *args], log)
     if rc:
         raise SystemExit(f"tfsdeploy {args[0]} failed (exit {rc}); see {log}")
-    return time.time() - t0
+    return wall
 
 
 def one(model: str, domain: Path, scale: int, steps: int, work: Path, extra: list[str]) -> dict:

@@ -31,10 +31,8 @@ import argparse
 import csv
 import io
 import json
-import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.cases import (SIZE, Case, build_icbm, find_wheel, pick_samples, require_wheel,  # noqa: E402
-                              score_baseline)
+                              score_baseline, sh)
 from tfsdeploy.config import EngineConfig, SampleConfig  # noqa: E402
 from tfsdeploy.fileio import atomic_dir, atomic_path  # noqa: E402
 from tfsdeploy.inputs import Triplet  # noqa: E402
@@ -72,18 +70,6 @@ def portable(text: str) -> str:
     """A command or its output as the report shows it: `tfsdeploy`, and paths inside the project
     relative to it, not to this machine's checkout."""
     return text.replace(TFSDEPLOY, "tfsdeploy").replace(f"{ROOT}/", "")
-
-
-def sh(cmd: list[str], log: Path) -> tuple[int, str, float]:
-    """Run a CLI command (one thread), append its output to `log`; (rc, output, wall seconds)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    text = p.stdout + p.stderr
-    with log.open("a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{text}\n[rc {p.returncode}, {wall:.1f} s]\n\n")
-    return p.returncode, text, wall
 
 
 def fine_tune(work: Path, data: Path, steps: list[int], extra: list[str]) -> dict:

@@ -170,7 +170,7 @@ def run(p: Plan) -> tuple[list[dict], list[str]]:
             per = {"baseline": []} | {label: [] for label in pipes}
             for case in cases:
                 per["baseline"].append(score_baseline(case, scale))
-                conds = {}  # one condition per back-projection strength
+                conds = {}  # one condition per back-projection strength and noise gate
                 for label, (pipe, alpha, ens, bp) in pipes.items():
                     if bp not in conds:
                         conds[bp] = make_condition(case.lr, scale, SIZE, *bp)

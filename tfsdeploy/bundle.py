@@ -118,6 +118,14 @@ def check_backproject(scale: int, strength: float) -> float:
     return strength
 
 
+def check_backproject_gate(scale: int, gate: Any) -> Any:
+    """A member's back-projection noise gate as bundle.json may record it, or one line saying why not."""
+    ok, what = _MEMBER_FIELDS["backproject_gate"]
+    if not ok(gate):
+        raise UserError(f"x{scale}: a back-projection noise gate must be {what}, got {gate}")
+    return gate
+
+
 def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, notes: str = "",
                 ddim_steps: dict[int, int] | None = None, blend: dict[int, float] | None = None,
                 backproject: dict[int, float] | None = None) -> Path:
@@ -183,4 +191,4 @@ def make_bundle(members: dict[int, Path], out: str | Path, fp16: bool = True, no
 
 
 __all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_OWNS", "BUNDLE_FORMAT_VERSION", "DEFAULT_BUNDLE",
-           "check_bundle_meta", "check_backproject", "make_bundle", "blend_weights"]
+           "check_bundle_meta", "check_backproject", "check_backproject_gate", "make_bundle", "blend_weights"]

@@ -110,8 +110,11 @@ def noise_ratio(lr: torch.Tensor) -> torch.Tensor:
         return torch.zeros(lr.shape[0], device=lr.device)
     mr = lr[:, :2].float().flatten(0, 1)[:, None]
     k = _BAND.to(mr.device)[None, None]
-    fine = F.conv2d(mr, k).abs().mean(dim=(1, 2, 3)).view(lr.shape[0], -1).mean(dim=1)
-    coarse = F.conv2d(mr, k, dilation=2).abs().mean(dim=(1, 2, 3)).view(lr.shape[0], -1).mean(dim=1)
+
+    def band(dilation: int) -> torch.Tensor:  # [B]: the mean absolute response over T1 and T2
+        return F.conv2d(mr, k, dilation=dilation).abs().mean(dim=(1, 2, 3)).view(lr.shape[0], -1).mean(dim=1)
+
+    fine, coarse = band(1), band(2)
     return torch.where(coarse > 1e-6, fine / coarse.clamp(min=1e-6), torch.zeros_like(fine))
 
 

@@ -131,6 +131,10 @@ class ResAttnBlock(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
+# The last layer's parameters: a plain convolution with nothing after it, so scaling them scales the output.
+FINAL_CONV = ("final.conv.weight", "final.conv.bias")
+
+
 class TFSDiffUNet(nn.Module):
     """TMFA + SR3 U-Net. See the module docstring for the call contract."""
 

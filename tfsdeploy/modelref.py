@@ -134,7 +134,7 @@ class ModelRef:
         DEFAULT_DDIM_STEPS, and an unset back-projection the model's (`_backproject`), so both are always
         explicit; anything given is kept."""
         if sample.backproject is None:
-            gate = self._entry(scale).get("backproject_gate") if self.kind == "bundle" else None
+            gate = self._entry(scale).get("backproject_gate")  # a bundle member's; none elsewhere
             sample = dataclasses.replace(sample, backproject=self._backproject(scale),
                                          backproject_gate=sample.backproject_gate or (tuple(gate) if gate else None))
         if sample.sampler != "ddim" or sample.steps:

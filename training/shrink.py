@@ -30,14 +30,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from tfsdeploy.bundle import BUNDLE_FILE, BUNDLE_OWNS, DEFAULT_BUNDLE, check_backproject
+from tfsdeploy.bundle import BUNDLE_FILE, BUNDLE_OWNS, DEFAULT_BUNDLE, check_backproject, check_backproject_gate
 from tfsdeploy.checkpoint import read_meta, sha256_file
-from tfsdeploy.config import valid_gate
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_dir, atomic_outputs, check_output, write_safetensors
+from tfsdeploy.model import FINAL_CONV
 from tfsdeploy.modelref import resolve_model
 
-FINAL_CONV = ("final.conv.weight", "final.conv.bias")
 
 
 def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_steps: int = 0,
@@ -73,8 +72,8 @@ def shrink_member(bundle: str | Path, scale: int, alpha: float | None, ddim_step
         raise UserError(f"{src}: already shrunk (alpha {meta['residual_alpha']}); shrink the member it came from")
     if backproject is not None:
         check_backproject(scale, backproject)
-    if gate not in (None, "none") and not valid_gate(gate):
-        raise UserError(f"x{scale}: a back-projection noise gate must be two noise ratios 0 <= lo < hi, got {gate}")
+    if gate not in (None, "none"):
+        check_backproject_gate(scale, gate)
     if ddim_steps < 0 or ddim_steps > meta.get("schedule", {}).get("num_steps", 0):
         raise UserError(f"x{scale}: {ddim_steps} DDIM steps is not a step count of this schedule")
     if alpha is not None:

@@ -31,7 +31,7 @@ from tfsdeploy.diffusion import Diffusion, PairBatch, train_step
 from tfsdeploy.errors import UserError
 from tfsdeploy.fileio import atomic_path, write_error
 from tfsdeploy.metrics import psnr, ssim
-from tfsdeploy.model import build_model, count_parameters
+from tfsdeploy.model import FINAL_CONV, build_model, count_parameters
 
 # Train options that may change when a run is resumed; everything else must match the checkpoint.
 RESUMABLE = {"train": {"steps", "log_every", "val_every", "val_images", "val_steps", "ckpt_every", "keep_ckpts",
@@ -145,8 +145,7 @@ def init_checkpoint(init: str | Path, scales: tuple[int, ...] | None) -> tuple[P
 def _predicts_nothing(weights: dict[str, torch.Tensor]) -> bool:
     """Whether a TFS-Diff network's last convolution is all zero: it then outputs 0 whatever it is
     given, which with target "residual" is the upsample-then-fuse baseline under any objective."""
-    final = [weights.get(k) for k in ("final.conv.weight", "final.conv.bias")]
-    return all(t is not None and not bool(t.any()) for t in final)
+    return all(weights.get(k) is not None and not bool(weights[k].any()) for k in FINAL_CONV)
 
 
 def _replace(cfg, k, v):
